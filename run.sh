@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up on a fresh machine, then runs a job:
+#   bash run.sh demo     sample with the shipped model (the README's main job)
+#   bash run.sh test     the test suite (what CI runs)
+# Set-up is idempotent: a venv in .venv, torch (CPU build), the package with its C++ extension.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${FLEXIKERN_VENV:-.venv}
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+stamp="$VENV/.flexikern-deps"
+if [[ ! -f "$stamp" || requirements-dev.txt -nt "$stamp" ]]; then
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install -q -r requirements-dev.txt
+  # diffusers is used only to check converters and schedulers; --no-deps keeps torch as is.
+  "$PY" -m pip install -q --no-deps "diffusers==0.42.1"
+  touch "$stamp"
+fi
+"$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$|WARNING: Location|editable|\*\*\*|!!|precedence|name as your package|Please be careful" || true
+job=${1:-demo}
+shift || true
+case "$job" in
+  demo) exec "$PY" -m flexikern demo "$@" ;;
+  test) TRITON_INTERPRET=1 exec "$PY" -m pytest tests -q -x -p no:cacheprovider "$@" ;;
+  *) echo "usage: bash run.sh [demo|test] [args...]" >&2; exit 2 ;;
+esac
