@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from flexikern.flexi.resize import resize_deembed
 from flexikern.ops._checks import as_patch, check_divides, check_tensor
 from flexikern.ops._dispatch import Backend, dispatch, register
+from flexikern.ops.patch_embed import autocast_inputs, triton_reasons
 
 __all__ = ["de_embed", "de_embed_reference", "deembed_weight"]
 
@@ -38,6 +39,27 @@ def de_embed_reference(x, weight, bias, kernel_size, patch_size, size):
     from flexikern.ops.patchify import unpatchify_reference
     w, b = deembed_weight(weight, bias, kernel_size, patch_size)
     return unpatchify_reference(F.linear(x, w, b), patch_size, size)
+
+
+@register
+class TritonDeEmbed(Backend):
+    """Fused Triton kernel (flexikern.kernels.de_embed): resizes the weight inside the launch and
+    writes the image layout directly (unpatchify fused). CUDA, or CPU tensors under
+    TRITON_INTERPRET=1 when forced."""
+
+    op, name = "de_embed", "triton"
+    requires = ("triton",)
+    devices = ("cuda", "cpu")
+    auto_on_cpu = False
+
+    def not_supported_reasons(self, **inputs):
+        return triton_reasons(
+            self, inputs["x"], {"weight": inputs["weight"], "bias": inputs.get("bias")},
+            {"patch_size": tuple(inputs["patch_size"]), "kernel_size": tuple(inputs["kernel_size"])})
+
+    def __call__(self, **inputs):
+        from flexikern.kernels.de_embed import de_embed_triton
+        return de_embed_triton(**autocast_inputs(inputs, ("x", "weight", "bias")))
 
 
 @register

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 from flexikern.flexi.resize import pi_resize
 from flexikern.ops._checks import as_patch, check_divides, check_tensor
-from flexikern.ops._dispatch import Backend, dispatch, register
+from flexikern.ops._dispatch import Backend, dispatch, register, triton_interpreting
 
 __all__ = ["patch_embed", "patch_embed_reference"]
+
+# Register/tile limit of the fused kernels: patches and stored kernels up to 64 pixels (8x8).
+TRITON_MAX_PIXELS = 64
 
 
 def patch_embed_reference(x, weight, bias, patch_size, pos_embed=None, size_embed=None,
@@ -30,6 +33,64 @@ def patch_embed_reference(x, weight, bias, patch_size, pos_embed=None, size_embe
     if size_embed is not None:
         tokens = tokens + size_embed
     return tokens
+
+
+def triton_reasons(backend: Backend, x: torch.Tensor, same_dtype: dict[str, torch.Tensor | None],
+                   pixels: dict[str, tuple[int, int]]) -> list[str]:
+    """Why the fused Triton kernels (patch_embed, de_embed) cannot run these inputs.
+
+    Checked before importing triton, so a CPU caller never pays for the import. `same_dtype`:
+    tensors that must share x's dtype (autocast casts them in `autocast_inputs`); `pixels`:
+    patch/kernel sizes that must fit the register tiles.
+    """
+    if x.device.type == "cpu" and not triton_interpreting():
+        return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
+    reasons = []
+    if x.device.type not in ("cpu", "cuda"):
+        reasons.append(f"device {x.device.type} not in ('cuda',)")
+    if x.dtype not in backend.dtypes:
+        reasons.append(f"dtype {x.dtype} not in {backend.dtypes}")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in same_dtype.items():
+            if t is not None and t.dtype != x.dtype:
+                reasons.append(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+    for name, (h, w) in pixels.items():
+        if h * w > TRITON_MAX_PIXELS:
+            reasons.append(f"{name} {(h, w)} has {h * w} pixels, more than {TRITON_MAX_PIXELS}")
+    unavailable = backend.unavailable_reason()
+    return reasons + ([unavailable] if unavailable else [])
+
+
+def autocast_inputs(inputs: dict, names: tuple[str, ...]) -> dict:
+    """Cast `names` to the autocast dtype when autocast is on, as F.conv2d / F.linear would."""
+    device = inputs["x"].device.type
+    if not torch.is_autocast_enabled(device):
+        return inputs
+    dtype = torch.get_autocast_dtype(device)
+    return {k: (v.to(dtype) if k in names and v is not None else v) for k, v in inputs.items()}
+
+
+@register
+class TritonPatchEmbed(Backend):
+    """Fused Triton kernel (flexikern.kernels.patch_embed): reads x in place, resizes the kernel
+    inside the launch, adds bias/pos_embed/size_embed in the epilogue. CUDA, or CPU tensors under
+    TRITON_INTERPRET=1 when forced."""
+
+    op, name = "patch_embed", "triton"
+    requires = ("triton",)
+    devices = ("cuda", "cpu")
+    auto_on_cpu = False
+
+    def not_supported_reasons(self, **inputs):
+        x, weight = inputs["x"], inputs["weight"]
+        return triton_reasons(
+            self, x, {"weight": weight, "bias": inputs.get("bias"),
+                      "weight_delta": inputs.get("weight_delta")},
+            {"patch_size": tuple(inputs["patch_size"]), "kernel": tuple(weight.shape[2:])})
+
+    def __call__(self, **inputs):
+        from flexikern.kernels.patch_embed import patch_embed_triton
+        return patch_embed_triton(**autocast_inputs(inputs, ("x", "weight", "bias", "weight_delta")))
 
 
 @register

@@ -1,0 +1,342 @@
+"""The two fused patch GEMMs behind `patch_embed` and `de_embed` (forward and backward).
+
+Both ops multiply by an *effective* weight that is the stored (underlying) kernel resized to the
+patch size being run:
+
+    W_eff[d, c, j] = sum_i W[d, c, i] * P[i, j]  (+ delta[d, c, j])
+
+with `i` a pixel of the stored kh x kw kernel, `j` a pixel of the ph x pw patch and P the
+(kh*kw, ph*pw) resize matrix (`pi_resize_matrix` for the embedding, `resize_matrix^T` for the
+de-embedding). The resize is folded into the GEMM: per K-tile (a block of channels) the kernel
+loads the stored rows and multiplies them by a block-diagonal kron(I, P^T) tile in registers, so no
+resized weight ever exists in memory. Strides describe W, P and delta, so one kernel serves the
+embedding layout (D, C, kh, kw) and the de-embedding layout (kh*kw*C, D).
+
+* `image_to_tokens`: out[n, t, d] = sum_{c,j} image[n, c, patch t pixel j] * W_eff[d, c, j]
+  (+ bias + pos_embed[t] + size_embed). The image is read in place through its strides (no
+  patchify copy). patch_embed forward; de_embed backward w.r.t. the tokens.
+* `tokens_to_image`: image[n, c, patch t pixel j] = sum_d tokens[n, t, d] * W_eff[d, c, j]
+  (+ resized bias[c, j]), written straight into (N, C, H, W) through its strides (unpatchify
+  fused). de_embed forward; patch_embed backward w.r.t. the latent.
+
+Accumulation is fp32 with one cast on store. Under the Triton interpreter, 16-bit operands are
+upcast to fp32 before `tl.dot` (triton 3.9's interpreter gets bf16 dots wrong).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from flexikern.ops._dispatch import triton_interpreting
+
+__all__ = ["EffectiveWeight", "image_to_tokens", "tokens_to_image", "new_output", "POISON_OUTPUTS"]
+
+# Tests set this to True: every output buffer starts as NaN, so an element a kernel forgets to
+# write fails the comparison with the reference instead of passing by luck.
+POISON_OUTPUTS = False
+
+# tl.dot needs every dimension >= 16.
+_MIN_DOT = 16
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """An uninitialised output buffer (NaN-filled when `POISON_OUTPUTS`)."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+@dataclass
+class EffectiveWeight:
+    """W_eff[d, c, j] = sum_i weight[d, c, i] * resize[i, j] + delta[d, c, j], described by strides.
+
+    `weight_strides` are the (d, c, i) strides of the stored kernel, with i the flattened
+    (kh, kw) pixel; `resize` is (kh*kw, ph*pw) with any strides, or None when the stored size is
+    the patch size (then i = j); `delta` is optional with (d, c, j) strides.
+    """
+
+    weight: torch.Tensor
+    weight_strides: tuple[int, int, int]
+    channels: int
+    features: int
+    kernel_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    resize: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    delta_strides: tuple[int, int, int] = (0, 0, 0)
+
+    def kernel_args(self) -> tuple:
+        """(w, resize, delta pointers), then the (d, c, i), (i, j) and (d, c, j) strides."""
+        # Absent tensors get a dummy pointer: the RESIZE / HAS_DELTA branches never read it.
+        resize = self.resize if self.resize is not None else self.weight
+        resize_strides = (resize.stride(0), resize.stride(1)) if self.resize is not None else (0, 0)
+        delta = self.delta if self.delta is not None else self.weight
+        return ((self.weight, resize, delta),
+                (*self.weight_strides, *resize_strides, *self.delta_strides))
+
+
+def _next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _channel_tiling(w: EffectiveWeight, max_tile: int) -> tuple[int, int, int]:
+    """(BLOCK_C, KI_PAD, PP_PAD): how many channels one K-tile covers, and the padded pixel counts.
+
+    A K-tile is BLOCK_C channels x PP_PAD patch pixels; the stored rows feeding it are
+    BLOCK_C x KI_PAD kernel pixels. Both must reach tl.dot's minimum of 16.
+    """
+    pp_pad = _next_pow2(w.patch_size[0] * w.patch_size[1])
+    ki_pad = _next_pow2(w.kernel_size[0] * w.kernel_size[1]) if w.resize is not None else pp_pad
+    block_c = max(1, _MIN_DOT // pp_pad, _MIN_DOT // ki_pad)
+    # Cover more channels per tile while it stays small (fewer passes over the other operand).
+    while block_c < w.channels and 2 * block_c * max(pp_pad, ki_pad) <= max_tile:
+        block_c *= 2
+    return block_c, ki_pad, pp_pad
+
+
+@triton.jit
+def _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP,
+                 RESIZE: tl.constexpr, BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr,
+                 PP_PAD: tl.constexpr):
+    """kron(I_BLOCK_C, P^T) as a (BLOCK_C*PP_PAD, BLOCK_C*KI_PAD) fp32 tile (None-like if no resize)."""
+    offs_ko = tl.arange(0, BLOCK_C * PP_PAD)
+    offs_ki = tl.arange(0, BLOCK_C * KI_PAD)
+    j = offs_ko % PP_PAD
+    i = offs_ki % KI_PAD
+    # Channel-block diagonal: output pixel (c, j) mixes only stored pixels (c, i) of its own channel.
+    same_channel = (offs_ko // PP_PAD)[:, None] == (offs_ki // KI_PAD)[None, :]
+    mask = same_channel & (j < PP)[:, None] & (i < KK)[None, :] & RESIZE
+    return tl.load(p_ptr + i[None, :] * stride_pi + j[:, None] * stride_pj, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _effective_weight_tile(w_ptr, delta_ptr, resize_tile, c0, offs_d, C, D, KK, PP,
+                           stride_wd, stride_wc, stride_wi, stride_ed, stride_ec, stride_ej,
+                           RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_C: tl.constexpr,
+                           KI_PAD: tl.constexpr, PP_PAD: tl.constexpr):
+    """W_eff for channels c0 .. c0+BLOCK_C and features offs_d: a (BLOCK_C*PP_PAD, BLOCK_D) fp32 tile,
+    rows ordered (c, j). Zero outside C, PP and D, so it can feed tl.dot unmasked."""
+    offs_ko = tl.arange(0, BLOCK_C * PP_PAD)
+    c_out = c0 + offs_ko // PP_PAD
+    j = offs_ko % PP_PAD
+    mask_out = (c_out < C) & (j < PP)
+    mask_d = offs_d < D
+    if RESIZE:
+        offs_ki = tl.arange(0, BLOCK_C * KI_PAD)
+        c_in = c0 + offs_ki // KI_PAD
+        i = offs_ki % KI_PAD
+        mask_in = (c_in < C) & (i < KK)
+        stored = tl.load(w_ptr + c_in[:, None] * stride_wc + i[:, None] * stride_wi
+                         + offs_d[None, :] * stride_wd,
+                         mask=mask_in[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        weight = tl.dot(resize_tile, stored, input_precision="ieee")
+    else:
+        weight = tl.load(w_ptr + c_out[:, None] * stride_wc + j[:, None] * stride_wi
+                         + offs_d[None, :] * stride_wd,
+                         mask=mask_out[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        weight += tl.load(delta_ptr + c_out[:, None] * stride_ec + j[:, None] * stride_ej
+                          + offs_d[None, :] * stride_ed,
+                          mask=mask_out[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    return weight
+
+
+@triton.jit
+def _image_to_tokens_kernel(
+    image_ptr, w_ptr, p_ptr, delta_ptr, bias_ptr, pos_ptr, size_ptr, out_ptr,
+    M, T, GW, C, D, KK, PP, PH, PW,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wd, stride_wc, stride_wi, stride_pi, stride_pj, stride_ed, stride_ec, stride_ej,
+    stride_pt, stride_pd, stride_on, stride_ot, stride_od,
+    RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_SIZE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    # int64 token ids: N*T*D and the image offsets can pass 2**31 at large batch.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    n = offs_m // T
+    t = offs_m % T
+    gy = t // GW
+    gx = t % GW
+    patch_origin = n * stride_xn + (gy * PH) * stride_xh + (gx * PW) * stride_xw
+
+    offs_k = tl.arange(0, BLOCK_C * PP_PAD)
+    j = offs_k % PP_PAD
+    pixel = (j // PW).to(tl.int64) * stride_xh + (j % PW).to(tl.int64) * stride_xw
+    resize_tile = _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP, RESIZE, BLOCK_C, KI_PAD, PP_PAD)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + offs_k // PP_PAD
+        mask_k = (c < C) & (j < PP)
+        patches = tl.load(image_ptr + patch_origin[:, None]
+                          + (c.to(tl.int64) * stride_xc + pixel)[None, :],
+                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        weight = _effective_weight_tile(w_ptr, delta_ptr, resize_tile, c0, offs_d, C, D, KK, PP,
+                                        stride_wd, stride_wc, stride_wi, stride_ed, stride_ec,
+                                        stride_ej, RESIZE, HAS_DELTA, BLOCK_C, KI_PAD, PP_PAD)
+        if FP32_DOT:
+            acc += tl.dot(patches.to(tl.float32), weight, input_precision="ieee")
+        else:
+            acc += tl.dot(patches, weight.to(patches.dtype))
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    if HAS_POS:
+        acc += tl.load(pos_ptr + t[:, None] * stride_pt + offs_d[None, :] * stride_pd,
+                       mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    if HAS_SIZE:
+        acc += tl.load(size_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + n[:, None] * stride_on + t[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _tokens_to_image_kernel(
+    tokens_ptr, w_ptr, p_ptr, delta_ptr, bias_ptr, out_ptr,
+    M, T, GW, C, D, KK, PP, PH, PW,
+    stride_tn, stride_tt, stride_td,
+    stride_wd, stride_wc, stride_wi, stride_pi, stride_pj, stride_ed, stride_ec, stride_ej,
+    stride_bc, stride_bi, stride_on, stride_oc, stride_oh, stride_ow,
+    RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n = offs_m // T
+    t = offs_m % T
+    c0 = pid_c * BLOCK_C
+    offs_k = tl.arange(0, BLOCK_C * PP_PAD)
+    c = c0 + offs_k // PP_PAD
+    j = offs_k % PP_PAD
+    mask_k = (c < C) & (j < PP)
+    resize_tile = _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP, RESIZE, BLOCK_C, KI_PAD, PP_PAD)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C * PP_PAD), dtype=tl.float32)
+    token_row = n * stride_tn + t * stride_tt
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        tokens = tl.load(tokens_ptr + token_row[:, None] + offs_d[None, :] * stride_td,
+                         mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
+        weight = _effective_weight_tile(w_ptr, delta_ptr, resize_tile, c0, offs_d, C, D, KK, PP,
+                                        stride_wd, stride_wc, stride_wi, stride_ed, stride_ec,
+                                        stride_ej, RESIZE, HAS_DELTA, BLOCK_C, KI_PAD, PP_PAD)
+        if FP32_DOT:
+            acc += tl.dot(tokens.to(tl.float32), tl.trans(weight), input_precision="ieee")
+        else:
+            acc += tl.dot(tokens, tl.trans(weight.to(tokens.dtype)))
+
+    if HAS_BIAS:
+        if RESIZE:
+            # The bias is resized like one more stored row: b_eff[c, j] = sum_i b[c, i] P[i, j].
+            offs_ki = tl.arange(0, BLOCK_C * KI_PAD)
+            c_in = c0 + offs_ki // KI_PAD
+            i = offs_ki % KI_PAD
+            stored = tl.load(bias_ptr + c_in * stride_bc + i * stride_bi,
+                             mask=(c_in < C) & (i < KK), other=0.0).to(tl.float32)
+            acc += tl.sum(resize_tile * stored[None, :], axis=1)[None, :]
+        else:
+            acc += tl.load(bias_ptr + c * stride_bc + j * stride_bi, mask=mask_k,
+                           other=0.0).to(tl.float32)[None, :]
+
+    # Unpatchify fused: pixel j of token t lands at row gy*PH + j//PW, column gx*PW + j%PW.
+    gy = t // GW
+    gx = t % GW
+    row = gy * PH
+    col = gx * PW
+    offs_out = (n * stride_on + row * stride_oh + col * stride_ow)[:, None] \
+        + (c.to(tl.int64) * stride_oc + (j // PW).to(tl.int64) * stride_oh
+           + (j % PW).to(tl.int64) * stride_ow)[None, :]
+    tl.store(out_ptr + offs_out, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+def _or(tensor: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    # Triton needs a pointer for every argument; a HAS_* constexpr keeps the dummy unread.
+    return tensor if tensor is not None else dummy
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or triton_interpreting()
+
+
+def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Tensor,
+                    bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
+                    size_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """out (N, T, D) = patches of `image` (N, C, H, W) times W_eff, plus the optional adds.
+
+    Any strides for `image`, `out` and `pos_embed`; `bias` and `size_embed` contiguous (D,).
+    """
+    n, c, h, w = image.shape
+    ph, pw = weight.patch_size
+    kh, kw = weight.kernel_size
+    grid_w = w // pw
+    tokens = (h // ph) * grid_w
+    d = weight.features
+    m = n * tokens
+    if m == 0 or d == 0:
+        return out
+    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64)
+    block_m = 64 if m > 32 else 32
+    block_d = min(128, max(_MIN_DOT, _next_pow2(d))) if block_c * ki_pad <= 64 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(d, block_d))
+    pointers, weight_strides = weight.kernel_args()
+    pos_strides = pos_embed.stride() if pos_embed is not None else (0, 0)
+    _image_to_tokens_kernel[grid](
+        image, *pointers, _or(bias, out), _or(pos_embed, out), _or(size_embed, out), out,
+        m, tokens, grid_w, c, d, kh * kw, ph * pw, ph, pw,
+        *image.stride(), *weight_strides, *pos_strides, *out.stride(),
+        RESIZE=weight.resize is not None, HAS_DELTA=weight.delta is not None,
+        HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_SIZE=size_embed is not None,
+        FP32_DOT=_fp32_dot(image.dtype), BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_C=block_c, KI_PAD=ki_pad, PP_PAD=pp_pad, num_warps=4,
+    )
+    return out
+
+
+def tokens_to_image(tokens: torch.Tensor, weight: EffectiveWeight, out: torch.Tensor,
+                    bias: torch.Tensor | None = None,
+                    bias_strides: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """out (N, C, H, W) = tokens (N, T, D) times W_eff, unpatchified, plus the resized bias.
+
+    `bias` is the stored bias with (c, i) strides `bias_strides`; it is resized with W's matrix.
+    Any strides for `tokens` and `out`.
+    """
+    n, c, h, w = out.shape
+    ph, pw = weight.patch_size
+    kh, kw = weight.kernel_size
+    grid_w = w // pw
+    num_tokens = (h // ph) * grid_w
+    d = weight.features
+    m = n * num_tokens
+    if m == 0 or c == 0:
+        return out
+    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=128)
+    block_m = 64 if m > 32 else 32
+    block_d = 64 if block_c * ki_pad <= 128 else 32
+    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+    pointers, weight_strides = weight.kernel_args()
+    _tokens_to_image_kernel[grid](
+        tokens, *pointers, _or(bias, out), out,
+        m, num_tokens, grid_w, c, d, kh * kw, ph * pw, ph, pw,
+        *tokens.stride(), *weight_strides, *bias_strides, *out.stride(),
+        RESIZE=weight.resize is not None, HAS_DELTA=weight.delta is not None,
+        HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(tokens.dtype), BLOCK_M=block_m,
+        BLOCK_D=block_d, BLOCK_C=block_c, KI_PAD=ki_pad, PP_PAD=pp_pad, num_warps=4,
+    )
+    return out

@@ -1,0 +1,279 @@
+"""The fused Triton patch_embed / de_embed kernels against the plain-torch references.
+
+Runs under the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1`, set here when absent and
+no GPU is present), or compiled on CUDA. Every output buffer the kernels allocate is NaN-poisoned
+first, so an element a kernel fails to write fails the comparison.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    # Triton reads this when `@triton.jit` decorates, so before flexikern.kernels is imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import flexikern.ops as ops  # noqa: E402
+from flexikern.ops._dispatch import triton_interpreting  # noqa: E402
+from flexikern.ops.de_embed import de_embed_reference  # noqa: E402
+from flexikern.ops.patch_embed import patch_embed_reference  # noqa: E402
+
+if triton_interpreting():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from flexikern.kernels import _common  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+# (stored kernel size, patch size run): every patch size 1..8, down- and up-sizing, no resize,
+# and rectangular patches.
+RESIZE_CASES = [
+    ((4, 4), (1, 1)), ((4, 4), (2, 2)), ((2, 2), (3, 3)), ((4, 4), (4, 4)), ((8, 8), (5, 5)),
+    ((4, 4), (6, 6)), ((8, 8), (7, 7)), ((4, 4), (8, 8)), ((8, 8), (3, 5)), ((3, 3), (2, 4)),
+    ((2, 2), (2, 2)), ((1, 1), (1, 1)),
+]
+FEW_CASES = [((4, 4), (2, 2)), ((2, 2), (2, 2)), ((8, 8), (3, 5))]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = ""):
+    """Relative to the largest reference value; NaN (an unwritten element) always fails."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
+    tol = TOLERANCE[dtype]
+    expected = expected.detach().double().cpu()
+    actual = actual.detach().double().cpu()
+    scale = expected.abs().max().item() or 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def randn(*shape, dtype=torch.float32, requires_grad=False):
+    t = torch.randn(*shape, device=DEVICE).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def embed_inputs(kernel, patch, dtype=torch.float32, n=2, c=3, d=7, grid=(2, 3), extras=True,
+                 channels_last=False, requires_grad=False):
+    h, w = grid[0] * patch[0], grid[1] * patch[1]
+    x = randn(n, c, h, w, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(requires_grad)
+    tokens = grid[0] * grid[1]
+    inputs = dict(x=x, weight=randn(d, c, *kernel, dtype=dtype, requires_grad=requires_grad),
+                  bias=randn(d, dtype=dtype, requires_grad=requires_grad), patch_size=patch)
+    if extras:
+        inputs.update(pos_embed=randn(tokens, d, dtype=dtype, requires_grad=requires_grad),
+                      size_embed=randn(d, dtype=dtype, requires_grad=requires_grad),
+                      weight_delta=randn(d, c, *patch, dtype=dtype, requires_grad=requires_grad))
+    return inputs
+
+
+def deembed_inputs(kernel, patch, dtype=torch.float32, n=2, c=3, d=7, grid=(2, 3),
+                   requires_grad=False):
+    size = (grid[0] * patch[0], grid[1] * patch[1])
+    k = kernel[0] * kernel[1] * c
+    return dict(x=randn(n, grid[0] * grid[1], d, dtype=dtype, requires_grad=requires_grad),
+                weight=randn(k, d, dtype=dtype, requires_grad=requires_grad),
+                bias=randn(k, dtype=dtype, requires_grad=requires_grad),
+                kernel_size=kernel, patch_size=patch, size=size)
+
+
+def as_fp32_leaves(inputs):
+    """The same values in fp32, detached: the reference's ground truth for 16-bit runs."""
+    return {k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+            for k, v in inputs.items()}
+
+
+def run_triton(op, inputs):
+    with ops.use_backend(**{op: "triton"}):
+        assert ops.select(op, **inputs).name == "triton"
+        return getattr(ops, op)(**inputs)
+
+
+# ---------------------------------------------------------------------------------- patch_embed
+
+
+@pytest.mark.parametrize("kernel,patch", RESIZE_CASES, ids=str)
+def test_patch_embed_every_patch_size(kernel, patch):
+    inputs = embed_inputs(kernel, patch)
+    assert_close(run_triton("patch_embed", inputs), patch_embed_reference(**inputs), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel,patch", FEW_CASES, ids=str)
+def test_patch_embed_half_precision(kernel, patch, dtype):
+    inputs = embed_inputs(kernel, patch, dtype=dtype)
+    out = run_triton("patch_embed", inputs)
+    assert out.dtype == dtype
+    assert_close(out, patch_embed_reference(**as_fp32_leaves(inputs)), dtype)
+
+
+@pytest.mark.parametrize("kernel,patch", FEW_CASES, ids=str)
+def test_patch_embed_channels_last_and_no_extras(kernel, patch):
+    inputs = embed_inputs(kernel, patch, channels_last=True)
+    assert_close(run_triton("patch_embed", inputs), patch_embed_reference(**inputs), torch.float32)
+    bare = embed_inputs(kernel, patch, extras=False)
+    bare["bias"] = None
+    assert_close(run_triton("patch_embed", bare), patch_embed_reference(**bare), torch.float32)
+
+
+def test_patch_embed_several_tiles_and_promoted_output():
+    # More tokens than BLOCK_M, more features than BLOCK_D, more channels than one K-tile.
+    inputs = embed_inputs((2, 2), (4, 4), n=3, c=5, d=150, grid=(5, 5))
+    assert_close(run_triton("patch_embed", inputs), patch_embed_reference(**inputs), torch.float32)
+    # bf16 latent with an fp32 positional table: the output is fp32, as in the reference.
+    half = embed_inputs((4, 4), (2, 2), dtype=torch.bfloat16)
+    half["pos_embed"] = half["pos_embed"].float()
+    out = run_triton("patch_embed", half)
+    assert out.dtype == torch.float32
+    assert_close(out, patch_embed_reference(**as_fp32_leaves(half)), torch.bfloat16)
+
+
+GRAD_CASES = [((4, 4), (2, 2)), ((2, 2), (2, 2)), ((8, 8), (3, 5)), ((4, 4), (1, 1)),
+              ((4, 4), (8, 8))]
+
+
+def check_grads(op, reference, inputs, dtype, channels_last=False):
+    """Outputs and every input gradient of the Triton op vs the fp32 reference's autograd."""
+    ref_inputs = as_fp32_leaves(inputs)
+    out = run_triton(op, inputs)
+    expected = reference(**ref_inputs)
+    assert_close(out, expected, dtype, "output")
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(out.dtype))
+    expected.backward(grad)
+    for name, value in inputs.items():
+        if torch.is_tensor(value) and value.requires_grad:
+            assert value.grad is not None, f"no gradient for {name}"
+            assert value.grad.dtype == value.dtype, name
+            if channels_last and name == "x":
+                assert value.grad.is_contiguous(memory_format=torch.channels_last)
+            assert_close(value.grad, ref_inputs[name].grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("kernel,patch", GRAD_CASES, ids=str)
+def test_patch_embed_gradients(kernel, patch):
+    check_grads("patch_embed", patch_embed_reference,
+                embed_inputs(kernel, patch, requires_grad=True), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_patch_embed_gradients_half_precision_channels_last(dtype):
+    inputs = embed_inputs((4, 4), (2, 2), dtype=dtype, channels_last=True, requires_grad=True)
+    check_grads("patch_embed", patch_embed_reference, inputs, dtype, channels_last=True)
+
+
+def test_patch_embed_gradients_only_some_inputs():
+    # A frozen base (LoRA): only x and weight_delta need gradients.
+    inputs = embed_inputs((4, 4), (2, 2))
+    inputs["x"].requires_grad_(True)
+    inputs["weight_delta"].requires_grad_(True)
+    check_grads("patch_embed", patch_embed_reference, inputs, torch.float32)
+
+
+# ------------------------------------------------------------------------------------- de_embed
+
+
+@pytest.mark.parametrize("kernel,patch", RESIZE_CASES, ids=str)
+def test_de_embed_every_patch_size(kernel, patch):
+    inputs = deembed_inputs(kernel, patch)
+    assert_close(run_triton("de_embed", inputs), de_embed_reference(**inputs), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel,patch", FEW_CASES, ids=str)
+def test_de_embed_half_precision(kernel, patch, dtype):
+    inputs = deembed_inputs(kernel, patch, dtype=dtype)
+    out = run_triton("de_embed", inputs)
+    assert out.dtype == dtype
+    assert_close(out, de_embed_reference(**as_fp32_leaves(inputs)), dtype)
+
+
+def test_de_embed_strided_tokens_no_bias_several_tiles():
+    inputs = deembed_inputs((2, 2), (4, 4), n=3, c=5, d=150, grid=(5, 5))
+    # Tokens as a strided view (every other feature of a wider tensor), and no bias.
+    inputs["x"] = randn(3, 25, 300)[:, :, ::2]
+    inputs["bias"] = None
+    assert_close(run_triton("de_embed", inputs), de_embed_reference(**inputs), torch.float32)
+
+
+@pytest.mark.parametrize("kernel,patch", GRAD_CASES, ids=str)
+def test_de_embed_gradients(kernel, patch):
+    check_grads("de_embed", de_embed_reference, deembed_inputs(kernel, patch, requires_grad=True),
+                torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_de_embed_gradients_half_precision(dtype):
+    inputs = deembed_inputs((4, 4), (2, 2), dtype=dtype, requires_grad=True)
+    check_grads("de_embed", de_embed_reference, inputs, dtype)
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def test_autocast_casts_like_conv_and_linear():
+    device_type = torch.device(DEVICE).type
+    embed = embed_inputs((4, 4), (2, 2), extras=False)
+    deembed = deembed_inputs((4, 4), (2, 2))
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = run_triton("patch_embed", embed)
+        expected = patch_embed_reference(**embed)
+        image = run_triton("de_embed", deembed)
+        expected_image = de_embed_reference(**deembed)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert image.dtype == expected_image.dtype == torch.bfloat16
+    assert_close(out, expected, torch.bfloat16)
+    assert_close(image, expected_image, torch.bfloat16)
+
+
+def test_backend_reasons():
+    inputs = embed_inputs((4, 4), (2, 2))
+    backend = next(b for b in ops.backends("patch_embed") if b.name == "triton")
+    assert ops.backends("patch_embed")[0].name == "triton"  # tried before torch
+    assert backend.not_supported_reasons(**inputs) == []
+    mixed = dict(inputs, weight=inputs["weight"].double())
+    assert any("weight dtype torch.float64" in r for r in backend.not_supported_reasons(**mixed))
+    big = embed_inputs((16, 16), (2, 2), extras=False)
+    assert any("kernel (16, 16)" in r for r in backend.not_supported_reasons(**big))
+    if DEVICE == "cpu":
+        # Emulated: never chosen automatically on CPU, only when forced.
+        assert ops.select("patch_embed", **inputs).name == "torch"
+        assert ops.select("de_embed", **deembed_inputs((4, 4), (2, 2))).name == "torch"
+
+
+def test_importing_flexikern_does_not_import_triton():
+    code = ("import sys, torch, flexikern, flexikern.ops as ops\n"
+            "x = torch.randn(1, 3, 4, 4); w = torch.randn(5, 3, 2, 2)\n"
+            "ops.patch_embed(x, w, None, 2)\n"
+            "assert 'triton' not in sys.modules, 'triton was imported'\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="DiT-XL/2 sizes need a GPU")
+@pytest.mark.parametrize("patch", [(2, 2), (4, 4)], ids=str)
+def test_dit_xl_shapes_on_gpu(patch):
+    # Batch 64, 4x32x32 latent, D=1152, stored 4x4 kernel; int64 offsets are exercised at N=64.
+    embed = embed_inputs((4, 4), patch, dtype=torch.bfloat16, n=64, c=4, d=1152,
+                         grid=(32 // patch[0], 32 // patch[1]), requires_grad=True)
+    check_grads("patch_embed", patch_embed_reference, embed, torch.bfloat16)
+    deembed = deembed_inputs((4, 4), patch, dtype=torch.bfloat16, n=64, c=8, d=1152,
+                             grid=(32 // patch[0], 32 // patch[1]), requires_grad=True)
+    check_grads("de_embed", de_embed_reference, deembed, torch.bfloat16)
