@@ -1,0 +1,146 @@
+"""Guidance: classifier-free guidance and FlexiDiT's weak-model guidance.
+
+Modes (`Guidance(scale, mode)`):
+
+* "none": the conditional prediction only; the schedule's guidance column is not run.
+* "cfg": classifier-free guidance, `eps = eps(null; p_g) + s * (eps(c; p_c) - eps(null; p_g))`, with
+  the null class id `model.num_classes`. When both branches share a patch size they run as ONE
+  batched forward (DiT's `forward_with_cfg`); otherwise as two forwards at their own sizes.
+* "flexi" (FlexiDiT §3.4): when the guidance branch is weaker (a larger patch) than the
+  conditional one, `eps = eps(c; weak) + s2 * (eps(c; powerful) - eps(c; weak))`, where the
+  guidance branch is the weak model's CONDITIONAL prediction and `(1 - s) / (1 - s2) = ratio`
+  (2.5 in the paper), i.e. `s2 = 1 - (1 - s) / ratio`. At equal sizes it is ordinary CFG with
+  scale `s`; with the guidance branch more powerful than the conditional one (a weak-last
+  schedule) it is CFG across the two sizes.
+
+With learned sigma only the epsilon channels are combined (the first `first_channels` of them when
+set: DiT's `forward_with_cfg` guides 3 of the 4 latent channels); the rest, variance included, come
+from the conditional branch.
+
+`interval=(lo, hi)` applies guidance only at steps whose model timestep t (the value the model
+receives: DiT's original index in [0, 1000), or 1000 * t for flow models) satisfies lo <= t <= hi;
+the other steps run the conditional branch alone and cost no guidance FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Guidance", "GuidedDenoiser", "GUIDANCE_MODES"]
+
+GUIDANCE_MODES = ("none", "cfg", "flexi")
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the two branches of a step are combined (see the module docstring)."""
+
+    scale: float = 1.5
+    mode: str = "flexi"
+    interval: tuple[float, float] | None = None
+    first_channels: int | None = None
+    ratio: float = 2.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in GUIDANCE_MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {', '.join(GUIDANCE_MODES)}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ValueError(f"scale={self.scale!r}: expected a float (1 = no guidance, DiT uses 1.5 to 4)")
+        if self.interval is not None:
+            ok = (isinstance(self.interval, (tuple, list)) and len(self.interval) == 2
+                  and all(isinstance(v, (int, float)) for v in self.interval)
+                  and 0 <= self.interval[0] <= self.interval[1])
+            if not ok:
+                raise ValueError(f"interval={self.interval!r}: expected (lo, hi) with 0 <= lo <= hi in model "
+                                 f"timestep units, e.g. (0, 700) for DiT")
+            object.__setattr__(self, "interval", (float(self.interval[0]), float(self.interval[1])))
+        if self.first_channels is not None and (not isinstance(self.first_channels, int)
+                                                or self.first_channels < 1):
+            raise ValueError(f"first_channels={self.first_channels!r}: expected a positive int or None "
+                             f"(DiT's behaviour: 3)")
+        if not isinstance(self.ratio, (int, float)) or self.ratio <= 0:
+            raise ValueError(f"ratio={self.ratio!r}: expected a positive float ((1 - s) / (1 - s2); paper: 2.5)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def weak_scale(self) -> float:
+        """s2 for a weak guidance branch: (1 - scale) / (1 - s2) = ratio."""
+        return 1.0 - (1.0 - self.scale) / self.ratio
+
+    def active_steps(self, model_timesteps: torch.Tensor) -> list[bool]:
+        """One bool per step: does guidance run at this step?"""
+        t = [float(v) for v in model_timesteps.cpu()]
+        if not self.enabled:
+            return [False] * len(t)
+        if self.interval is None:
+            return [True] * len(t)
+        lo, hi = self.interval
+        return [lo <= v <= hi for v in t]
+
+
+def _area(size: Size) -> int:
+    return size[0] * size[1]
+
+
+class GuidedDenoiser:
+    """The model's guided prediction for one step: the one place both branches are run and combined.
+
+    `__call__(x, t, cond_size, guid_size)` returns the model output (N, out_channels, H, W) with the
+    guided epsilon (or velocity) channels. `guid_size=None` runs the conditional branch alone.
+    """
+
+    def __init__(self, model: Any, y: torch.Tensor, guidance: Guidance | None):
+        self.model = model
+        self.guidance = guidance or Guidance(1.0, "none")
+        self.y = y
+        self.y_null = torch.full_like(y, int(model.num_classes))
+        self.y_cfg = torch.cat([y, self.y_null])    # batched conditional + unconditional pass
+        params = next(iter(model.parameters()), None)
+        self.dtype = params.dtype if params is not None else torch.float32
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, size: Size) -> torch.Tensor:
+        out = self.model(x.to(self.dtype), t, y, patch_size=size)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def rule(self, cond_size: Size, guid_size: Size | None) -> str:
+        """"cond" (no guidance), "cfg" or "weak" (FlexiDiT's weak-model guidance) for these sizes."""
+        if guid_size is None or not self.guidance.enabled:
+            return "cond"
+        if self.guidance.mode == "flexi" and _area(guid_size) > _area(cond_size):
+            return "weak"
+        return "cfg"
+
+    def two_pass(self, x: torch.Tensor, t: torch.Tensor, y_cond: torch.Tensor, y_guid: torch.Tensor,
+                 cond_size: Size, guid_size: Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches at different sizes; a packed forward (`model.forward_packed`) can replace this."""
+        return self._forward(x, t, y_cond, cond_size), self._forward(x, t, y_guid, guid_size)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond_size: Size, guid_size: Size | None) -> torch.Tensor:
+        rule = self.rule(cond_size, guid_size)
+        if rule == "cond":
+            return self._forward(x, t, self.y, cond_size)
+        if rule == "weak":
+            cond, other = self.two_pass(x, t, self.y, self.y, cond_size, guid_size)
+            return self.combine(cond, other, self.guidance.weak_scale, x.shape[1])
+        if cond_size == guid_size:
+            n = x.shape[0]
+            both = self._forward(torch.cat([x, x]), torch.cat([t, t]), self.y_cfg, cond_size)
+            cond, other = both[:n], both[n:]
+        else:
+            cond, other = self.two_pass(x, t, self.y, self.y_null, cond_size, guid_size)
+        return self.combine(cond, other, self.guidance.scale, x.shape[1])
+
+    def combine(self, cond: torch.Tensor, other: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
+        """`other + scale * (cond - other)` on the guided channels, in place in `cond`; the rest from cond."""
+        k = min(self.guidance.first_channels or channels, channels)
+        guided = cond[:, :k]
+        guided.copy_(other[:, :k].lerp_(guided, scale))
+        return cond

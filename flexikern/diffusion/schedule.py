@@ -1,0 +1,266 @@
+"""Patch-size schedules: which patch size each denoising step runs, for each branch.
+
+A `Schedule` is a validated per-step list of (conditional patch size, guidance patch size), in
+sampling order (step 0 is the noisiest). FlexiDiT runs the weak (large) patch size for the first,
+high-noise steps and the powerful (original) one for the rest; the paper writes a schedule as
+"x/y": powerful for the last x conditional and the last y guidance steps.
+
+Cost: a step costs F(p_cond) + F(p_guidance) with guidance and F(p_cond) without, where F is the
+model's analytic forward FLOPs (`model.flops`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flexikern.flexi.resize import as_size
+
+__all__ = ["Schedule"]
+
+Size = tuple[int, int]
+
+
+def _area(size: Size) -> int:
+    return size[0] * size[1]
+
+
+def _check_steps(steps: Any) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps={steps!r}: expected a positive int")
+    return steps
+
+
+def _check_count(value: Any, name: str, steps: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= steps:
+        raise ValueError(f"{name}={value!r}: expected an int in [0, {steps}] (the schedule has {steps} steps)")
+    return value
+
+
+def _runs(sizes: Sequence[Size]) -> list[tuple[Size, int]]:
+    runs: list[tuple[Size, int]] = []
+    for s in sizes:
+        if runs and runs[-1][0] == s:
+            runs[-1] = (s, runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
+
+
+def _model_steps_flops(model: Any, sizes: Iterable[Size], batch: int) -> int:
+    cache: dict[Size, int] = {}
+    total = 0
+    for s in sizes:
+        if s not in cache:
+            cache[s] = int(model.flops(s, batch=batch))
+        total += cache[s]
+    return total
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-step (conditional, guidance) patch sizes; build with the class methods."""
+
+    cond: tuple[Size, ...]
+    guidance: tuple[Size, ...]
+
+    def __post_init__(self) -> None:
+        cond = tuple(as_size(s, f"cond[{i}]") for i, s in enumerate(self.cond))
+        guid = tuple(as_size(s, f"guidance[{i}]") for i, s in enumerate(self.guidance))
+        if not cond:
+            raise ValueError("Schedule: expected at least one step")
+        if len(cond) != len(guid):
+            raise ValueError(f"Schedule: {len(cond)} conditional sizes but {len(guid)} guidance sizes; "
+                             f"expected one of each per step")
+        object.__setattr__(self, "cond", cond)
+        object.__setattr__(self, "guidance", guid)
+
+    # -- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def static(cls, steps: int, patch_size: int | Size) -> Schedule:
+        """Every step, both branches, at `patch_size` (the original model's sampling at its size)."""
+        size = as_size(patch_size)
+        return cls((size,) * _check_steps(steps), (size,) * steps)
+
+    @classmethod
+    def weak_first(cls, steps: int, weak_steps: int, weak: int | Size, powerful: int | Size,
+                   guidance_weak_steps: int | None = None) -> Schedule:
+        """The first `weak_steps` conditional and `guidance_weak_steps` (default: the same) guidance
+        steps at `weak`, the rest at `powerful` (FlexiDiT's schedule)."""
+        steps = _check_steps(steps)
+        wc = _check_count(weak_steps, "weak_steps", steps)
+        wg = wc if guidance_weak_steps is None else _check_count(guidance_weak_steps, "guidance_weak_steps", steps)
+        weak, powerful = as_size(weak, "weak"), as_size(powerful, "powerful")
+        return cls((weak,) * wc + (powerful,) * (steps - wc), (weak,) * wg + (powerful,) * (steps - wg))
+
+    @classmethod
+    def weak_last(cls, steps: int, weak_steps: int, weak: int | Size, powerful: int | Size,
+                  guidance_weak_steps: int | None = None) -> Schedule:
+        """The control the paper shows is worse: powerful first, the LAST `weak_steps` steps weak."""
+        steps = _check_steps(steps)
+        wc = _check_count(weak_steps, "weak_steps", steps)
+        wg = wc if guidance_weak_steps is None else _check_count(guidance_weak_steps, "guidance_weak_steps", steps)
+        weak, powerful = as_size(weak, "weak"), as_size(powerful, "powerful")
+        return cls((powerful,) * (steps - wc) + (weak,) * wc, (powerful,) * (steps - wg) + (weak,) * wg)
+
+    @classmethod
+    def from_notation(cls, notation: str, steps: int, weak: int | Size, powerful: int | Size) -> Schedule:
+        """The paper's "x/y" (powerful for the last x conditional / last y guidance steps); "x" = "x/x"."""
+        steps = _check_steps(steps)
+        parts = str(notation).split("/")
+        try:
+            counts = [int(p) for p in parts]
+        except ValueError:
+            counts = []
+        if len(counts) not in (1, 2):
+            raise ValueError(f"notation={notation!r}: expected 'x/y' (powerful for the last x conditional "
+                             f"and last y guidance steps), e.g. '130/130'")
+        x, y = counts[0], counts[-1]
+        _check_count(x, "x (powerful conditional steps)", steps)
+        _check_count(y, "y (powerful guidance steps)", steps)
+        return cls.weak_first(steps, steps - x, weak, powerful, guidance_weak_steps=steps - y)
+
+    @classmethod
+    def from_list(cls, cond: Sequence[int | Size], guidance: Sequence[int | Size] | None = None) -> Schedule:
+        """One patch size per step for the conditional branch and (default: the same) the guidance one."""
+        cond = [as_size(s, f"cond[{i}]") for i, s in enumerate(cond)]
+        guid = cond if guidance is None else [as_size(s, f"guidance[{i}]") for i, s in enumerate(guidance)]
+        return cls(tuple(cond), tuple(guid))
+
+    @classmethod
+    def for_budget(cls, model: Any, steps: int, budget: float, guidance: bool = True,
+                   weak: int | Size | None = None, powerful: int | Size | None = None) -> Schedule:
+        """The weak-first schedule with the most powerful steps whose relative FLOPs <= `budget`.
+
+        Searches every (conditional, guidance) weak-step pair with guidance weak >= conditional weak;
+        ties go to the schedule with more powerful conditional steps. `powerful` defaults to the
+        model's original patch size, `weak` to the next larger of its patch sizes (by area).
+        """
+        steps = _check_steps(steps)
+        if not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"budget={budget!r}: expected a positive fraction of the static schedule's "
+                             f"FLOPs, e.g. 0.6")
+        powerful = as_size(powerful if powerful is not None else model.original_patch_size, "powerful")
+        if weak is None:
+            larger = sorted((s for s in map(as_size, model.patch_sizes) if _area(s) > _area(powerful)), key=_area)
+            if not larger:
+                raise ValueError(f"for_budget: the model has no patch size larger than powerful={powerful} "
+                                 f"(model.patch_sizes={_fmt_sizes(model.patch_sizes)}); flexify it with a "
+                                 f"weak size first")
+            weak = larger[0]
+        weak = as_size(weak, "weak")
+        cls.static(1, powerful).validate(model)
+        cls.static(1, weak).validate(model)
+        f_weak, f_pow = int(model.flops(weak)), int(model.flops(powerful))
+        branches = 2 if guidance else 1
+        limit = budget * steps * f_pow * branches
+        best = None
+        for wc in range(steps + 1):
+            for wg in (range(wc, steps + 1) if guidance else (wc,)):
+                cost = (wc * f_weak + (steps - wc) * f_pow
+                        + (wg * f_weak + (steps - wg) * f_pow if guidance else 0))
+                if cost > limit * (1 + 1e-12):
+                    continue
+                key = ((steps - wc) + (steps - wg if guidance else 0), steps - wc)
+                if best is None or key > best[0]:
+                    best = (key, wc, wg)
+        if best is None:
+            lowest = f_weak / f_pow
+            raise ValueError(f"budget={budget}: no weak-first schedule of {steps} steps fits; the cheapest "
+                             f"(all steps at weak={weak}) costs {lowest:.3f} of the static schedule. Raise "
+                             f"the budget to at least {lowest:.3f} or add a weaker patch size")
+        return cls.weak_first(steps, best[1], weak, powerful, guidance_weak_steps=best[2])
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.cond)
+
+    @property
+    def sizes(self) -> set[Size]:
+        """Every patch size the schedule uses."""
+        return set(self.cond) | set(self.guidance)
+
+    def phases(self, guidance: bool | Sequence[bool] = True) -> list[tuple[int, int, Size, Size | None]]:
+        """Runs of steps with the same sizes: (start, stop, cond size, guidance size or None).
+
+        `guidance`: whether the guidance branch runs, for every step or one bool per step.
+        """
+        out: list[tuple[int, int, Size, Size | None]] = []
+        for k, (c, g, on) in enumerate(zip(self.cond, self.guidance, self._guided(guidance))):
+            key = (c, g if on else None)
+            if out and (out[-1][2], out[-1][3]) == key:
+                out[-1] = (out[-1][0], k + 1, *key)
+            else:
+                out.append((k, k + 1, *key))
+        return out
+
+    def _branch_notation(self, sizes: tuple[Size, ...]) -> tuple[int, Size, Size] | None:
+        runs = _runs(sizes)
+        if len(runs) == 1:
+            return runs[0][1], runs[0][0], runs[0][0]
+        if len(runs) == 2 and _area(runs[0][0]) > _area(runs[1][0]):
+            return runs[1][1], runs[0][0], runs[1][0]
+        return None
+
+    @property
+    def notation(self) -> str:
+        """The paper's "x/y": powerful for the last x conditional / y guidance steps (weak-first only)."""
+        c, g = self._branch_notation(self.cond), self._branch_notation(self.guidance)
+        if c is None or g is None:
+            raise ValueError(f"{self!r} is not a weak-first schedule; 'x/y' notation does not apply")
+        return f"{c[0]}/{g[0]}"
+
+    def __repr__(self) -> str:
+        c, g = self._branch_notation(self.cond), self._branch_notation(self.guidance)
+        if c is not None and g is not None:
+            sizes = f"weak={c[1]}, powerful={c[2]}" if (c[1], c[2]) == (g[1], g[2]) else \
+                f"cond {c[1]}->{c[2]}, guidance {g[1]}->{g[2]}"
+            return f"Schedule('{c[0]}/{g[0]}', steps={self.num_steps}, {sizes})"
+
+        def rle(sizes):
+            return " ".join(f"{s[0]}x{s[1]}*{n}" for s, n in _runs(sizes))
+
+        return f"Schedule(cond=[{rle(self.cond)}], guidance=[{rle(self.guidance)}])"
+
+    # -- checks and cost ----------------------------------------------------------------------
+
+    def validate(self, model: Any) -> Schedule:
+        """Raise if a size is not one of `model.patch_sizes`; returns self."""
+        allowed = {as_size(s) for s in model.patch_sizes}
+        bad = sorted(self.sizes - allowed)
+        if bad:
+            raise ValueError(f"schedule uses patch sizes {_fmt_sizes(bad)} but the model supports only "
+                             f"{_fmt_sizes(sorted(allowed))} (model.patch_sizes)")
+        return self
+
+    def flops(self, model: Any, batch: int = 1, guidance: bool | Sequence[bool] = True) -> int:
+        """Forward FLOPs of the whole schedule for `batch` samples.
+
+        `guidance`: True/False for every step, or one bool per step (e.g. a guidance interval).
+        """
+        self.validate(model)
+        guided = self._guided(guidance)
+        return (_model_steps_flops(model, self.cond, batch)
+                + _model_steps_flops(model, (g for g, on in zip(self.guidance, guided) if on), batch))
+
+    def relative_flops(self, model: Any, guidance: bool | Sequence[bool] = True) -> float:
+        """FLOPs / the FLOPs of the static schedule at the model's original patch size."""
+        reference = Schedule.static(self.num_steps, model.original_patch_size)
+        return self.flops(model, 1, guidance) / reference.flops(model, 1, guidance)
+
+    def _guided(self, guidance: bool | Sequence[bool]) -> list[bool]:
+        if isinstance(guidance, bool):
+            return [guidance] * self.num_steps
+        guided = [bool(g) for g in guidance]
+        if len(guided) != self.num_steps:
+            raise ValueError(f"guidance: expected a bool or {self.num_steps} bools (one per step), "
+                             f"got {len(guided)}")
+        return guided
+
+
+def _fmt_sizes(sizes: Iterable[Any]) -> str:
+    return "[" + ", ".join(str(tuple(as_size(s))) for s in sizes) + "]"
