@@ -3,15 +3,48 @@
 Layout (flash-attn's varlen convention): q, k, v are (total, heads, head_dim); int32
 `cu_seqlens` (B+1,) holds the sequence boundaries; `max_seqlen` bounds every length. A token
 attends only to tokens of its own sequence.
+
+Backends, in priority order (the first that supports the inputs runs):
+
+1. `flash_attn` — `flash_attn.flash_attn_varlen_func` (FlashAttention-2, hand-written CUDA).
+   The published reference for this exact op: FA2 reports about 2x over FA1 and xformers'
+   CUTLASS kernel, with a tuned backward. Needs the package, CUDA sm80+, fp16/bf16,
+   head_dim <= 256 (a multiple of 8).
+2. `torch_varlen` — `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): the same FA2 kernels
+   vendored into aten, always present in CUDA builds of torch. After `flash_attn` only because a
+   separately installed flash-attn is the user's deliberate (and usually newer) choice. Same
+   limits: CUDA sm80+, fp16/bf16, head_dim <= 256, a multiple of 8.
+3. `xformers` — `memory_efficient_attention` with a `BlockDiagonalMask`: dispatches inside to its
+   own FA2/FA3 or CUTLASS kernels, so it also covers fp32 on CUDA, but builds a mask object from
+   host lengths on every call.
+4. `triton` — ours (flexikern.kernels.varlen_attention): FA2 forward and backward in Triton,
+   any CUDA GPU Triton supports, fp32/fp16/bf16, head_dim a multiple of 8 up to 128 (72 is padded
+   to 128 inside, as FlexAttention also does). Untuned tile shapes, so below the hand-tuned
+   CUDA kernels; first for fp32 only where xformers is absent. CPU only when forced, under the
+   interpreter (`auto_on_cpu=False`).
+5. `flex` — FlexAttention with a document mask: compiled on CUDA (Triton underneath), it works
+   on 128x128 blocks of the whole packed sequence, so blocks that straddle a sequence boundary
+   evaluate the mask per element, and each new packing builds (and caches) a block mask; ours
+   tiles each sequence from its own start instead. On CPU it runs eager: unfused (it
+   materialises total x total scores) and forward-only, hence `auto_on_cpu=False`.
+6. `torch` — the reference (SDPA per sequence, a Python loop over sequences): runs everywhere,
+   the ground truth in tests, and the automatic choice on CPU.
+
+This order is reasoned from the libraries' published characteristics, not measured here (no GPU
+was available when it was written); `pytest benchmarks/test_bench_attention.py` on a GPU is what
+confirms or reorders it.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from flexikern.ops._checks import check_tensor
-from flexikern.ops._dispatch import Backend, dispatch, register
+from flexikern.ops._dispatch import Backend, dispatch, register, triton_interpreting
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens"]
 
@@ -26,14 +59,6 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None):
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)
     return out
-
-
-@register
-class TorchVarlenAttention(Backend):
-    op, name = "varlen_attention", "torch"
-
-    def __call__(self, **inputs):
-        return varlen_attention_reference(**inputs)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
@@ -87,3 +112,185 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
     return dispatch("varlen_attention", q=q, k=k, v=v, cu_seqlens=cu_seqlens,
                     max_seqlen=max_seqlen, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends, registered in priority order (see the module docstring for why this order).
+
+
+class _VarlenBackend(Backend):
+    """A varlen_attention backend with declared limits, checked on q (k and v match it)."""
+
+    op = "varlen_attention"
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    min_cuda_capability: tuple[int, int] | None = None
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        q = inputs["q"]
+        reasons = []
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            reasons.append(unavailable)
+        if q.device.type not in self.devices:
+            reasons.append(f"device {q.device.type} not in {self.devices}")
+        if reasons:
+            return reasons
+        if q.dtype not in self.dtypes:
+            reasons.append(f"dtype {q.dtype} not in {self.dtypes}")
+        head_dim = q.shape[-1]
+        if self.max_head_dim is not None and head_dim > self.max_head_dim:
+            reasons.append(f"head_dim {head_dim} > {self.max_head_dim}")
+        if head_dim % self.head_dim_multiple:
+            reasons.append(f"head_dim {head_dim} is not a multiple of {self.head_dim_multiple}")
+        if self.min_cuda_capability is not None and q.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(q.device)
+            if capability < self.min_cuda_capability:
+                reasons.append(f"CUDA capability {capability} < {self.min_cuda_capability}")
+        return reasons
+
+
+def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
+    bounds = cu_seqlens.tolist()
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+@register
+class FlashAttnVarlenAttention(_VarlenBackend):
+    """flash-attn's FA2 varlen kernel (forward and backward)."""
+
+    name = "flash_attn"
+    requires = ("flash_attn",)
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    max_head_dim, head_dim_multiple, min_cuda_capability = 256, 8, (8, 0)
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      dropout_p=0.0, softmax_scale=scale, causal=False)
+
+
+@register
+class TorchVarlenAttention(_VarlenBackend):
+    """torch.nn.attention.varlen.varlen_attn: aten's FA2 (forward and backward)."""
+
+    name = "torch_varlen"
+    requires = ("torch.nn.attention.varlen",)
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    max_head_dim, head_dim_multiple, min_cuda_capability = 256, 8, (8, 0)
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        reasons = super().not_supported_reasons(**inputs)
+        if not reasons and not torch.backends.cuda.is_flash_attention_available():
+            reasons.append("this torch build has no flash attention kernels")
+        return reasons
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+
+
+@register
+class XformersVarlenAttention(_VarlenBackend):
+    """xformers' memory_efficient_attention with a block-diagonal mask; xformers picks its own
+    kernel (FA2/FA3/CUTLASS) inside and raises its own detailed error if none fits."""
+
+    name = "xformers"
+    requires = ("xformers.ops",)
+    devices = ("cuda",)
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+        from xformers.ops import memory_efficient_attention
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+        # Empty sequences hold no tokens, and the mask expects positive lengths.
+        mask = BlockDiagonalMask.from_seqlens([n for n in _seqlens(cu_seqlens) if n > 0])
+        # xformers wants (batch, tokens, heads, head_dim): the packed tokens are one batch row.
+        return memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask,
+                                          scale=scale)[0]
+
+
+@register
+class TritonVarlenAttention(_VarlenBackend):
+    """Ours: flexikern.kernels.varlen_attention (FA2 forward and backward in Triton). CUDA, or
+    CPU tensors under TRITON_INTERPRET=1 when forced."""
+
+    name = "triton"
+    requires = ("triton",)
+    auto_on_cpu = False
+    max_head_dim, head_dim_multiple = 128, 8  # the kernel's MAX_HEAD_DIM; tiles pad to pow2
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        if inputs["q"].device.type == "cpu" and not triton_interpreting():
+            return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
+        return super().not_supported_reasons(**inputs)
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+        from flexikern.kernels.varlen_attention import varlen_attention as varlen_attention_triton
+        return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _document_block_mask(bounds: tuple[int, ...], device: torch.device):
+    """FlexAttention's block mask for one packing (cached: a sampling loop reuses its packing
+    in every layer and step)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=device)
+    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+    def same_sequence(batch, head, q_index, kv_index):
+        return sequence_of[q_index] == sequence_of[kv_index]
+
+    return create_block_mask(same_sequence, None, None, bounds[-1], bounds[-1], device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+@register
+class FlexVarlenAttention(_VarlenBackend):
+    """FlexAttention with a document mask: compiled on CUDA; eager and forward-only on CPU."""
+
+    name = "flex"
+    requires = ("torch.nn.attention.flex_attention",)
+    auto_on_cpu = False  # eager on CPU materialises the total x total scores
+
+    def not_supported_reasons(self, **inputs) -> list[str]:
+        reasons = super().not_supported_reasons(**inputs)
+        q = inputs["q"]
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+                inputs[name].requires_grad for name in ("q", "k", "v")):
+            reasons.append("FlexAttention has no backward on CPU (inputs require grad)")
+        if q.device.type == "cuda":
+            try:
+                import triton  # noqa: F401  (torch.compile's CUDA code generator)
+            except ImportError as e:
+                reasons.append(f"compiling FlexAttention on CUDA needs triton ({e})")
+        return reasons
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+        mask = _document_block_mask(tuple(cu_seqlens.tolist()), q.device)
+        # FlexAttention takes (batch, heads, tokens, head_dim): one batch row of packed tokens.
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        if q.device.type == "cuda":
+            out = _compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+            with warnings.catch_warnings():  # eager on CPU is this backend's declared choice
+                warnings.filterwarnings("ignore", message=".*without torch.compile")
+                out = flex_attention(q, k, v, block_mask=mask, scale=scale)
+        return out[0].transpose(0, 1).contiguous()
+
+
+@register
+class TorchReferenceVarlenAttention(_VarlenBackend):
+    """The reference: SDPA per sequence. Runs everything; last, as the fallback."""
+
+    name = "torch"
+
+    def __call__(self, **inputs):
+        return varlen_attention_reference(**inputs)
