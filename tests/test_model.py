@@ -348,3 +348,49 @@ def test_import_is_light():
             "bad = [m for m in ('triton', 'diffusers', 'flexikern._C') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- packed forward
+
+@pytest.mark.parametrize("adapter", ["lora", "shared"])
+def test_forward_packed_equals_per_sample(adapter):
+    model = tiny_flexi(adapter, sizes=(2, 4, (2, 4)))
+    with torch.no_grad():  # non-trivial adapters, so a mix-up of sizes would show
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "size_embed" in name:
+                p.normal_(std=0.05)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(8, 8), (8, 8), (8, 16), (4, 8), (8, 8)]
+    sizes = [4, 2, (2, 4), 4, None]
+    xs = [torch.randn(4, h, w, generator=g) for h, w in shapes]
+    t, y = torch.tensor([3, 999, 500, 10, 250]), torch.tensor([1, 10, 2, 3, 4])
+    with torch.no_grad():
+        packed = model.forward_packed(xs, t, y, sizes)
+        for i, (x, p) in enumerate(zip(xs, sizes)):
+            alone = model(x[None], t[i:i + 1], y[i:i + 1], patch_size=p)[0]
+            assert packed[i].shape == alone.shape
+            assert rel_err(packed[i], alone) <= 1e-5, i
+
+
+def test_forward_packed_gradients_match():
+    model = tiny_flexi("shared")
+    xs = [torch.randn(4, 8, 8), torch.randn(4, 8, 8)]
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
+    sum(o.square().sum() for o in model.forward_packed(xs, t, y, [2, 4])).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    (model(xs[0][None], t[:1], y[:1], 2).square().sum() + model(xs[1][None], t[1:], y[1:], 4).square().sum()).backward()
+    alone = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert packed.keys() == alone.keys()
+    assert all(rel_err(packed[n], alone[n]) <= 1e-4 for n in alone if alone[n].norm() > 0)
+
+
+def test_forward_packed_bad_input():
+    model = tiny_flexi("lora")
+    x = torch.randn(4, 8, 8)
+    with pytest.raises(ValueError, match="patch_sizes: 1 entries for 2"):
+        model.forward_packed([x, x], torch.tensor([1, 2]), torch.tensor([1, 2]), [2])
+    with pytest.raises(ValueError, match=r"xs\[0\]"):
+        model.forward_packed([x[None]], torch.tensor([1]), torch.tensor([1]), [2])
+    with pytest.raises(ValueError, match="not configured"):
+        model.forward_packed([x], torch.tensor([1]), torch.tensor([1]), [8])

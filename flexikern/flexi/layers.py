@@ -66,10 +66,10 @@ class LoRALinear(nn.Linear):
         if isinstance(key, str):
             if key in self.lora_A:
                 out = out + self._delta(x, key)
-        elif key is not None:
-            for k, start, end in key:
-                if k in self.lora_A:
-                    out[start:end] += self._delta(x[start:end], k)
+        elif key is not None and any(k in self.lora_A for k, _, _ in key):
+            # Packed segments cover all tokens; out-of-place so autograd can differentiate it.
+            out = torch.cat([out[start:end] + self._delta(x[start:end], k) if k in self.lora_A
+                             else out[start:end] for k, start, end in key])
         return out
 
 
@@ -96,10 +96,10 @@ class SizeLayerNorm(nn.Module):
                 return F.layer_norm(x, (self.hidden_size,), self.weight[key], self.bias[key], self.eps)
             return F.layer_norm(x, (self.hidden_size,), None, None, self.eps)
         out = F.layer_norm(x, (self.hidden_size,), None, None, self.eps)
-        for k, start, end in key or ():
-            if k in self.weight:
-                out[start:end] = out[start:end] * self.weight[k] + self.bias[k]
-        return out
+        if key is None or not any(k in self.weight for k, _, _ in key):
+            return out
+        return torch.cat([out[start:end] * self.weight[k] + self.bias[k] if k in self.weight
+                          else out[start:end] for k, start, end in key])
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, affine sizes={list(self.weight.keys())}"

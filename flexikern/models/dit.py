@@ -15,10 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from flexikern import ops
 from flexikern.flexi.layers import (FlexiDeEmbed, FlexiPatchEmbed, LoRALinear, SizeLayerNorm,
                                     size_key)
 from flexikern.flexi.pos_embed import sincos_2d
 from flexikern.flexi.resize import as_size
+from flexikern.runtime.packing import Packing
 
 __all__ = ["FlexiDiT", "DIT_CONFIGS", "ADAPTERS"]
 
@@ -33,7 +35,12 @@ for _name, (_depth, _hidden, _heads) in {"XL": (28, 1152, 16), "L": (24, 1024, 1
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+def per_token(mod: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    """adaLN outputs (N, k*D) -> broadcastable over tokens: (N, 1, k*D), or (total, k*D) packed."""
+    return mod.unsqueeze(1) if packing is None else mod[packing.segment_ids]
 
 
 #################################################################################
@@ -93,7 +100,12 @@ class Attention(nn.Module):
         self.qkv = LoRALinear(dim, dim * 3)
         self.proj = LoRALinear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key, packing: Packing | None = None) -> torch.Tensor:
+        if packing is not None:  # (total, C): block-diagonal attention over the packed samples
+            total, C = x.shape
+            q, k, v = self.qkv(x, key).reshape(total, 3, self.num_heads, C // self.num_heads).unbind(1)
+            x = ops.varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen)
+            return self.proj(x.reshape(total, C), key)
         B, N, C = x.shape
         qkv = self.qkv(x, key).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
@@ -106,7 +118,7 @@ class Mlp(nn.Module):
         self.fc1 = LoRALinear(dim, hidden)
         self.fc2 = LoRALinear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, key: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x, key), approximate="tanh"), key)
 
 
@@ -121,10 +133,11 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, key: str) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x, key), shift_msa, scale_msa), key)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x, key), shift_mlp, scale_mlp), key)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, key, packing: Packing | None = None) -> torch.Tensor:
+        mod = per_token(self.adaLN_modulation(c), packing)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x, key), shift_msa, scale_msa), key, packing)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x, key), shift_mlp, scale_mlp), key)
         return x
 
 
@@ -138,8 +151,11 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, key: str, size: tuple[int, int]) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x, key), shift, scale), key, size)
+        return self.linear(self.modulated(x, c, key), key, size)
+
+    def modulated(self, x: torch.Tensor, c: torch.Tensor, key, packing: Packing | None = None) -> torch.Tensor:
+        shift, scale = per_token(self.adaLN_modulation(c), packing).chunk(2, dim=-1)
+        return modulate(self.norm_final(x, key), shift, scale)
 
 
 class FlexiDiT(nn.Module):
@@ -326,6 +342,68 @@ class FlexiDiT(nn.Module):
             else:
                 h = block(h, c, key)
         return self.final_layer(h, c, key, size)
+
+    def forward_packed(self, xs: list[torch.Tensor], t: torch.Tensor, y: torch.Tensor,
+                       patch_sizes: list[int | tuple[int, int] | None]) -> list[torch.Tensor]:
+        """Run samples of different patch sizes AND resolutions as ONE packed token sequence.
+
+        Patch embedding and de-embedding run per (patch size, resolution) group; the blocks see
+        all tokens at once, with per-token adaLN modulation and block-diagonal attention. Equal to
+        `forward` on each sample alone, up to float rounding.
+
+        Args:
+            xs: B latents, each (C, H_i, W_i).
+            t, y: (B,) timesteps and labels.
+            patch_sizes: B patch sizes (None = the original).
+        Returns:
+            B outputs, each (out_channels, H_i, W_i), in input order.
+        """
+        if not isinstance(xs, (list, tuple)) or not xs:
+            raise ValueError("xs: expected a non-empty list of (C, H, W) latents")
+        if len(patch_sizes) != len(xs):
+            raise ValueError(f"patch_sizes: {len(patch_sizes)} entries for {len(xs)} samples")
+        patches = [self._patch(p) for p in patch_sizes]
+        for i, (x, p) in enumerate(zip(xs, patches)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ValueError(f"xs[{i}]: expected (C, H, W), got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            self._check_inputs(x[None], t[i:i + 1], y[i:i + 1], p)
+        device, dtype = xs[0].device, self.t_embedder.mlp[0].weight.dtype
+        # Samples sorted by (patch size, resolution): each group is embedded in one batched call.
+        order = sorted(range(len(xs)), key=lambda i: (patches[i], tuple(xs[i].shape[1:])))
+        runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
+        for i in order:
+            p, size = patches[i], tuple(xs[i].shape[1:])
+            if runs and runs[-1][:2] == (p, size):
+                runs[-1][2].append(i)
+            else:
+                runs.append((p, size, [i]))
+        tokens, lengths, keys = [], [], []
+        for p, size, members in runs:
+            key = size_key(p)
+            pos = self.pos_embed(size, p, device=device, dtype=dtype)
+            h = self.x_embedder(torch.stack([xs[i] for i in members]), key, pos)
+            tokens.append(h.reshape(-1, h.shape[-1]))
+            lengths += [h.shape[1]] * len(members)
+            keys += [key] * len(members)
+        packing = Packing.from_lengths(lengths, keys, device)
+        order_t = torch.tensor(order, device=device)
+        t, y = t.to(device)[order_t], y.to(device)[order_t]
+        h = torch.cat(tokens)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c, packing.groups, packing)
+        h = self.final_layer.modulated(h, c, packing.groups, packing)
+        outputs: list[torch.Tensor | None] = [None] * len(xs)
+        start = 0
+        for p, size, members in runs:
+            n = len(members) * (size[0] // p[0]) * (size[1] // p[1])
+            out = self.final_layer.linear(h[start:start + n].reshape(len(members), -1, h.shape[-1]),
+                                          size_key(p), size)
+            for j, i in enumerate(members):
+                outputs[i] = out[j]
+            start += n
+        return outputs
 
     # ------------------------------------------------------------------ accounting
     def flops(self, patch_size: int | tuple[int, int] | None = None, batch: int = 1,
