@@ -198,28 +198,33 @@ class Schedule:
                 out.append((k, k + 1, *key))
         return out
 
-    def _branch_notation(self, sizes: tuple[Size, ...]) -> tuple[int, Size, Size] | None:
-        runs = _runs(sizes)
-        if len(runs) == 1:
-            return runs[0][1], runs[0][0], runs[0][0]
-        if len(runs) == 2 and _area(runs[0][0]) > _area(runs[1][0]):
-            return runs[1][1], runs[0][0], runs[1][0]
-        return None
+    def _weak_first_form(self) -> tuple[int, int, Size, Size] | None:
+        """(x, y, weak, powerful) if every branch runs weak then powerful, else None."""
+        sizes = sorted(self.sizes, key=_area)
+        if len(sizes) > 2 or (len(sizes) == 2 and _area(sizes[0]) == _area(sizes[1])):
+            return None
+        powerful, weak = sizes[0], sizes[-1]
+        counts = []
+        for branch in (self.cond, self.guidance):
+            x = len(branch) - next((i for i, s in enumerate(branch) if s == powerful), len(branch))
+            if any(s != powerful for s in branch[len(branch) - x:]):
+                return None
+            counts.append(x)
+        return counts[0], counts[1], weak, powerful
 
     @property
     def notation(self) -> str:
         """The paper's "x/y": powerful for the last x conditional / y guidance steps (weak-first only)."""
-        c, g = self._branch_notation(self.cond), self._branch_notation(self.guidance)
-        if c is None or g is None:
+        form = self._weak_first_form()
+        if form is None:
             raise ValueError(f"{self!r} is not a weak-first schedule; 'x/y' notation does not apply")
-        return f"{c[0]}/{g[0]}"
+        return f"{form[0]}/{form[1]}"
 
     def __repr__(self) -> str:
-        c, g = self._branch_notation(self.cond), self._branch_notation(self.guidance)
-        if c is not None and g is not None:
-            sizes = f"weak={c[1]}, powerful={c[2]}" if (c[1], c[2]) == (g[1], g[2]) else \
-                f"cond {c[1]}->{c[2]}, guidance {g[1]}->{g[2]}"
-            return f"Schedule('{c[0]}/{g[0]}', steps={self.num_steps}, {sizes})"
+        form = self._weak_first_form()
+        if form is not None:
+            x, y, weak, powerful = form
+            return f"Schedule('{x}/{y}', steps={self.num_steps}, weak={weak}, powerful={powerful})"
 
         def rle(sizes):
             return " ".join(f"{s[0]}x{s[1]}*{n}" for s, n in _runs(sizes))

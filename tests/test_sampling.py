@@ -1,0 +1,199 @@
+"""The sampler loop on a tiny FlexiDiT: determinism, exactness, guidance modes, intervals, samplers."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import flexikern as fk
+from flexikern.diffusion import DenoisingLoop, Guidance, GuidedDenoiser, Schedule, make_sampler, sample
+from flexikern.flexi.resize import as_size
+from flexikern.models import FlexiDiT
+
+
+def tiny(patch_sizes=(2, 4), learn_sigma=True, seed=0):
+    """A 2-block DiT with random (non-zero-initialised) weights, flexified after randomising."""
+    torch.manual_seed(seed)
+    m = FlexiDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                 num_classes=10, learn_sigma=learn_sigma)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    if patch_sizes is not None:
+        m.flexify(patch_sizes, adapter="lora")
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+def spy(model):
+    """Record (batch, patch size, labels) of every forward."""
+    calls = []
+    forward = model.forward
+
+    def recording(x, t, y, patch_size=None):
+        calls.append((x.shape[0], as_size(patch_size), y.tolist()))
+        return forward(x, t, y, patch_size=patch_size)
+
+    model.forward = recording
+    return calls
+
+
+def test_public_names():
+    assert fk.Schedule is Schedule and fk.Guidance is Guidance and fk.sample is sample
+
+
+def test_same_seed_same_samples_and_per_sample_seeds(model):
+    sched = Schedule.weak_first(6, 3, weak=4, powerful=2)
+    g = Guidance(1.5, "flexi")
+    a = sample(model, [1, 2, 3], sched, g, seed=5, progress=False)
+    b = sample(model, [1, 2, 3], sched, g, seed=5, progress=False)
+    assert a.shape == (3, 4, 8, 8) and torch.equal(a, b)
+    assert not torch.allclose(a, sample(model, [1, 2, 3], sched, g, seed=6, progress=False))
+    # Sample i uses seed + i, whatever batch it is in.
+    part = sample(model, [2, 3], sched, g, seed=6, progress=False)
+    torch.testing.assert_close(part, a[1:], rtol=1e-3, atol=1e-3)   # batch-size-dependent rounding only
+    torch.testing.assert_close(sample(model, [3], sched, g, seed=[7], progress=False), a[2:], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode, sampler", [("cfg", "ddpm"), ("flexi", "ddim")])
+def test_static_schedule_on_a_lora_model_is_the_original_model(mode, sampler):
+    original = tiny(patch_sizes=None, seed=1)
+    flexible = copy.deepcopy(original).flexify((2, 4), adapter="lora")
+    with torch.no_grad():   # trained-looking adapters: they must not touch the original size
+        for name, p in flexible.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p))
+    sched = Schedule.static(5, 2)
+    kwargs = dict(guidance=Guidance(2.0, mode), sampler=sampler, seed=3, progress=False, eta=0.5)
+    a = sample(original, [0, 9], sched, **kwargs)
+    b = sample(flexible, [0, 9], sched, **kwargs)
+    assert torch.equal(a, b)
+    # ... while the weak size does change the samples.
+    c = sample(flexible, [0, 9], Schedule.weak_first(5, 2, 4, 2), **kwargs)
+    assert not torch.allclose(a, c)
+
+
+N = 2
+Y = [3, 7]
+NULL = [10, 10]
+
+
+@pytest.mark.parametrize("guidance, schedule, per_step", [
+    (None, Schedule.weak_first(2, 1, 4, 2), [[(N, (4, 4), Y)], [(N, (2, 2), Y)]]),
+    (Guidance(1.5, "none"), Schedule.static(1, 4), [[(N, (4, 4), Y)]]),
+    # Same size: ONE batched forward, conditional + null class.
+    (Guidance(1.5, "cfg"), Schedule.static(1, 2), [[(2 * N, (2, 2), Y + NULL)]]),
+    (Guidance(1.5, "flexi"), Schedule.static(1, 4), [[(2 * N, (4, 4), Y + NULL)]]),
+    # Weak guidance branch: flexi uses the weak model's CONDITIONAL prediction, cfg the null class.
+    (Guidance(1.5, "flexi"), Schedule.weak_first(1, 0, 4, 2, guidance_weak_steps=1),
+     [[(N, (2, 2), Y), (N, (4, 4), Y)]]),
+    (Guidance(1.5, "cfg"), Schedule.weak_first(1, 0, 4, 2, guidance_weak_steps=1),
+     [[(N, (2, 2), Y), (N, (4, 4), NULL)]]),
+    # A guidance branch more powerful than the conditional one is CFG across sizes, also in flexi mode.
+    (Guidance(1.5, "flexi"), Schedule.from_list([4], guidance=[2]), [[(N, (4, 4), Y), (N, (2, 2), NULL)]]),
+])
+def test_branches_per_mode(guidance, schedule, per_step):
+    m = tiny()
+    calls = spy(m)
+    sample(m, Y, schedule, guidance, progress=False)
+    assert calls == [c for step in per_step for c in step]
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_guided_prediction_formulas(model, learn_sigma):
+    m = model if learn_sigma else tiny(learn_sigma=False)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([900.0, 900.0]), torch.tensor([1, 4])
+    null = torch.full_like(y, 10)
+    with torch.no_grad():
+        powerful, weak, uncond = m(x, t, y, 2), m(x, t, y, 4), m(x, t, null, 2)
+    s = 3.0
+    s2 = 1 - (1 - s) / 2.5
+    flexi = GuidedDenoiser(m, y, Guidance(s, "flexi"))(x, t, (2, 2), (4, 4))
+    torch.testing.assert_close(flexi[:, :4], weak[:, :4] + s2 * (powerful[:, :4] - weak[:, :4]))
+    torch.testing.assert_close(flexi[:, 4:], powerful[:, 4:])   # variance: the conditional branch
+    cfg = GuidedDenoiser(m, y, Guidance(s, "cfg"))(x, t, (2, 2), (2, 2))
+    torch.testing.assert_close(cfg[:, :4], uncond[:, :4] + s * (powerful[:, :4] - uncond[:, :4]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cfg[:, 4:], powerful[:, 4:], rtol=1e-4, atol=1e-4)
+    # DiT's forward_with_cfg guides the first 3 channels only.
+    dit = GuidedDenoiser(m, y, Guidance(s, "cfg", first_channels=3))(x, t, (2, 2), (2, 2))
+    torch.testing.assert_close(dit[:, :3], cfg[:, :3])
+    torch.testing.assert_close(dit[:, 3:], powerful[:, 3:], rtol=1e-4, atol=1e-4)
+    assert Guidance(1.5).weak_scale == pytest.approx(1.2) and (1 - 4.0) / (1 - Guidance(4.0).weak_scale) == pytest.approx(2.5)
+
+
+def test_guidance_interval(model):
+    sched = Schedule.weak_first(6, 2, 4, 2)
+    g = Guidance(1.5, "flexi", interval=(0, 500))
+    loop = DenoisingLoop(model, torch.tensor(Y), sched, g, make_sampler("ddpm", 6))
+    assert loop.sampler.model_timesteps.tolist() == [999, 799, 599, 400, 200, 0]
+    assert loop.guided == [False, False, False, True, True, True]
+    assert loop.phases == [(0, 2, (4, 4), None), (2, 3, (2, 2), None), (3, 6, (2, 2), (2, 2))]
+    assert loop.flops(2) == sched.flops(model, 2, guidance=loop.guided) < sched.flops(model, 2)
+    m = tiny()
+    calls = spy(m)
+    sample(m, Y, sched, g, progress=False)
+    assert [c[0] for c in calls] == [N, N, N, 2 * N, 2 * N, 2 * N]
+    with pytest.raises(ValueError, match="interval"):
+        Guidance(1.5, interval=(600, 500))
+
+
+def test_samplers(model):
+    sched = Schedule.weak_first(4, 2, 4, 2)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    run = lambda **kw: sample(model, Y, sched, Guidance(1.5, "cfg"), progress=False, **kw)
+    # Deterministic samplers depend only on the initial noise.
+    for name in ["ddim", "flow"]:
+        assert torch.equal(run(sampler=name, noise=noise, seed=0), run(sampler=name, noise=noise, seed=1))
+    assert not torch.allclose(run(sampler="ddim", eta=1.0, noise=noise, seed=0),
+                              run(sampler="ddim", eta=1.0, noise=noise, seed=1))
+    assert not torch.allclose(run(sampler="ddpm", noise=noise, seed=0), run(sampler="ddpm", noise=noise, seed=1))
+    assert not torch.allclose(run(sampler="flow", noise=noise), run(sampler="ddim", noise=noise))
+    # The noise argument is the initial noise: x_T for the flow sampler's first (t = 1) step.
+    calls = []
+    forward = model.forward
+    model.forward = lambda x, t, y, patch_size=None: (calls.append((x.clone(), t.clone())), forward(x, t, y, patch_size))[1]
+    try:
+        run(sampler="flow", noise=noise)
+    finally:
+        del model.forward
+    assert torch.equal(calls[0][0][:2], noise) and calls[0][1].tolist() == [1000.0] * 4
+
+
+def test_vae_and_mode_restored(model):
+    vae = SimpleNamespace(decode=lambda z: SimpleNamespace(sample=z * 2))
+    sched = Schedule.static(2, 2)
+    latents = sample(model, Y, sched, progress=False)
+    images = sample(model, Y, sched, progress=False, vae=vae)
+    torch.testing.assert_close(images, latents / 0.18215 * 2)
+    plain = SimpleNamespace(decode=lambda z: z + 1)
+    torch.testing.assert_close(sample(model, Y, sched, progress=False, vae=plain), latents / 0.18215 + 1)
+    model.train()
+    sample(model, Y, sched, progress=False)
+    assert model.training
+    model.eval()
+
+
+def test_errors(model):
+    s = Schedule.static(3, 2)
+    with pytest.raises(ValueError, match=r"y: labels \[11\] out of range"):
+        sample(model, [1, 11], s, progress=False)
+    with pytest.raises(ValueError, match=r"\[\(8, 8\)\] but the model supports only \[\(2, 2\), \(4, 4\)\]"):
+        sample(model, [1], Schedule.static(3, 8), progress=False)
+    with pytest.raises(ValueError, match="schedule has 3 steps but the ddpm sampler has 5"):
+        sample(model, [1], s, sampler=make_sampler("ddpm", 5), progress=False)
+    with pytest.raises(ValueError, match=r"noise: expected shape \(1, 4, 8, 8\)"):
+        sample(model, [1], s, noise=torch.randn(1, 4, 4, 4), progress=False)
+    with pytest.raises(TypeError, match="schedule: expected a flexikern.Schedule"):
+        sample(model, [1], 250, progress=False)
+    with pytest.raises(ValueError, match="2 seeds for 1 samples"):
+        sample(model, [1], s, seed=[1, 2], progress=False)
+    with pytest.raises(ValueError, match="mode='auto'"):
+        Guidance(1.5, "auto")
