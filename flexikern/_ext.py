@@ -1,0 +1,164 @@
+"""The compiled extension `flexikern._C`, loaded on first use (never by `import flexikern`).
+
+`load()` imports it, or returns None when it is not built or does not load; then flexikern runs
+on its torch paths and `unavailable_reason()` says why. Loading the library registers the ops
+`torch.ops.flexikern.{patchify, unpatchify, patchify_packed, unpatchify_packed}` and their
+`_out` forms with the dispatcher (csrc/ops.cpp); this module adds what torch.compile and
+autograd need: fake (meta) implementations and the backward of each op, which is its adjoint
+(patchify <-> unpatchify).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = ["load", "unavailable_reason", "build_info"]
+
+_LOCK = threading.Lock()
+_state: dict[str, Any] = {"tried": False, "module": None, "error": None}
+
+
+def load() -> ModuleType | None:
+    """The extension module (importing it once), or None when it cannot be loaded."""
+    if not _state["tried"]:
+        with _LOCK:
+            if not _state["tried"]:
+                try:
+                    import torch  # noqa: F401  (the extension links against torch's libraries)
+                    module = importlib.import_module("flexikern._C")
+                    _register_fake_and_autograd()
+                    _state["module"] = module
+                except Exception as e:  # ImportError, or a broken build raising anything else
+                    _state["error"] = (f"flexikern._C did not load ({type(e).__name__}: {e}); "
+                                       "build it with `pip install --no-build-isolation -e .`")
+                _state["tried"] = True
+    return _state["module"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be used here, or None when it loads."""
+    return None if load() is not None else _state["error"]
+
+
+def build_info() -> dict[str, Any]:
+    """How the extension was built (torch, CUDA or None, archs, compiler, time), from
+    flexikern/_build_info.json written by setup.py; {} when there is no build record."""
+    path = Path(__file__).with_name("_build_info.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cuda_built() -> bool:
+    """True when the loaded extension has its CUDA kernels."""
+    module = load()
+    return bool(module is not None and module.cuda_built)
+
+
+# ---- fake implementations and autograd (registered once, when the library loads) ----------
+
+
+def _grid_and_volume(sizes, patch) -> tuple[Any, int]:
+    return math.prod(s // p for s, p in zip(sizes, patch)), math.prod(patch)
+
+
+def _groups(flat: list[int], width: int) -> list[list[int]]:
+    return [list(flat[i:i + width]) for i in range(0, len(flat), width)]
+
+
+def _register_fake_and_autograd() -> None:
+    import torch
+
+    ops = torch.ops.flexikern
+
+    @torch.library.register_fake("flexikern::patchify")
+    def _patchify_fake(x, patch_size):
+        n, c, *sizes = x.shape
+        grid, volume = _grid_and_volume(sizes, patch_size)
+        return x.new_empty((n, grid, volume * c))
+
+    @torch.library.register_fake("flexikern::unpatchify")
+    def _unpatchify_fake(tokens, patch_size, size):
+        n, _, features = tokens.shape
+        return tokens.new_empty((n, features // math.prod(patch_size), *size))
+
+    @torch.library.register_fake("flexikern::patchify_out")
+    def _patchify_out_fake(x, patch_size, out):
+        return None
+
+    @torch.library.register_fake("flexikern::unpatchify_out")
+    def _unpatchify_out_fake(tokens, patch_size, out):
+        return None
+
+    @torch.library.register_fake("flexikern::patchify_packed")
+    def _patchify_packed_fake(xs, patch_sizes):
+        k = xs[0].dim() - 2
+        patches = _groups(patch_sizes, k)
+        rows = sum(x.shape[0] * _grid_and_volume(x.shape[2:], p)[0] for x, p in zip(xs, patches))
+        width = xs[0].shape[1] * max(math.prod(p) for p in patches)
+        sequences = sum(x.shape[0] for x in xs)
+        return (xs[0].new_empty((rows, width)),
+                xs[0].new_empty((sequences + 1,), dtype=torch.int32))
+
+    @torch.library.register_fake("flexikern::patchify_packed_out")
+    def _patchify_packed_out_fake(xs, patch_sizes, tokens, cu_seqlens):
+        return None
+
+    @torch.library.register_fake("flexikern::unpatchify_packed")
+    def _unpatchify_packed_fake(tokens, patch_sizes, shapes):
+        # G groups give G * (k + 2) shape entries and G * k patch entries, k = 2 or 3.
+        rank = 4 if len(shapes) * 2 == len(patch_sizes) * 4 else 5
+        return [tokens.new_empty(tuple(s)) for s in _groups(shapes, rank)]
+
+    @torch.library.register_fake("flexikern::unpatchify_packed_out")
+    def _unpatchify_packed_out_fake(tokens, patch_sizes, out):
+        return None
+
+    # patchify and unpatchify are permutations, so each one's backward is the other.
+    def _patchify_setup(ctx, inputs, output):
+        x, patch_size = inputs
+        ctx.patch_size, ctx.size = list(patch_size), list(x.shape[2:])
+
+    def _patchify_backward(ctx, grad):
+        return ops.unpatchify(grad, ctx.patch_size, ctx.size), None
+
+    def _unpatchify_setup(ctx, inputs, output):
+        ctx.patch_size = list(inputs[1])
+
+    def _unpatchify_backward(ctx, grad):
+        return ops.patchify(grad, ctx.patch_size), None, None
+
+    def _patchify_packed_setup(ctx, inputs, output):
+        xs, patch_sizes = inputs
+        ctx.patch_sizes = list(patch_sizes)
+        ctx.shapes = [s for x in xs for s in x.shape]
+
+    def _patchify_packed_backward(ctx, grad_tokens, grad_cu_seqlens):
+        # The padding columns are constants: their gradient is dropped.
+        return list(ops.unpatchify_packed(grad_tokens, ctx.patch_sizes, ctx.shapes)), None
+
+    def _unpatchify_packed_setup(ctx, inputs, output):
+        tokens, patch_sizes, shapes = inputs
+        ctx.patch_sizes, ctx.shapes = list(patch_sizes), [tuple(o.shape) for o in output]
+        ctx.dtype, ctx.device = tokens.dtype, tokens.device
+
+    def _unpatchify_packed_backward(ctx, grads):
+        grads = [g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device) for g, s in zip(grads, ctx.shapes)]
+        # Padding columns never reach an output: their gradient is zero, as patchify_packed writes.
+        return ops.patchify_packed(grads, ctx.patch_sizes)[0], None, None
+
+    torch.library.register_autograd("flexikern::patchify", _patchify_backward,
+                                    setup_context=_patchify_setup)
+    torch.library.register_autograd("flexikern::unpatchify", _unpatchify_backward,
+                                    setup_context=_unpatchify_setup)
+    torch.library.register_autograd("flexikern::patchify_packed", _patchify_packed_backward,
+                                    setup_context=_patchify_packed_setup)
+    torch.library.register_autograd("flexikern::unpatchify_packed", _unpatchify_packed_backward,
+                                    setup_context=_unpatchify_packed_setup)
