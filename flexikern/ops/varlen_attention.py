@@ -7,10 +7,10 @@ attends only to tokens of its own sequence.
 Backends, in priority order (the first that supports the inputs runs):
 
 1. `flash_attn` — `flash_attn.flash_attn_varlen_func` (FlashAttention-2, hand-written CUDA).
-   The published reference for this exact op: FA2 reports about 2x over FA1 and xformers'
-   CUTLASS kernel, with a tuned backward. Needs the package, CUDA sm80+, fp16/bf16,
+   The published reference for this exact op: the FA2 paper reports about 2x over
+   FlashAttention-1, which was already faster than xformers' CUTLASS kernel; tuned backward. Needs the package, CUDA sm80+, fp16/bf16,
    head_dim <= 256 (a multiple of 8).
-2. `torch_varlen` — `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): the same FA2 kernels
+2. `torch_varlen` — `torch.nn.attention.varlen.varlen_attn` (recent torch; in 2.13): the same FA2 kernels
    vendored into aten, always present in CUDA builds of torch. After `flash_attn` only because a
    separately installed flash-attn is the user's deliberate (and usually newer) choice. Same
    limits: CUDA sm80+, fp16/bf16, head_dim <= 256, a multiple of 8.
@@ -29,6 +29,9 @@ Backends, in priority order (the first that supports the inputs runs):
    materialises total x total scores) and forward-only, hence `auto_on_cpu=False`.
 6. `torch` — the reference (SDPA per sequence, a Python loop over sequences): runs everywhere,
    the ground truth in tests, and the automatic choice on CPU.
+
+`xformers`, `flex` and `torch` read cu_seqlens' values on the host, so they decline inside a
+CUDA graph capture; `flash_attn`, `torch_varlen` and `triton` take cu_seqlens on the device.
 
 This order is reasoned from the libraries' published characteristics, not measured here (no GPU
 was available when it was written); `pytest benchmarks/test_bench_attention.py` on a GPU is what
@@ -125,6 +128,9 @@ class _VarlenBackend(Backend):
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
     min_cuda_capability: tuple[int, int] | None = None
+    # Backends that read cu_seqlens' values on the host (.tolist()) cannot be captured in a
+    # CUDA graph; the kernels that take cu_seqlens on the device can.
+    reads_cu_seqlens_on_host: bool = False
 
     def not_supported_reasons(self, **inputs) -> list[str]:
         q = inputs["q"]
@@ -147,6 +153,9 @@ class _VarlenBackend(Backend):
             capability = torch.cuda.get_device_capability(q.device)
             if capability < self.min_cuda_capability:
                 reasons.append(f"CUDA capability {capability} < {self.min_cuda_capability}")
+        if (self.reads_cu_seqlens_on_host and q.device.type == "cuda"
+                and torch.cuda.is_current_stream_capturing()):
+            reasons.append("reads cu_seqlens on the host, which a CUDA graph capture forbids")
         return reasons
 
 
@@ -200,6 +209,7 @@ class XformersVarlenAttention(_VarlenBackend):
     name = "xformers"
     requires = ("xformers.ops",)
     devices = ("cuda",)
+    reads_cu_seqlens_on_host = True  # the mask is built from host lengths
 
     def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
         from xformers.ops import memory_efficient_attention
@@ -258,6 +268,7 @@ class FlexVarlenAttention(_VarlenBackend):
     name = "flex"
     requires = ("torch.nn.attention.flex_attention",)
     auto_on_cpu = False  # eager on CPU materialises the total x total scores
+    reads_cu_seqlens_on_host = True  # the block mask is looked up by the boundaries' values
 
     def not_supported_reasons(self, **inputs) -> list[str]:
         reasons = super().not_supported_reasons(**inputs)
@@ -291,6 +302,7 @@ class TorchReferenceVarlenAttention(_VarlenBackend):
     """The reference: SDPA per sequence. Runs everything; last, as the fallback."""
 
     name = "torch"
+    reads_cu_seqlens_on_host = True  # a Python loop over the sequences
 
     def __call__(self, **inputs):
         return varlen_attention_reference(**inputs)
