@@ -1,6 +1,7 @@
 // CUDA glue: device guard, current stream, error check; the kernels are in patchify_cuda.cu.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 
 #include "ops.h"
 #include "patchify_launch.h"
@@ -13,7 +14,7 @@ void patch_copy_cuda(const at::Tensor& src, const at::Tensor& dst, const PatchGe
   const c10::cuda::CUDAGuard guard(src.device());
   const int err = launch_patchify_cuda(src.const_data_ptr(), dst.mutable_data_ptr(), g,
                                        static_cast<int>(src.element_size()), to_tokens,
-                                       at::cuda::getCurrentCUDAStream().stream());
+                                       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "flexikern patchify CUDA kernel failed to launch: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
