@@ -21,7 +21,7 @@ from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
 from flexikern.diffusion.schedule import Schedule
 
-__all__ = ["sample", "DenoisingLoop", "sample_seeds", "LATENT_SCALE"]
+__all__ = ["sample", "DenoisingLoop", "StepNoise", "sample_seeds", "LATENT_SCALE"]
 
 LATENT_SCALE = 0.18215   # Stable Diffusion's VAE latent scale, as DiT samples
 
@@ -75,7 +75,7 @@ def _labels(model: Any, y: Any, device: torch.device) -> torch.Tensor:
 def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = None,
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
-           shift: float = 1.0) -> torch.Tensor:
+           shift: float = 1.0, cuda_graphs: Any = False, noise_device: str = "cpu") -> torch.Tensor:
     """Sample from a (flexible) DiT with a patch-size schedule.
 
     Args:
@@ -89,6 +89,15 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
         progress: show a tqdm bar.
         vae: if given, returns `vae.decode(latents / 0.18215)` (its `.sample` if it has one).
         noise: the initial noise (N, C, H, W) instead of drawing it.
+        cuda_graphs: True (or a `flexikern.runtime.graphs.GraphRunner`) captures one CUDA graph
+            per patch-size phase and replays it per step; the graphs are cached per model and
+            reused by later calls. On CPU it warns once and runs eagerly (same results).
+        noise_device: where each step's noise is drawn. "cpu" (default): sample i's own CPU
+            generator, so samples do not depend on the device or batch (the initial noise is
+            always drawn this way). "model": one generator on the model's device seeded with the
+            first seed, for the whole batch: no per-sample host work or host-to-device copy per
+            step (at batch 32 x 250 steps the CPU draws can cost more than a graphed GPU step),
+            but the step noise then depends on the device, the batch composition and its order.
     Returns:
         (N, C, H, W) latents on the model's device, or the decoded images.
     """
@@ -113,7 +122,7 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
             raise ValueError(f"noise: expected shape {(n, *shape)}, got {tuple(noise.shape)}")
         x = noise.float()
     x = x.to(device)
-    step_noise = torch.empty((n, *shape)) if sampler.stochastic else None
+    step_noise = StepNoise(generators, (n, *shape), device, noise_device, sample_seeds(seed, n)[0])
     ks = torch.arange(sampler.num_steps, device=device)
 
     from tqdm.auto import tqdm
@@ -122,20 +131,54 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
     try:
         with torch.inference_mode(), tqdm(total=sampler.num_steps, disable=not progress,
                                           desc=f"sampling {schedule!r}", leave=False) as bar:
-            for start, stop, cond_size, guid_size in loop.phases:
-                for k in range(start, stop):
-                    noise_k = None
-                    if step_noise is not None:
-                        for i, g in enumerate(generators):
-                            torch.randn(shape, generator=g, out=step_noise[i])
-                        noise_k = step_noise.to(device)
-                    x = loop.step(x, ks[k], noise_k, cond_size, guid_size)
-                    bar.update(1)
+            if cuda_graphs is not False and cuda_graphs is not None:   # True or a GraphRunner
+                from flexikern.runtime.graphs import run_graphed
+                x = run_graphed(loop, x, step_noise.draw if sampler.stochastic else None,
+                                cuda_graphs, on_step=lambda: bar.update(1))
+            else:
+                for start, stop, cond_size, guid_size in loop.phases:
+                    for k in range(start, stop):
+                        noise_k = step_noise.draw(torch.empty_like(x)) if sampler.stochastic else None
+                        x = loop.step(x, ks[k], noise_k, cond_size, guid_size)
+                        bar.update(1)
             if vae is not None:
                 x = decode(vae, x)
     finally:
         model.train(was_training)
     return x
+
+
+class StepNoise:
+    """Each step's noise for a batch: `draw(out)` fills the device tensor `out` and returns it.
+
+    "cpu": per-sample CPU generators (device- and batch-independent samples); the host buffer is
+    pinned on CUDA and refilled only after its previous copy finished. "model": one generator on
+    `device` seeded with `seed` (see `sample`'s `noise_device`).
+    """
+
+    def __init__(self, generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device,
+                 noise_device: str = "cpu", seed: int = 0):
+        if noise_device not in ("cpu", "model"):
+            raise ValueError(f"noise_device={noise_device!r}: expected 'cpu' (per-sample CPU generators) "
+                             f"or 'model' (one generator on the model's device)")
+        self.generators, self.shape, self.mode = generators, shape, noise_device
+        self.generator = torch.Generator(device).manual_seed(seed) if noise_device == "model" else None
+        pin = noise_device == "cpu" and device.type == "cuda"
+        self.host = torch.empty(shape, pin_memory=pin) if noise_device == "cpu" else None
+        self.copied = torch.cuda.Event() if pin else None
+        self.device = device
+
+    def draw(self, out: torch.Tensor) -> torch.Tensor:
+        if self.generator is not None:
+            return torch.randn(self.shape, generator=self.generator, out=out)
+        if self.copied is not None:
+            self.copied.synchronize()   # the last async copy still reads the pinned buffer
+        for i, g in enumerate(self.generators):
+            torch.randn(self.shape[1:], generator=g, out=self.host[i])
+        out.copy_(self.host, non_blocking=self.copied is not None)
+        if self.copied is not None:
+            self.copied.record(torch.cuda.current_stream(self.device))
+        return out
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,314 @@
+"""CUDA graphs per patch-size phase: one captured graph runs a whole denoising step.
+
+A FlexiDiT schedule is a few *phases*, runs of steps with the same (conditional patch size,
+guidance patch size); with the batch, the dtypes and the guidance rule fixed, every step of a
+phase launches the same kernels on the same shapes. `GraphRunner` captures ONE graph per phase
+(model forward(s), guidance combine and the sampler update) and replays it for each of the
+phase's steps, so a step costs one `replay()` instead of hundreds of kernel launches from Python.
+
+How (the stable-fast / vLLM recipe):
+* Static inputs: the state `x`, the step's noise, the model timestep and the sampler's
+  coefficient row are device buffers owned by the graph; the runner copies the step's values in
+  (`copy_`, device to device) before `replay()`. The sampler runs at "step 0" of a one-row view of
+  its tables, so no step index is read on the host: indexing a table with a 0-dim device tensor
+  calls `.item()`, a host sync that breaks capture and would bake one step into the graph.
+* The class labels are static buffers too, so repeated sampling with new labels replays the same
+  graphs (count: `GraphRunner.captures`).
+* Warm-up runs on a side stream (Triton autotuning, cuBLAS/attention workspaces, cached resized
+  weights and positional tables all happen there), then capture into one memory pool per runner
+  (`torch.cuda.graph_pool_handle()`); a model lives on one device, so that is one pool per device.
+* The cache is an LRU of at most `max_graphs` graphs, keyed by `graph_key` (everything that
+  changes the kernels); `release()` (or dropping the runner) frees them. Phases shorter than
+  `min_phase_steps` run eagerly: capturing costs about `warmup + 1` steps.
+* Captured graphs read the model's weights in place: if the weights change (a training step,
+  `load_state_dict`) the runner notices (parameter pointers and versions) and recaptures.
+  Dispatch happens at capture time; the forced backends are part of the key.
+
+On a CPU model `cuda_graphs=True` warns once per process and runs the same phase bodies (static
+buffers and all) eagerly, with results equal to plain sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["GraphRunner", "GraphKey", "graph_key", "plan_phases", "runner_for", "release_graphs",
+           "run_graphed"]
+
+Size = tuple[int, int]
+Phase = tuple[int, int, Size, "Size | None"]
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What changes a captured step's kernels (or the Python constants baked into it)."""
+
+    cond_size: Size
+    guid_size: Size | None
+    rule: str                    # the denoiser's rule: "cond", "cfg" or "weak"
+    guidance: Any                # the Guidance (its scales are constants in the graph); None for "cond"
+    batch: int
+    state_dtype: torch.dtype     # the sampling state x (float32)
+    model_dtype: torch.dtype
+    sampler: tuple               # (class name, stochastic, coefficients per step)
+    device: str
+    backends: tuple              # forced backends at capture time
+
+
+def graph_key(cond_size: Size, guid_size: Size | None, *, rule: str, guidance: Any, batch: int,
+              state_dtype: torch.dtype, model_dtype: torch.dtype, sampler: tuple, device: str,
+              backends: tuple = ()) -> GraphKey:
+    """The cache key of one phase. A conditional-only step ("cond") ignores the guidance settings,
+    so such graphs are shared across guidance scales and modes."""
+    if rule == "cond":
+        guid_size, guidance = None, None
+    return GraphKey(tuple(cond_size), tuple(guid_size) if guid_size is not None else None, rule,
+                    guidance, int(batch), state_dtype, model_dtype, tuple(sampler), str(device),
+                    tuple(backends))
+
+
+def plan_phases(phases: Sequence[Phase], key: Callable[[Size, Size | None], GraphKey],
+                min_phase_steps: int = 2,
+                graphable: Callable[[GraphKey], bool] = lambda key: True) -> list[tuple[int, int, GraphKey | None]]:
+    """(start, stop, key or None) per phase: None = run eagerly (too short to repay a capture, or
+    not graphable). Phases come from `DenoisingLoop.phases`: (start, stop, cond size, guid size)."""
+    plan = []
+    for start, stop, cond_size, guid_size in phases:
+        k = key(cond_size, guid_size)
+        graphed = stop - start >= min_phase_steps and graphable(k)
+        plan.append((start, stop, k if graphed else None))
+    return plan
+
+
+def _forced_backends() -> tuple:
+    from flexikern.ops._dispatch import backends, forced_backend
+    return tuple((op, forced_backend(op)) for op in sorted(backends()) if forced_backend(op))
+
+
+def _weights_stamp(model: Any) -> tuple:
+    # Parameters are read in place by the graphs, and resized kernels are cached per version.
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+class _PhaseGraph:
+    """The static buffers of one phase and its captured step (or, on CPU, the step run eagerly)."""
+
+    def __init__(self, loop: Any, x: torch.Tensor, cond_size: Size, guid_size: Size | None,
+                 stochastic: bool):
+        sampler = loop.sampler
+        self.x = x.clone()
+        self.noise = torch.zeros_like(x) if stochastic else None
+        self.t = sampler.model_timesteps[:1].clone()
+        self.coefficients = sampler.table[:1].clone()
+        # A one-row view of the sampler's tables: the step runs at k = 0 of it.
+        static_sampler = copy.copy(sampler)
+        static_sampler.model_timesteps, static_sampler.table = self.t, self.coefficients
+        # The denoiser with its own label tensors (y, null labels, ...), refilled per run.
+        denoiser = copy.copy(loop.denoiser)
+        self.labels = {name: value.clone() for name, value in vars(denoiser).items()
+                       if isinstance(value, torch.Tensor)}
+        for name, value in self.labels.items():
+            setattr(denoiser, name, value)
+        step_loop = copy.copy(loop)
+        step_loop.sampler, step_loop.denoiser = static_sampler, denoiser
+        self._step = lambda: self.x.copy_(step_loop.step(self.x, 0, self.noise, cond_size, guid_size))
+        self.graph: torch.cuda.CUDAGraph | None = None
+        # Tensors cached outside the graph that it reads (positional tables in an LRU cache).
+        model = loop.model
+        self.keepalive = []
+        if callable(getattr(model, "pos_embed", None)):
+            dtype = next(model.parameters()).dtype
+            for size in {cond_size, guid_size} - {None}:
+                self.keepalive.append(model.pos_embed(tuple(x.shape[2:]), size, device=x.device, dtype=dtype))
+
+    def capture(self, pool: Any, warmup: int) -> None:
+        """Warm up on a side stream, then capture the step into `pool`."""
+        saved = self.x.clone()
+        stream = torch.cuda.Stream(device=self.x.device)
+        stream.wait_stream(torch.cuda.current_stream(self.x.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(self.x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self._step()
+        self.graph = graph
+        self.x.copy_(saved)
+        # The Python step (and through it the model) is no longer needed: drop the references so
+        # that a runner registered per model does not keep its model alive.
+        self._step = None
+
+    def bind(self, loop: Any, x: torch.Tensor) -> None:
+        """Copy this run's state and labels into the static buffers."""
+        self.x.copy_(x)
+        for name, buffer in self.labels.items():
+            buffer.copy_(getattr(loop.denoiser, name))
+
+    def run_step(self, loop: Any, k: int, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        sampler = loop.sampler
+        self.t.copy_(sampler.model_timesteps[k:k + 1])
+        self.coefficients.copy_(sampler.table[k:k + 1])
+        if self.noise is not None:
+            draw_noise(self.noise)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    def release(self) -> None:
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self._step = None
+        self.keepalive.clear()
+
+
+_warned_cpu = False
+
+
+def _warn_cpu_once(device: torch.device) -> None:
+    global _warned_cpu
+    if not _warned_cpu:
+        _warned_cpu = True
+        warnings.warn(f"cuda_graphs=True: the model is on {device}; CUDA graphs need a CUDA device, "
+                      f"so sampling runs eagerly (same results). Shown once per process.",
+                      RuntimeWarning, stacklevel=4)
+
+
+class GraphRunner:
+    """Captures and replays one CUDA graph per schedule phase (see the module docstring).
+
+    Args:
+        max_graphs: the LRU bound on cached graphs (a weak-first schedule with guidance needs 2-3
+            per batch size); 0 = never capture.
+        min_phase_steps: phases with fewer steps run eagerly.
+        warmup: warm-up steps on a side stream before each capture.
+    Counters: `captures`, `replays`, `eager_steps`.
+    """
+
+    def __init__(self, max_graphs: int = 8, min_phase_steps: int = 2, warmup: int = 2):
+        for name, value, low in (("max_graphs", max_graphs, 0), ("min_phase_steps", min_phase_steps, 1),
+                                 ("warmup", warmup, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an int >= {low}")
+        self.max_graphs, self.min_phase_steps, self.warmup = max_graphs, min_phase_steps, warmup
+        self._graphs: OrderedDict[GraphKey, _PhaseGraph] = OrderedDict()
+        self._pool = None
+        self._stamp: tuple | None = None
+        self.captures = self.replays = self.eager_steps = 0
+
+    def __len__(self) -> int:
+        return sum(entry.graph is not None for entry in self._graphs.values())
+
+    def keys(self) -> list[GraphKey]:
+        """The cached phases, least recently used first."""
+        return list(self._graphs)
+
+    def release(self) -> None:
+        """Free every graph, its static buffers and the memory pool."""
+        for entry in self._graphs.values():
+            entry.release()
+        self._graphs.clear()
+        self._pool = None
+
+    def key(self, loop: Any, x: torch.Tensor, cond_size: Size, guid_size: Size | None,
+            backends: tuple = ()) -> GraphKey:
+        sampler, denoiser = loop.sampler, loop.denoiser
+        return graph_key(cond_size, guid_size, rule=denoiser.rule(cond_size, guid_size),
+                         guidance=loop.guidance, batch=x.shape[0], state_dtype=x.dtype,
+                         model_dtype=denoiser.dtype,
+                         sampler=(type(sampler).__name__, bool(sampler.stochastic), sampler.table.shape[1]),
+                         device=str(x.device), backends=backends)
+
+    def _entry(self, key: GraphKey, loop: Any, x: torch.Tensor, cond_size: Size,
+               guid_size: Size | None, capture: bool) -> _PhaseGraph:
+        entry = self._graphs.get(key)
+        if entry is not None:
+            self._graphs.move_to_end(key)
+            return entry
+        entry = _PhaseGraph(loop, x, cond_size, guid_size, loop.sampler.stochastic)
+        if capture:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            entry.capture(self._pool, self.warmup)
+            self.captures += 1
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)[1].release()
+        return entry
+
+    def run(self, loop: Any, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
+            on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """Run every step of `loop` from the state `x`; returns the final state (a new tensor).
+
+        `draw_noise(out)` fills `out` with the next step's noise (called once per stochastic step,
+        in order); `on_step()` is called after each step (a progress bar).
+        """
+        on_cuda = x.device.type == "cuda"
+        if not on_cuda:
+            _warn_cpu_once(x.device)
+        stamp = _weights_stamp(loop.model)
+        if stamp != self._stamp:   # new weights (or a new model): the graphs read stale tensors
+            self.release()
+            self._stamp = stamp
+        backends = _forced_backends()
+        plan = plan_phases(loop.phases, lambda c, g: self.key(loop, x, c, g, backends),
+                           self.min_phase_steps, lambda key: self.max_graphs > 0 or not on_cuda)
+        steps = torch.arange(loop.sampler.num_steps, device=x.device)
+        with torch.inference_mode():
+            for (start, stop, cond_size, guid_size), (_, _, key) in zip(loop.phases, plan):
+                if key is None:   # eager, exactly as `sample` steps
+                    for k in range(start, stop):
+                        noise = draw_noise(torch.empty_like(x)) if loop.sampler.stochastic else None
+                        x = loop.step(x, steps[k], noise, cond_size, guid_size)
+                        self.eager_steps += 1
+                        if on_step:
+                            on_step()
+                    continue
+                entry = self._entry(key, loop, x, cond_size, guid_size, capture=on_cuda)
+                entry.bind(loop, x)
+                for k in range(start, stop):
+                    entry.run_step(loop, k, draw_noise)
+                    if on_cuda:
+                        self.replays += 1
+                    else:
+                        self.eager_steps += 1
+                    if on_step:
+                        on_step()
+                x = entry.x
+            return x.clone()
+
+
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runner_for(model: Any) -> GraphRunner:
+    """The default runner of `model` (used by `sample(..., cuda_graphs=True)`); freed with the model."""
+    runner = _RUNNERS.get(model)
+    if runner is None:
+        runner = _RUNNERS[model] = GraphRunner()
+    return runner
+
+
+def release_graphs(model: Any = None) -> None:
+    """Free the default runners' graphs: `model`'s, or every model's."""
+    for m in ([model] if model is not None else list(_RUNNERS.keys())):
+        runner = _RUNNERS.pop(m, None)
+        if runner is not None:
+            runner.release()
+
+
+def run_graphed(loop: Any, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
+                runner: GraphRunner | bool = True, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """`sample`'s graphed path: `runner=True` uses the model's default runner."""
+    if not isinstance(runner, GraphRunner):
+        runner = runner_for(loop.model)
+    return runner.run(loop, x, draw_noise, on_step)
