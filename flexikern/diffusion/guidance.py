@@ -24,6 +24,7 @@ the other steps run the conditional branch alone and cost no guidance FLOPs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ class Guidance:
 
 
 def _area(size: Size) -> int:
-    return size[0] * size[1]
+    return math.prod(size)   # pixels (or voxels, for video patches) per token
 
 
 class GuidedDenoiser:
@@ -101,8 +102,11 @@ class GuidedDenoiser:
         self.model = model
         self.guidance = guidance or Guidance(1.0, "none")
         self.y = y
-        self.y_null = torch.full_like(y, int(model.num_classes))
-        self.y_cfg = torch.cat([y, self.y_null])    # batched conditional + unconditional pass
+        # Labels: the null class id; other conditions (text): the model's own null condition.
+        self.y_null = (model.null_condition(y) if hasattr(model, "null_condition")
+                       else torch.full_like(y, int(model.num_classes)))
+        self.y_cfg = (torch.cat([y, self.y_null]) if isinstance(y, torch.Tensor)
+                      else y.cat(self.y_null))    # batched conditional + unconditional pass
         params = next(iter(model.parameters()), None)
         self.dtype = params.dtype if params is not None else torch.float32
 

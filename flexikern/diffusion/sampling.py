@@ -106,14 +106,15 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
                         f"got {type(schedule).__name__}")
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
-    y = _labels(model, y, device)
-    n = y.shape[0]
+    # Text/video models validate their own condition objects (TextCondition); DiT takes labels.
+    y = model.check_condition(y, device=device) if hasattr(model, "check_condition") else _labels(model, y, device)
+    n = len(y)
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, schedule.num_steps, eta=eta, shift=shift)
     sampler.to(device)
     loop = DenoisingLoop(model, y, schedule, guidance, sampler)
 
-    shape = (model.in_channels, model.input_size, model.input_size)
+    shape = tuple(getattr(model, "latent_shape", (model.in_channels, model.input_size, model.input_size)))
     generators = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, n)]
     if noise is None:
         x = torch.stack([torch.randn(shape, generator=g) for g in generators])

@@ -11,19 +11,28 @@ model's analytic forward FLOPs (`model.flops`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flexikern.flexi.resize import as_size
+from flexikern.flexi.resize import as_size as _as_size_2d
 
 __all__ = ["Schedule"]
 
 Size = tuple[int, int]
 
 
+def as_size(size: Any, name: str = "patch_size") -> Size:
+    """A patch size: an int or (h, w), or a video patch (t, h, w)."""
+    if (isinstance(size, (tuple, list)) and len(size) == 3
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        return tuple(int(s) for s in size)
+    return _as_size_2d(size, name)
+
+
 def _area(size: Size) -> int:
-    return size[0] * size[1]
+    return math.prod(size)
 
 
 def _check_steps(steps: Any) -> int:
@@ -227,7 +236,7 @@ class Schedule:
             return f"Schedule('{x}/{y}', steps={self.num_steps}, weak={weak}, powerful={powerful})"
 
         def rle(sizes):
-            return " ".join(f"{s[0]}x{s[1]}*{n}" for s, n in _runs(sizes))
+            return " ".join(f"{'x'.join(map(str, s))}*{n}" for s, n in _runs(sizes))
 
         return f"Schedule(cond=[{rle(self.cond)}], guidance=[{rle(self.guidance)}])"
 

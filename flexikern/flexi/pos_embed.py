@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-__all__ = ["sincos_1d", "sincos_2d"]
+__all__ = ["sincos_1d", "sincos_2d", "sincos_2d_scaled", "sincos_frames"]
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -51,3 +51,54 @@ def sincos_2d(dim: int, grid: tuple[int, int], ratio: tuple[float, float] = (1.0
     """
     return _sincos_2d(int(dim), (int(grid[0]), int(grid[1])), (float(ratio[0]), float(ratio[1])),
                       torch.device(device or "cpu"), dtype)
+
+
+# ------------------------------------------------------------------ PixArt / Latte (diffusers numerics)
+
+@functools.lru_cache(maxsize=64)
+def _sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float], base_size: int,
+                      interpolation_scale: float, original_grid: tuple[int, int], device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    if dim % 4:
+        raise ValueError(f"dim={dim}: a 2-D sin-cos embedding needs a multiple of 4")
+    gh, gw = grid
+    # diffusers' `get_2d_sincos_pos_embed`: float32 `arange(g) / (g / base_size) / interpolation_scale`,
+    # here with g the ORIGINAL-patch grid and arange replaced by the patch centres in it.
+    rows = _coords(gh, ratio[0]) / (original_grid[0] / base_size) / interpolation_scale
+    cols = _coords(gw, ratio[1]) / (original_grid[1] / base_size) / interpolation_scale
+    rows, cols = rows[:, None].expand(gh, gw), cols[None, :].expand(gh, gw)
+    table = torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
+    return table.to(device=device, dtype=dtype)
+
+
+def sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float], base_size: int,
+                     interpolation_scale: float, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """PixArt's (and Latte's) spatial table: positions normalised to a `base_size` grid.
+
+    A (gh, gw) token grid of patches `ratio` original patches wide; the original-patch grid is
+    (gh * ratio[0], gw * ratio[1]); token centres in it are divided by (original grid / base_size)
+    and by `interpolation_scale`, in float32 as diffusers does. At ratio 1 this is diffusers'
+    `get_2d_sincos_pos_embed(dim, grid, base_size=..., interpolation_scale=...)` bit for bit.
+    Cached: do not modify the returned tensor in place.
+    """
+    original = (round(grid[0] * ratio[0]), round(grid[1] * ratio[1]))
+    return _sincos_2d_scaled(int(dim), (int(grid[0]), int(grid[1])), (float(ratio[0]), float(ratio[1])),
+                             int(base_size), float(interpolation_scale), original,
+                             torch.device(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos_frames(dim: int, frames: int, ratio: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return sincos_1d(dim, _coords(frames, float(ratio))).to(device=device, dtype=dtype)
+
+
+def sincos_frames(dim: int, frames: int, ratio: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(frames, dim) temporal table (Latte's `temp_pos_embed`) for tokens spanning `ratio` frames each.
+
+    A token merging frames `ratio*j .. ratio*j + ratio - 1` sits at their centre. Together with
+    `sincos_2d_scaled` per frame this is the factorised 3-D table Latte uses (spatial added at the
+    embedding, temporal before the first temporal block). Cached: do not modify it in place.
+    """
+    return _sincos_frames(int(dim), int(frames), int(ratio), torch.device(device or "cpu"), dtype)

@@ -20,7 +20,8 @@ import torch
 from flexikern.flexi.layers import size_key
 
 __all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "save_pretrained",
-           "from_pretrained", "load_state_dict_strict"]
+           "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers",
+           "save_pretrained_any", "from_pretrained_any"]
 
 # Heads cannot be read off the tensors; the known DiT widths give them.
 HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
@@ -290,6 +291,216 @@ def from_pretrained(cls, directory, **kwargs):
     config = json.loads(config_path.read_text())
     if config.pop("format", None) != "flexikern.FlexiDiT":
         raise ValueError(f"{config_path}: not a flexikern FlexiDiT config")
+    config.pop("format_version", None)
+    patch_sizes, adapter, rank = config.pop("patch_sizes"), config.pop("adapter"), config.pop("lora_rank")
+    config["patch_size"] = tuple(config["patch_size"])
+    model = cls(**config)
+    if len(patch_sizes) > 1:
+        model.flexify([tuple(p) for p in patch_sizes], adapter=adapter, lora_rank=rank or 32)
+    load_state_dict_strict(model, load_file(str(weights_path)), str(weights_path))
+    return model.to(**kwargs) if kwargs else model
+
+
+# ----------------------------------------------------------------------------- PixArt and Latte (diffusers)
+
+def _diffusers_module(model_or_dir, cls_name: str):
+    import diffusers
+    target = getattr(diffusers, cls_name)
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        return target.from_pretrained(str(model_or_dir))
+    if not isinstance(model_or_dir, target):
+        raise TypeError(f"expected a diffusers {cls_name} or a directory saved by it, got "
+                        f"{type(model_or_dir).__name__}")
+    return model_or_dir
+
+
+def _check_text_config(cfg, source: str, allowed_activations=("gelu-approximate",)) -> None:
+    """Reject the diffusers options flexikern's PixArt/Latte blocks do not reproduce, naming each."""
+    problems = []
+    if cfg.norm_type != "ada_norm_single":
+        problems.append(f"norm_type={cfg.norm_type!r} (expected 'ada_norm_single')")
+    if cfg.norm_elementwise_affine:
+        problems.append("norm_elementwise_affine=True (PixArt/Latte norms have no affine)")
+    if cfg.activation_fn not in allowed_activations:
+        problems.append(f"activation_fn={cfg.activation_fn!r} (expected {allowed_activations})")
+    if not cfg.attention_bias:
+        problems.append("attention_bias=False (expected True)")
+    if cfg.caption_channels is None:
+        problems.append("caption_channels=None (a caption projection is required)")
+    if cfg.patch_size is None:
+        problems.append("patch_size=None")
+    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    if cfg.cross_attention_dim is not None and cfg.cross_attention_dim != heads * head_dim:
+        problems.append(f"cross_attention_dim={cfg.cross_attention_dim} != inner dim {heads * head_dim}")
+    if getattr(cfg, "attention_type", "default") not in (None, "default"):
+        problems.append(f"attention_type={cfg.attention_type!r}")
+    if problems:
+        raise ValueError(f"{source}: unsupported configuration: " + "; ".join(problems))
+
+
+def _text_block_map(prefix: str, ours: str, cross: bool) -> dict[str, str]:
+    """flexikern PixArtBlock names -> diffusers BasicTransformerBlock (ada_norm_single) names."""
+    names = {"scale_shift_table": "scale_shift_table"}
+    for part in ("weight", "bias"):
+        names[f"attn.proj.{part}"] = f"attn1.to_out.0.{part}"
+        names[f"mlp.fc1.{part}"] = f"ff.net.0.proj.{part}"
+        names[f"mlp.fc2.{part}"] = f"ff.net.2.{part}"
+        if cross:
+            names[f"cross_attn.q_linear.{part}"] = f"attn2.to_q.{part}"
+            names[f"cross_attn.proj.{part}"] = f"attn2.to_out.0.{part}"
+    return {f"{ours}.{o}": f"{prefix}.{t}" for o, t in names.items()}
+
+
+def _text_block_state(state, prefix: str, ours: str, cross: bool) -> dict[str, torch.Tensor]:
+    out = {o: state[t] for o, t in _text_block_map(prefix, ours, cross).items()}
+    for part in ("weight", "bias"):
+        out[f"{ours}.attn.qkv.{part}"] = torch.cat([state[f"{prefix}.attn1.to_{n}.{part}"] for n in "qkv"])
+        if cross:
+            out[f"{ours}.cross_attn.kv_linear.{part}"] = torch.cat(
+                [state[f"{prefix}.attn2.to_{n}.{part}"] for n in "kv"])
+    return out
+
+
+def _text_common_state(state, key: str) -> dict[str, torch.Tensor]:
+    """Embedders, adaLN-single, caption projection and output layer (shared by PixArt and Latte)."""
+    names = {"x_embedder.weight." + key: "pos_embed.proj.weight", "x_embedder.bias." + key: "pos_embed.proj.bias",
+             "final_layer.scale_shift_table": "scale_shift_table",
+             "final_layer.linear.weight." + key: "proj_out.weight",
+             "final_layer.linear.bias." + key: "proj_out.bias"}
+    for part in ("weight", "bias"):
+        names[f"t_embedder.mlp.0.{part}"] = f"adaln_single.emb.timestep_embedder.linear_1.{part}"
+        names[f"t_embedder.mlp.2.{part}"] = f"adaln_single.emb.timestep_embedder.linear_2.{part}"
+        names[f"t_block.1.{part}"] = f"adaln_single.linear.{part}"
+        names[f"y_embedder.y_proj.fc1.{part}"] = f"caption_projection.linear_1.{part}"
+        names[f"y_embedder.y_proj.fc2.{part}"] = f"caption_projection.linear_2.{part}"
+    return {o: state[t] for o, t in names.items()}
+
+
+def _null_caption(model, null_caption, source: str) -> torch.Tensor:
+    """diffusers drops PixArt's learned null caption (`y_embedder.y_embedding`); take it from the caller."""
+    current = model.y_embedder.y_embedding.detach()
+    if null_caption is None:
+        return current
+    null_caption = torch.as_tensor(null_caption)
+    if null_caption.shape != current.shape:
+        raise ValueError(f"null_caption: expected shape {tuple(current.shape)} (text_len, caption_channels), "
+                         f"got {tuple(null_caption.shape)}")
+    return null_caption.to(current.dtype)
+
+
+def pixart_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lora_rank=32, null_caption=None):
+    """A diffusers `PixArtTransformer2DModel` as a FlexiPixArt with the same numerics.
+
+    Supported: the 256/512 models (`use_additional_conditions=False`). The 1024 model's resolution
+    and aspect-ratio embeddings are rejected. diffusers does not keep PixArt's learned null caption:
+    pass it as `null_caption` (text_len, caption_channels), e.g. the original checkpoint's
+    `y_embedder.y_embedding`, else the model keeps a random one (set it before guided sampling).
+    The text length is not stored by diffusers either: `text_len` = 120 (T5 in PixArt) unless the
+    given null caption says otherwise.
+    """
+    source = "diffusers PixArtTransformer2DModel"
+    module = _diffusers_module(model_or_dir, "PixArtTransformer2DModel")
+    cfg = module.config
+    _check_text_config(cfg, source)
+    if module.use_additional_conditions:
+        raise ValueError(f"{source}: use_additional_conditions=True (the 1024px model's resolution and "
+                         f"aspect-ratio embeddings) is not supported; convert a 256/512 model "
+                         f"(sample_size != 128 or use_additional_conditions=False)")
+    if cfg.cross_attention_dim is None:
+        raise ValueError(f"{source}: cross_attention_dim=None (PixArt cross-attends to text)")
+    state = {k: v.detach().float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    out_channels = module.out_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"{source}: out_channels={out_channels} for in_channels={cfg.in_channels}")
+    mlp_hidden = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    text_len = 120 if null_caption is None else int(torch.as_tensor(null_caption).shape[0])
+    model = cls(input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+                hidden_size=hidden, depth=cfg.num_layers, num_heads=cfg.num_attention_heads,
+                mlp_ratio=mlp_hidden / hidden, caption_channels=cfg.caption_channels, text_len=text_len,
+                learn_sigma=out_channels == 2 * cfg.in_channels,
+                interpolation_scale=module.pos_embed.interpolation_scale, norm_eps=cfg.norm_eps)
+    if module.pos_embed.base_size != model.base_size:
+        raise ValueError(f"{source}: pos_embed.base_size={module.pos_embed.base_size}, expected "
+                         f"{model.base_size}")
+    key = size_key(model.original_patch_size)
+    ours = _text_common_state(state, key)
+    for i in range(cfg.num_layers):
+        ours.update(_text_block_state(state, f"transformer_blocks.{i}", f"blocks.{i}", cross=True))
+    ours["y_embedder.y_embedding"] = _null_caption(model, null_caption, source)
+    load_state_dict_strict(model, ours, source)
+    if patch_sizes is not None:
+        model.flexify(patch_sizes, adapter=adapter, lora_rank=lora_rank)
+    return model
+
+
+def latte_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lora_rank=32, null_caption=None):
+    """A diffusers `LatteTransformer3DModel` as a FlexiLatte with the same numerics.
+
+    Spatial blocks (cross-attention to text) alternate with temporal blocks (self-attention across
+    frames); the temporal table is Latte's `temp_pos_embed`, regenerated for any frame count (at
+    `video_length` frames it is Latte's). `null_caption` as for PixArt (Latte has none either).
+    """
+    source = "diffusers LatteTransformer3DModel"
+    module = _diffusers_module(model_or_dir, "LatteTransformer3DModel")
+    cfg = module.config
+    _check_text_config(cfg, source)
+    if cfg.cross_attention_dim is None:
+        raise ValueError(f"{source}: cross_attention_dim=None (Latte's spatial blocks cross-attend to text)")
+    state = {k: v.detach().float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    out_channels = module.out_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"{source}: out_channels={out_channels} for in_channels={cfg.in_channels}")
+    mlp_hidden = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    text_len = 120 if null_caption is None else int(torch.as_tensor(null_caption).shape[0])
+    model = cls(input_size=cfg.sample_size, num_frames=cfg.video_length, patch_size=(1, cfg.patch_size, cfg.patch_size),
+                in_channels=cfg.in_channels, hidden_size=hidden, depth=cfg.num_layers,
+                num_heads=cfg.num_attention_heads, mlp_ratio=mlp_hidden / hidden,
+                caption_channels=cfg.caption_channels, text_len=text_len,
+                learn_sigma=out_channels == 2 * cfg.in_channels,
+                interpolation_scale=module.pos_embed.interpolation_scale, norm_eps=cfg.norm_eps)
+    key = size_key(model.original_patch_size)
+    ours = _text_common_state(state, key)
+    # Latte embeds each frame with a Conv2d; flexikern's 3-D kernel has a temporal extent of 1.
+    ours["x_embedder.weight." + key] = ours["x_embedder.weight." + key][:, :, None]
+    for i in range(cfg.num_layers):
+        ours.update(_text_block_state(state, f"transformer_blocks.{i}", f"blocks.{i}", cross=True))
+        ours.update(_text_block_state(state, f"temporal_transformer_blocks.{i}", f"temporal_blocks.{i}",
+                                      cross=False))
+    ours["y_embedder.y_embedding"] = _null_caption(model, null_caption, source)
+    load_state_dict_strict(model, ours, source)
+    if patch_sizes is not None:
+        model.flexify(patch_sizes, adapter=adapter, lora_rank=lora_rank)
+    return model
+
+
+def save_pretrained_any(model, directory, fmt: str) -> None:
+    """`config.json` + `model.safetensors` for the text/video models (format named `fmt`)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {**model.config, "patch_sizes": [list(p) for p in model.patch_sizes], "adapter": model.adapter,
+              "lora_rank": model.lora_rank, "format": fmt, "format_version": FORMAT_VERSION}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / ".model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / "model.safetensors")
+    tmp = directory / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, directory / "config.json")
+
+
+def from_pretrained_any(cls, directory, fmt: str, **kwargs):
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    for p in (config_path, weights_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{directory}: no {p.name}; expected a directory written by save_pretrained")
+    config = json.loads(config_path.read_text())
+    if config.pop("format", None) != fmt:
+        raise ValueError(f"{config_path}: not a {fmt} config")
     config.pop("format_version", None)
     patch_sizes, adapter, rank = config.pop("patch_sizes"), config.pop("adapter"), config.pop("lora_rank")
     config["patch_size"] = tuple(config["patch_size"])
