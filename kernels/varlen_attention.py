@@ -18,11 +18,11 @@ How a program finds its sequence. The grid is (B * cdiv(max_seqlen, BLOCK), head
 takes sequence p // cdiv(max_seqlen, BLOCK) and tile p % cdiv(max_seqlen, BLOCK) within it, reads
 the sequence's bounds from `cu_seqlens`, and returns at once when the tile starts past the
 sequence's end. We chose this over a per-tile table built on the host because it needs no
-values of `cu_seqlens` on the host (no device sync, nothing to rebuild per call, and a CUDA graph
-can replay it with new boundaries of the same count), at the cost of idle programs when lengths
-differ a lot: for FlexiDiT's packed guidance pair (256 + 64 tokens, BLOCK_M 64) 3 of 8 programs
-exit after two loads. A batch with one very long and many short sequences would waste more; a
-host-built table is the fix if a benchmark ever shows it.
+values of `cu_seqlens` on the host (no device sync, nothing to rebuild per call, and a CUDA
+graph can replay it with new boundaries of the same count and max_seqlen), at the cost of idle
+programs when lengths differ a lot: for FlexiDiT's packed guidance pair (256 + 64 tokens,
+BLOCK_M 64) 3 of 8 programs exit after two loads. A batch with one very long and many short
+sequences would waste more; a host-built table is the fix if a benchmark ever shows it.
 
 head_dim: any multiple of 8 up to 128 (DiT-XL/2 uses 72); tiles are padded to the next power of
 two (at least 16, the smallest tl.dot) and masked. Dtypes fp32, fp16, bf16; every product is
@@ -252,9 +252,9 @@ def _tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
         # quick and still cover several tiles per sequence with short sequences.
         small = _Launch(16, 16, 1, 1)
         return _Tiles(block_d, True, small, small, small)
-    # Untuned choices that compile for sm80 and sm90 without register spills (checked with
-    # cuobjdump on the cubins; tests/test_varlen_attention.py compiles them); the
-    # benchmarks in benchmarks/test_bench_attention.py are where to tune them on a GPU.
+    # Untuned choices that compile for sm80 and sm90 within their shared memory
+    # (tests/test_varlen_attention.py compiles them) with at most ~100 bytes of register spill
+    # on sm80 (cuobjdump); benchmarks/test_bench_attention.py is where to tune them on a GPU.
     if dtype == torch.float32:  # IEEE fp32 dots: a correctness path, not a fast one
         return _Tiles(block_d, False, _Launch(32, 32, 8, 2), _Launch(32, 16, 4, 1),
                       _Launch(32, 16, 4, 1))

@@ -8,12 +8,12 @@ Backends, in priority order (the first that supports the inputs runs):
 
 1. `flash_attn` — `flash_attn.flash_attn_varlen_func` (FlashAttention-2, hand-written CUDA).
    The published reference for this exact op: the FA2 paper reports about 2x over
-   FlashAttention-1, which was already faster than xformers' CUTLASS kernel; tuned backward. Needs the package, CUDA sm80+, fp16/bf16,
-   head_dim <= 256 (a multiple of 8).
-2. `torch_varlen` — `torch.nn.attention.varlen.varlen_attn` (recent torch; in 2.13): the same FA2 kernels
-   vendored into aten, always present in CUDA builds of torch. After `flash_attn` only because a
-   separately installed flash-attn is the user's deliberate (and usually newer) choice. Same
-   limits: CUDA sm80+, fp16/bf16, head_dim <= 256, a multiple of 8.
+   FlashAttention-1, which was already faster than xformers' CUTLASS kernel; tuned backward.
+   Needs the package, CUDA sm80+, fp16/bf16, head_dim <= 256 (a multiple of 8).
+2. `torch_varlen` — `torch.nn.attention.varlen.varlen_attn` (recent torch; in 2.13): the same
+   FA2 kernels vendored into aten, always present in CUDA builds of torch. After `flash_attn`
+   only because a separately installed flash-attn is the user's deliberate (and usually newer)
+   choice. Same limits: CUDA sm80+, fp16/bf16, head_dim <= 256, a multiple of 8.
 3. `xformers` — `memory_efficient_attention` with a `BlockDiagonalMask`: dispatches inside to its
    own FA2/FA3 or CUTLASS kernels, so it also covers fp32 on CUDA, but builds a mask object from
    host lengths on every call.
