@@ -71,6 +71,8 @@ def _skip_unless_runs(name: str, inputs: dict, grad: bool) -> None:
 
 
 def _record(benchmark, flops_useful: float, flops_computed: float, **info) -> None:
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, untimed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE), pairs=PAIRS,
