@@ -81,7 +81,10 @@ def report() -> str:
         chosen = None
         lines.append(f"  {op}" + (f"  [forced: {forced}]" if forced else ""))
         for backend in entries:
-            reasons = backend.not_supported_reasons(**inputs)
+            if inputs:
+                reasons = backend.not_supported_reasons(**inputs)
+            else:  # no typical inputs to probe with: report whether it can run at all
+                reasons = [r for r in [backend.unavailable_reason()] if r]
             if not reasons and device.type == "cpu" and not backend.auto_on_cpu:
                 reasons = ["runs CPU tensors only when forced (slow emulation)"]
             status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
