@@ -23,6 +23,7 @@ class CostModel:
 def test_static_and_weak_first():
     s = Schedule.static(5, 2)
     assert s.cond == ((2, 2),) * 5 and s.guidance == s.cond and s.notation == "5/5"
+    assert repr(s) == "Schedule.static(5, (2, 2))"
     w = Schedule.weak_first(10, 4, weak=4, powerful=(2, 2), guidance_weak_steps=6)
     assert w.cond == ((4, 4),) * 4 + ((2, 2),) * 6
     assert w.guidance == ((4, 4),) * 6 + ((2, 2),) * 4

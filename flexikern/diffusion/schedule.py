@@ -233,6 +233,8 @@ class Schedule:
         form = self._weak_first_form()
         if form is not None:
             x, y, weak, powerful = form
+            if weak == powerful:
+                return f"Schedule.static({self.num_steps}, {powerful})"
             return f"Schedule('{x}/{y}', steps={self.num_steps}, weak={weak}, powerful={powerful})"
 
         def rle(sizes):

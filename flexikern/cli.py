@@ -1,0 +1,495 @@
+"""`flexikern` / `python -m flexikern`: the command line.
+
+Each subcommand is one `add_<name>_parser(subparsers)` + `run_<name>(args) -> int` pair, listed in
+`SUBCOMMANDS`; adding one is a self-contained edit. Shared pieces: `add_model_args` / `load_model`
+(--model as a DiT config name, a `save_pretrained` directory or a DiT checkpoint).
+
+    flexikern sample --model DiT-S/2 --classes 1,2,3 --steps 250 --budget 0.6 --out grid.png
+    torchrun --nproc_per_node 8 -m flexikern sample --model DiT-XL-2-256x256.pt --num-samples 50000 \\
+        --classes 0-999 --npz samples.npz
+    flexikern flops --model DiT-XL/2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_args", "load_model"]
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def patch_size_arg(text: str) -> tuple[int, int]:
+    """"4" -> (4, 4); "2x4" -> (2, 4)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a patch size; write e.g. 4 or 2x4")
+    return sizes[0], sizes[1]
+
+
+def patch_sizes_arg(text: str) -> tuple[tuple[int, int], ...]:
+    """"2,4" -> ((2, 2), (4, 4))."""
+    return tuple(patch_size_arg(p) for p in text.split(",") if p.strip())
+
+
+def classes_arg(text: str) -> list[int]:
+    """"1,2,3" or ranges "0-9,20" -> a list of class ids."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected class ids like 1,2,3 or a range like 0-999") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one class id")
+    return out
+
+
+def schedule_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    """"static", "weak_first:N[,M]", "weak_last:N[,M]" or the paper's "x/y"."""
+    hint = ("write static, weak_first:N (the first N steps weak), weak_first:N,M (M guidance steps "
+            "weak), weak_last:N, or the paper's x/y (powerful for the last x conditional / y guidance steps)")
+    kind, _, numbers = text.partition(":")
+    try:
+        if text == "static":
+            return "static", ()
+        if "/" in text and not numbers:
+            return "notation", tuple(int(v) for v in text.split("/", 1))
+        if kind in ("weak_first", "weak_last") and numbers:
+            counts = tuple(int(v) for v in numbers.split(","))
+            if len(counts) in (1, 2) and min(counts) >= 0:
+                return kind, counts
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
+
+
+def interval_arg(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI in model timesteps, e.g. 0,700") from None
+    return lo, hi
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive fraction of the static schedule's "
+                                         f"FLOPs, e.g. 0.6")
+    return value
+
+
+# ----------------------------------------------------------------------------- shared: the model
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and what shapes it: used by every subcommand that needs a model."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="PATH_OR_CONFIG",
+                   help="a DiT config name (random weights, e.g. DiT-S/2), a directory written by "
+                        "FlexiDiT.save_pretrained, or a DiT .pt/.safetensors checkpoint")
+    g.add_argument("--patch-sizes", type=patch_sizes_arg, default=None, metavar="P,P",
+                   help="patch sizes to make available (default: the original and twice it; a "
+                        "save_pretrained directory keeps its own)")
+    g.add_argument("--adapter", choices=("lora", "shared"), default="lora",
+                   help="how weak sizes are added to a plain DiT (default: lora)")
+    g.add_argument("--input-size", type=positive_int, default=32,
+                   help="latent side for a config name (default: 32 = 256 px images)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The model --model names, flexified to --patch-sizes, in eval mode on the CPU."""
+    import torch
+
+    from flexikern.models import DIT_CONFIGS, FlexiDiT
+
+    spec = args.model
+    path = Path(spec)
+
+    def sizes(original):
+        return args.patch_sizes or (original, (2 * original[0], 2 * original[1]))
+
+    try:
+        if path.is_dir():
+            model = FlexiDiT.from_pretrained(path)
+            if args.patch_sizes and set(args.patch_sizes) != set(model.patch_sizes):
+                parser.error(f"--patch-sizes {args.patch_sizes}: {spec} was saved with patch sizes "
+                             f"{list(model.patch_sizes)}; drop --patch-sizes or pick from those")
+        elif path.is_file():
+            model = FlexiDiT.from_dit(path)
+            model.flexify(sizes(model.original_patch_size), adapter=args.adapter)
+        elif spec in DIT_CONFIGS:
+            torch.manual_seed(0)   # the same random weights in every process of a torchrun job
+            model = FlexiDiT.from_config(spec, input_size=args.input_size)
+            model.flexify(sizes(model.original_patch_size), adapter=args.adapter)
+        else:
+            parser.error(f"--model {spec!r}: not a directory, a checkpoint file or a config name; "
+                         f"configs: {', '.join(DIT_CONFIGS)}")
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"--model {spec!r}: {e}")
+    return model.eval()
+
+
+def pick_device(args: argparse.Namespace) -> Any:
+    import torch
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- images
+
+def to_uint8(x: Any) -> tuple[Any, str | None]:
+    """(N, C, H, W) samples -> (N, H, W, 3) uint8 numpy, and a note when they are not images.
+
+    3 channels are images in [-1, 1] (DiT's `sample_ddp.py` quantisation); other channel counts
+    (latents without a VAE) show their first 3 channels, each normalised to its own range per image.
+    """
+    import torch
+    x = x.detach().float().cpu()
+    if x.shape[1] == 3:
+        return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), None
+    v = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    lo = v.amin(dim=(2, 3), keepdim=True)
+    hi = v.amax(dim=(2, 3), keepdim=True)
+    v = (v - lo) / (hi - lo).clamp_min(1e-12)
+    note = (f"the samples are {x.shape[1]}-channel latents and no --vae was given: the images show "
+            f"their first 3 channels, each normalised to its own min/max")
+    return (v * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), note
+
+
+def save_grid(images: Any, path: str | Path, columns: int) -> None:
+    """Tile (N, H, W, 3) uint8 images into a PNG, enlarged (nearest) to at least 128 px a side."""
+    import numpy as np
+    from PIL import Image
+    n, h, w, _ = images.shape
+    zoom = max(1, 128 // max(h, w))
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    h, w, pad = h * zoom, w * zoom, 2
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------- sample
+
+def add_sample_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "sample", help="sample images with a patch-size schedule",
+        description="Sample a (flexible) DiT with weak steps first. Prints the relative FLOPs and the "
+                    "wall time; writes a PNG grid and/or an ADM-format .npz. Under torchrun the samples "
+                    "are sharded over the processes (sample i always uses seed + i).")
+    add_model_args(p)
+    g = p.add_argument_group("what to sample")
+    g.add_argument("--classes", type=classes_arg, default=[207, 360, 387, 974, 88, 979, 417, 279],
+                   help="class ids, e.g. 1,2,3 or 0-999 (sample i gets class i mod their number)")
+    g.add_argument("--num-samples", type=positive_int, default=None,
+                   help="how many samples (default: one per class)")
+    g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="samples per forward (default: 16)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--steps", type=positive_int, default=250, help="denoising steps (default: 250)")
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "flow"), default="ddpm",
+                   help="ddpm (DiT's), ddim, or flow (rectified-flow Euler for velocity models)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--schedule", type=schedule_arg, default=None,
+                       help="static | weak_first:N[,M] | weak_last:N[,M] | x/y (default: static)")
+    which.add_argument("--budget", type=fraction_arg, default=None,
+                       help="pick the weak-first schedule with the most powerful steps within this "
+                            "fraction of the static FLOPs, e.g. 0.6")
+    g.add_argument("--weak", type=patch_size_arg, default=None,
+                   help="weak patch size (default: the next larger than the original)")
+    g.add_argument("--powerful", type=patch_size_arg, default=None,
+                   help="powerful patch size (default: the original)")
+    g = p.add_argument_group("guidance")
+    g.add_argument("--guidance", type=float, default=1.5, metavar="SCALE", help="guidance scale (default: 1.5)")
+    g.add_argument("--guidance-mode", choices=("flexi", "cfg", "none"), default="flexi",
+                   help="flexi (weak-model guidance when the guidance branch is weaker, else CFG), "
+                        "cfg, or none (default: flexi)")
+    g.add_argument("--guidance-interval", type=interval_arg, default=None, metavar="LO,HI",
+                   help="guide only where the model timestep is in [LO, HI], e.g. 0,700")
+    g.add_argument("--guidance-channels", type=positive_int, default=None,
+                   help="guide only the first N channels (DiT's sample.py guides 3)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="PNG grid (default: samples.png unless --npz is given)")
+    g.add_argument("--npz", default=None, help="write all samples as uint8 NHWC under arr_0 (ADM/DiT eval format)")
+    g.add_argument("--compare", action="store_true",
+                   help="also sample the static schedule from the same noise; the grid shows pairs "
+                        "(static, flexible)")
+    g.add_argument("--vae", default=None, help="a diffusers AutoencoderKL directory to decode latents")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_sample, parser=p)
+
+
+def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: argparse.ArgumentParser) -> Any:
+    from flexikern.diffusion import Schedule
+    from flexikern.flexi.resize import as_size
+
+    powerful = args.powerful or model.original_patch_size
+    larger = sorted((as_size(s) for s in model.patch_sizes if s[0] * s[1] > powerful[0] * powerful[1]),
+                    key=lambda s: s[0] * s[1])
+    weak = args.weak or (larger[0] if larger else None)
+    try:
+        if args.budget is not None:
+            return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak, powerful=powerful)
+        kind, counts = args.schedule or ("static", ())
+        if kind == "static":
+            return Schedule.static(args.steps, powerful).validate(model)
+        if weak is None:
+            parser.error(f"--schedule: the model has no patch size larger than {powerful} "
+                         f"(patch sizes {list(model.patch_sizes)}); pass --patch-sizes or --weak")
+        if kind == "notation":
+            return Schedule.from_notation("/".join(map(str, counts)), args.steps, weak, powerful).validate(model)
+        build = Schedule.weak_first if kind == "weak_first" else Schedule.weak_last
+        return build(args.steps, counts[0], weak, powerful, guidance_weak_steps=counts[-1]).validate(model)
+    except ValueError as e:
+        parser.error(f"{'--budget' if args.budget is not None else '--schedule'}: {e} (with --steps {args.steps})")
+
+
+def _distributed() -> tuple[int, int, Any]:
+    """(rank, world size, torch.distributed or None); joins the torchrun job if there is one."""
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist
+
+
+def _gather(arrays: dict[str, Any], batches: list[list[int]], rank: int, world: int, dist: Any,
+            base: str) -> dict[str, Any] | None:
+    """Collect each rank's arrays (its batches, in order) on rank 0 through files next to `base`."""
+    import numpy as np
+    if dist is None:
+        return arrays
+    for key, arr in arrays.items():
+        np.save(f"{base}.{key}.rank{rank}-of-{world}.npy", arr)
+    dist.barrier()
+    out = None
+    if rank == 0:
+        out = {}
+        for key in arrays:
+            parts = [np.load(f"{base}.{key}.rank{r}-of-{world}.npy") for r in range(world)]
+            pieces, offsets = [], [0] * world
+            for j, batch in enumerate(batches):   # batch j ran on rank j mod world
+                r = j % world
+                pieces.append(parts[r][offsets[r]:offsets[r] + len(batch)])
+                offsets[r] += len(batch)
+            out[key] = np.concatenate(pieces)
+            for r in range(world):
+                os.remove(f"{base}.{key}.rank{r}-of-{world}.npy")
+    dist.barrier()
+    return out
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
+
+    parser = args.parser
+    rank, world, dist = _distributed()
+    device = pick_device(args)
+    if dist is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    model = load_model(args, parser).to(device)
+    bad = [c for c in args.classes if not 0 <= c < model.num_classes]
+    if bad:
+        parser.error(f"--classes: {bad[:5]} out of range; this model has classes 0..{model.num_classes - 1}")
+    try:
+        guidance = Guidance(args.guidance, args.guidance_mode, interval=args.guidance_interval,
+                            first_channels=args.guidance_channels)
+        sampler = make_sampler(args.sampler, args.steps, eta=args.eta)
+    except ValueError as e:
+        parser.error(str(e))
+    schedule = _build_schedule(args, model, guidance.enabled, parser)
+    static = Schedule.static(args.steps, model.original_patch_size)
+    guided = guidance.active_steps(sampler.model_timesteps)
+    relative = schedule.flops(model, 1, guided) / static.flops(model, 1, guided)
+    vae = None
+    if args.vae:
+        try:
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+        except Exception as e:   # diffusers raises many types for a bad directory
+            parser.error(f"--vae {args.vae!r}: could not load a diffusers AutoencoderKL ({type(e).__name__}: {e})")
+
+    n = args.num_samples or len(args.classes)
+    labels = [args.classes[i % len(args.classes)] for i in range(n)]
+    batches = [list(range(s, min(s + args.batch_size, n))) for s in range(0, n, args.batch_size)]
+    mine = batches[rank::world]
+    progress = rank == 0 and not args.no_progress
+    say(f"{schedule!r} on {device} ({world} process{'es' if world > 1 else ''}), {args.sampler}, "
+        f"guidance {guidance.mode} {guidance.scale}")
+
+    _warm_up(model, schedule.sizes | static.sizes, min(args.batch_size, n), device)
+
+    def run(sched: Schedule) -> tuple[Any, float, str | None]:
+        images, note = [], None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for batch in mine:
+            x = sample(model, [labels[i] for i in batch], sched, guidance, sampler=args.sampler,
+                       seed=[args.seed + i for i in batch], progress=progress, vae=vae, eta=args.eta)
+            arr, note = to_uint8(x)
+            images.append(arr)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        h = w = model.input_size
+        empty = np.zeros((0, h, w, 3), np.uint8)
+        return (np.concatenate(images) if images else empty), seconds, note
+
+    flexible, seconds, note = run(schedule)
+    arrays = {"flexible": flexible}
+    say(f"relative FLOPs {relative:.3f} ({schedule.notation if _has_notation(schedule) else 'custom'}), "
+        f"wall time {seconds:.2f} s for {len(flexible)} samples on rank 0")
+    if args.compare:
+        arrays["static"], static_seconds, _ = run(static)
+        say(f"static: relative FLOPs 1.000, wall time {static_seconds:.2f} s; "
+            f"speed-up {static_seconds / max(seconds, 1e-9):.2f}x")
+    if note:
+        say(f"note: {note}")
+    base = args.npz or args.out or "samples.png"
+    gathered = _gather(arrays, batches, rank, world, dist, base)
+    if rank == 0:
+        if args.npz:
+            Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.npz, arr_0=gathered["flexible"])
+            say(f"wrote {args.npz} (arr_0: {gathered['flexible'].shape} uint8)")
+        out = args.out or (None if args.npz else "samples.png")
+        if out:
+            if args.compare:
+                pairs = np.stack([gathered["static"], gathered["flexible"]], 1)
+                images = pairs.reshape(-1, *pairs.shape[2:])
+                columns = 2 * max(1, math.isqrt(len(pairs)))
+                say("grid: pairs of (static, flexible) samples from the same noise")
+            else:
+                images, columns = gathered["flexible"], max(1, math.ceil(math.sqrt(len(gathered["flexible"]))))
+            save_grid(images[:256], out, columns)
+            say(f"wrote {out}")
+    if dist is not None:
+        dist.destroy_process_group()
+    return 0
+
+
+def _warm_up(model: Any, sizes: set, batch: int, device: Any) -> None:
+    """One forward per size and batch shape, so first-call set-up (kernel selection) is not timed."""
+    import torch
+    x = torch.zeros(2 * batch, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.zeros(2 * batch, device=device)
+    y = torch.zeros(2 * batch, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        for size in sizes:
+            for b in (batch, 2 * batch):
+                model(x[:b], t[:b], y[:b], patch_size=size)
+
+
+def _has_notation(schedule: Any) -> bool:
+    try:
+        schedule.notation
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- flops
+
+def add_flops_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("flops", help="per-patch-size FLOPs of a model",
+                              description="Forward FLOPs (a multiply-add counts 2) at every patch size of "
+                                          "the model, and optionally the schedule a budget picks.")
+    add_model_args(p)
+    p.add_argument("--budget", type=fraction_arg, default=None,
+                   help="also show the schedule Schedule.for_budget picks (with --steps)")
+    p.add_argument("--steps", type=positive_int, default=250, help="steps for --budget (default: 250)")
+    p.set_defaults(run=run_flops, parser=p)
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from flexikern.diffusion import Schedule
+    model = load_model(args, args.parser)
+    base = model.flops(model.original_patch_size)
+    side = model.input_size
+    print(f"{'patch size':>10}  {'tokens':>6}  {'GFLOPs':>9}  {'relative':>8}")
+    for ph, pw in sorted(model.patch_sizes, key=lambda s: s[0] * s[1]):
+        f = model.flops((ph, pw))
+        print(f"{f'{ph}x{pw}':>10}  {(side // ph) * (side // pw):>6}  {f / 1e9:>9.3f}  {f / base:>8.3f}")
+    print("with guidance a step costs F(conditional size) + F(guidance size)")
+    if args.budget is not None:
+        try:
+            schedule = Schedule.for_budget(model, args.steps, args.budget)
+        except ValueError as e:
+            args.parser.error(f"--budget: {e}")
+        print(f"budget {args.budget}: {schedule!r}, relative FLOPs {schedule.relative_flops(model):.3f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _add_training_parsers(subparsers: Any) -> None:
+    """`train` and `finetune` (flexikern.train.commands)."""
+    from flexikern.train.commands import add_finetune_parser, add_train_parser
+    add_train_parser(subparsers)
+    add_finetune_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_sample_parser, add_flops_parser, _add_training_parsers]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexikern", description="FlexiDiT: sample DiTs with less compute.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
