@@ -120,6 +120,12 @@ def _extension_build():
     class BuildExtensionWithInfo(cpp_extension.BuildExtension):
         """Builds with ninja, then records the build in flexikern/_build_info.json."""
 
+        def finalize_options(self):
+            super().finalize_options()
+            # Keep objects between builds so ninja recompiles only what changed: pip's editable
+            # builds otherwise use a fresh temporary folder and rebuild everything each time.
+            self.build_temp = os.path.join(ROOT, "build", "flexikern-ext")
+
         def run(self):
             super().run()
             record = dict(info, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
