@@ -205,6 +205,8 @@ def save_grid(images: Any, path: str | Path, columns: int) -> None:
 
 # ----------------------------------------------------------------------------- sample
 
+IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]   # DiT's sample.py
+
 def add_sample_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "sample", help="sample images with a patch-size schedule",
@@ -213,8 +215,9 @@ def add_sample_parser(subparsers: Any) -> None:
                     "are sharded over the processes (sample i always uses seed + i).")
     add_model_args(p)
     g = p.add_argument_group("what to sample")
-    g.add_argument("--classes", type=classes_arg, default=[207, 360, 387, 974, 88, 979, 417, 279],
-                   help="class ids, e.g. 1,2,3 or 0-999 (sample i gets class i mod their number)")
+    g.add_argument("--classes", type=classes_arg, default=None,
+                   help="class ids, e.g. 1,2,3 or 0-999 (sample i gets class i mod their number; default: "
+                        "DiT's sample.py classes for ImageNet models, else the first 8)")
     g.add_argument("--num-samples", type=positive_int, default=None,
                    help="how many samples (default: one per class)")
     g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
@@ -333,6 +336,8 @@ def run_sample(args: argparse.Namespace) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
 
     model = load_model(args, parser).to(device)
+    if args.classes is None:
+        args.classes = IMAGENET_DEMO_CLASSES if model.num_classes == 1000 else list(range(min(8, model.num_classes)))
     bad = [c for c in args.classes if not 0 <= c < model.num_classes]
     if bad:
         parser.error(f"--classes: {bad[:5]} out of range; this model has classes 0..{model.num_classes - 1}")
