@@ -89,62 +89,91 @@ def _channel_tiling(w: EffectiveWeight, max_tile: int) -> tuple[int, int, int]:
     """(BLOCK_C, KI_PAD, PP_PAD): how many channels one K-tile covers, and the padded pixel counts.
 
     A K-tile is BLOCK_C channels x PP_PAD patch pixels; the stored rows feeding it are
-    BLOCK_C x KI_PAD kernel pixels. Both must reach tl.dot's minimum of 16.
+    BLOCK_C x KI_PAD kernel pixels. Channels are added while the tile stays under `max_tile`
+    (fewer passes over the other operand); then pixels are padded (masked) up to tl.dot's
+    minimum of 16 rather than adding channels, whose resize cost grows as BLOCK_C**2.
     """
     pp_pad = _next_pow2(w.patch_size[0] * w.patch_size[1])
     ki_pad = _next_pow2(w.kernel_size[0] * w.kernel_size[1]) if w.resize is not None else pp_pad
-    block_c = max(1, _MIN_DOT // pp_pad, _MIN_DOT // ki_pad)
-    # Cover more channels per tile while it stays small (fewer passes over the other operand).
+    block_c = 1
     while block_c < w.channels and 2 * block_c * max(pp_pad, ki_pad) <= max_tile:
         block_c *= 2
+    pp_pad = max(pp_pad, _MIN_DOT // block_c)
+    ki_pad = max(ki_pad, _MIN_DOT // block_c) if w.resize is not None else pp_pad
     return block_c, ki_pad, pp_pad
 
 
 @triton.jit
 def _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP,
-                 RESIZE: tl.constexpr, BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr,
-                 PP_PAD: tl.constexpr):
-    """kron(I_BLOCK_C, P^T) as a (BLOCK_C*PP_PAD, BLOCK_C*KI_PAD) fp32 tile (None-like if no resize)."""
+                 RESIZE: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_C: tl.constexpr,
+                 KI_PAD: tl.constexpr, PP_PAD: tl.constexpr):
+    """kron(I_BLOCK_C, P^T) as a (BLOCK_C*PP_PAD, BLOCK_C*KI_PAD) fp32 tile; its transpose if
+    TRANSPOSED. All zero without RESIZE (the caller then never uses it)."""
     offs_ko = tl.arange(0, BLOCK_C * PP_PAD)
     offs_ki = tl.arange(0, BLOCK_C * KI_PAD)
     j = offs_ko % PP_PAD
     i = offs_ki % KI_PAD
     # Channel-block diagonal: output pixel (c, j) mixes only stored pixels (c, i) of its own channel.
-    same_channel = (offs_ko // PP_PAD)[:, None] == (offs_ki // KI_PAD)[None, :]
-    mask = same_channel & (j < PP)[:, None] & (i < KK)[None, :] & RESIZE
-    return tl.load(p_ptr + i[None, :] * stride_pi + j[:, None] * stride_pj, mask=mask,
-                   other=0.0).to(tl.float32)
+    if TRANSPOSED:
+        mask = ((offs_ki // KI_PAD)[:, None] == (offs_ko // PP_PAD)[None, :]) \
+            & (i < KK)[:, None] & (j < PP)[None, :] & RESIZE
+        offsets = i[:, None] * stride_pi + j[None, :] * stride_pj
+    else:
+        mask = ((offs_ko // PP_PAD)[:, None] == (offs_ki // KI_PAD)[None, :]) \
+            & (j < PP)[:, None] & (i < KK)[None, :] & RESIZE
+        offsets = j[:, None] * stride_pj + i[None, :] * stride_pi
+    return tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _effective_weight_tile(w_ptr, delta_ptr, resize_tile, c0, offs_d, C, D, KK, PP,
-                           stride_wd, stride_wc, stride_wi, stride_ed, stride_ec, stride_ej,
-                           RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_C: tl.constexpr,
-                           KI_PAD: tl.constexpr, PP_PAD: tl.constexpr):
-    """W_eff for channels c0 .. c0+BLOCK_C and features offs_d: a (BLOCK_C*PP_PAD, BLOCK_D) fp32 tile,
-    rows ordered (c, j). Zero outside C, PP and D, so it can feed tl.dot unmasked."""
+def _tile(ptr, rows, cols, mask_rows, mask_cols, TRANSPOSED: tl.constexpr):
+    """Load ptr[rows + cols] as a (rows, cols) fp32 tile, or as (cols, rows) if TRANSPOSED."""
+    # One return statement: the compiler unifies the return types of all branches.
+    if TRANSPOSED:
+        tile = tl.load(ptr + rows[None, :] + cols[:, None],
+                       mask=mask_rows[None, :] & mask_cols[:, None], other=0.0)
+    else:
+        tile = tl.load(ptr + rows[:, None] + cols[None, :],
+                       mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+    return tile.to(tl.float32)
+
+
+@triton.jit
+def _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
+                           stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
+                           stride_ed, stride_ec, stride_ej,
+                           RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, TRANSPOSED: tl.constexpr,
+                           BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr):
+    """W_eff for channels c0 .. c0+BLOCK_C and features offs_d: a (BLOCK_C*PP_PAD, BLOCK_D) fp32
+    tile with rows ordered (c, j), or (BLOCK_D, BLOCK_C*PP_PAD) if TRANSPOSED (built that way
+    rather than transposed after the fact: no layout shuffle). Zero outside C, PP and D, so it can
+    feed tl.dot unmasked."""
     offs_ko = tl.arange(0, BLOCK_C * PP_PAD)
     c_out = c0 + offs_ko // PP_PAD
     j = offs_ko % PP_PAD
     mask_out = (c_out < C) & (j < PP)
     mask_d = offs_d < D
+    d_offsets = offs_d * stride_wd
     if RESIZE:
         offs_ki = tl.arange(0, BLOCK_C * KI_PAD)
         c_in = c0 + offs_ki // KI_PAD
         i = offs_ki % KI_PAD
         mask_in = (c_in < C) & (i < KK)
-        stored = tl.load(w_ptr + c_in[:, None] * stride_wc + i[:, None] * stride_wi
-                         + offs_d[None, :] * stride_wd,
-                         mask=mask_in[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        weight = tl.dot(resize_tile, stored, input_precision="ieee")
+        # Reloaded per tile (P is tiny and cache-resident) rather than kept live in registers.
+        resize = _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP, RESIZE, TRANSPOSED, BLOCK_C,
+                              KI_PAD, PP_PAD)
+        stored = _tile(w_ptr, c_in * stride_wc + i * stride_wi, d_offsets, mask_in, mask_d,
+                       TRANSPOSED)
+        if TRANSPOSED:
+            weight = tl.dot(stored, resize, input_precision="tf32x3")
+        else:
+            weight = tl.dot(resize, stored, input_precision="tf32x3")
     else:
-        weight = tl.load(w_ptr + c_out[:, None] * stride_wc + j[:, None] * stride_wi
-                         + offs_d[None, :] * stride_wd,
-                         mask=mask_out[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        weight = _tile(w_ptr, c_out * stride_wc + j * stride_wi, d_offsets, mask_out, mask_d,
+                       TRANSPOSED)
     if HAS_DELTA:
-        weight += tl.load(delta_ptr + c_out[:, None] * stride_ec + j[:, None] * stride_ej
-                          + offs_d[None, :] * stride_ed,
-                          mask=mask_out[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        weight += _tile(delta_ptr, c_out * stride_ec + j * stride_ej, offs_d * stride_ed,
+                        mask_out, mask_d, TRANSPOSED)
     return weight
 
 
@@ -175,7 +204,6 @@ def _image_to_tokens_kernel(
     offs_k = tl.arange(0, BLOCK_C * PP_PAD)
     j = offs_k % PP_PAD
     pixel = (j // PW).to(tl.int64) * stride_xh + (j % PW).to(tl.int64) * stride_xw
-    resize_tile = _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP, RESIZE, BLOCK_C, KI_PAD, PP_PAD)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -184,11 +212,12 @@ def _image_to_tokens_kernel(
         patches = tl.load(image_ptr + patch_origin[:, None]
                           + (c.to(tl.int64) * stride_xc + pixel)[None, :],
                           mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        weight = _effective_weight_tile(w_ptr, delta_ptr, resize_tile, c0, offs_d, C, D, KK, PP,
-                                        stride_wd, stride_wc, stride_wi, stride_ed, stride_ec,
-                                        stride_ej, RESIZE, HAS_DELTA, BLOCK_C, KI_PAD, PP_PAD)
+        weight = _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
+                                        stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
+                                        stride_ed, stride_ec, stride_ej, RESIZE, HAS_DELTA, False,
+                                        BLOCK_C, KI_PAD, PP_PAD)
         if FP32_DOT:
-            acc += tl.dot(patches.to(tl.float32), weight, input_precision="ieee")
+            acc += tl.dot(patches.to(tl.float32), weight, input_precision="tf32x3")
         else:
             acc += tl.dot(patches, weight.to(patches.dtype))
 
@@ -214,8 +243,11 @@ def _tokens_to_image_kernel(
     FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # A 1-D grid with channel blocks fastest: programs sharing a token tile run together (L2
+    # reuse), and the token-tile count is not bound by grid axis 1's limit of 65535.
+    pid = tl.program_id(0)
+    pid_c = pid % tl.cdiv(C, BLOCK_C)
+    pid_m = pid // tl.cdiv(C, BLOCK_C)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     n = offs_m // T
@@ -225,7 +257,6 @@ def _tokens_to_image_kernel(
     c = c0 + offs_k // PP_PAD
     j = offs_k % PP_PAD
     mask_k = (c < C) & (j < PP)
-    resize_tile = _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP, RESIZE, BLOCK_C, KI_PAD, PP_PAD)
 
     acc = tl.zeros((BLOCK_M, BLOCK_C * PP_PAD), dtype=tl.float32)
     token_row = n * stride_tn + t * stride_tt
@@ -233,17 +264,20 @@ def _tokens_to_image_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         tokens = tl.load(tokens_ptr + token_row[:, None] + offs_d[None, :] * stride_td,
                          mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
-        weight = _effective_weight_tile(w_ptr, delta_ptr, resize_tile, c0, offs_d, C, D, KK, PP,
-                                        stride_wd, stride_wc, stride_wi, stride_ed, stride_ec,
-                                        stride_ej, RESIZE, HAS_DELTA, BLOCK_C, KI_PAD, PP_PAD)
+        weight = _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
+                                        stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
+                                        stride_ed, stride_ec, stride_ej, RESIZE, HAS_DELTA, True,
+                                        BLOCK_C, KI_PAD, PP_PAD)
         if FP32_DOT:
-            acc += tl.dot(tokens.to(tl.float32), tl.trans(weight), input_precision="ieee")
+            acc += tl.dot(tokens.to(tl.float32), weight, input_precision="tf32x3")
         else:
-            acc += tl.dot(tokens, tl.trans(weight.to(tokens.dtype)))
+            acc += tl.dot(tokens, weight.to(tokens.dtype))
 
     if HAS_BIAS:
         if RESIZE:
             # The bias is resized like one more stored row: b_eff[c, j] = sum_i b[c, i] P[i, j].
+            resize_tile = _resize_tile(p_ptr, stride_pi, stride_pj, KK, PP, RESIZE, False, BLOCK_C,
+                                       KI_PAD, PP_PAD)
             offs_ki = tl.arange(0, BLOCK_C * KI_PAD)
             c_in = c0 + offs_ki // KI_PAD
             i = offs_ki % KI_PAD
@@ -275,6 +309,48 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or triton_interpreting()
 
 
+def _num_warps(*tile_elements: int) -> int:
+    # Past ~8K live fp32 tile elements (the stored rows and the resize tile included) 4 warps
+    # spill (ptxas -res-usage, sm_90); use 8.
+    return 8 if sum(tile_elements) > 8192 else 4
+
+
+def _block_m(m: int, other_blocks: int) -> int:
+    """64 tokens per program, fewer (down to tl.dot's 16) until the grid has >= 512 programs:
+    these ops are memory-bound, so every SM needs several programs in flight."""
+    block_m = 64
+    while block_m > _MIN_DOT and triton.cdiv(m, block_m) * other_blocks < 512:
+        block_m //= 2
+    return block_m
+
+
+def image_to_tokens_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps of `_image_to_tokens_kernel` for M tokens (one config, no autotune:
+    the interpreter cannot autotune, and the op is memory-bound at DiT sizes)."""
+    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64)
+    block_k = block_c * pp_pad
+    block_d = min(128, max(_MIN_DOT, _next_pow2(weight.features)))
+    if weight.resize is not None and block_c * ki_pad > 64:
+        block_d = min(block_d, 64)
+    block_m = _block_m(m, triton.cdiv(weight.features, block_d))
+    resize = block_c * ki_pad * (block_d + block_k) if weight.resize is not None else 0
+    return dict(FP32_DOT=_fp32_dot(dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
+                KI_PAD=ki_pad, PP_PAD=pp_pad,
+                num_warps=_num_warps(block_m * block_d, block_m * block_k, block_k * block_d, resize))
+
+
+def tokens_to_image_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps of `_tokens_to_image_kernel` for M tokens."""
+    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=128)
+    block_m = _block_m(m, triton.cdiv(weight.channels, block_c))
+    block_k = block_c * pp_pad
+    block_d = 64 if weight.resize is None or block_c * ki_pad <= 64 else 32
+    resize = block_c * ki_pad * (block_d + block_k) if weight.resize is not None else 0
+    return dict(FP32_DOT=_fp32_dot(dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
+                KI_PAD=ki_pad, PP_PAD=pp_pad,
+                num_warps=_num_warps(block_m * block_k, block_m * block_d, block_k * block_d, resize))
+
+
 def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Tensor,
                     bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
                     size_embed: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,10 +367,8 @@ def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Ten
     m = n * tokens
     if m == 0 or d == 0:
         return out
-    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64)
-    block_m = 64 if m > 32 else 32
-    block_d = min(128, max(_MIN_DOT, _next_pow2(d))) if block_c * ki_pad <= 64 else 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(d, block_d))
+    meta = image_to_tokens_meta(weight, m, image.dtype)
+    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))
     pointers, weight_strides = weight.kernel_args()
     pos_strides = pos_embed.stride() if pos_embed is not None else (0, 0)
     _image_to_tokens_kernel[grid](
@@ -303,8 +377,7 @@ def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Ten
         *image.stride(), *weight_strides, *pos_strides, *out.stride(),
         RESIZE=weight.resize is not None, HAS_DELTA=weight.delta is not None,
         HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_SIZE=size_embed is not None,
-        FP32_DOT=_fp32_dot(image.dtype), BLOCK_M=block_m, BLOCK_D=block_d,
-        BLOCK_C=block_c, KI_PAD=ki_pad, PP_PAD=pp_pad, num_warps=4,
+        **meta,
     )
     return out
 
@@ -326,17 +399,14 @@ def tokens_to_image(tokens: torch.Tensor, weight: EffectiveWeight, out: torch.Te
     m = n * num_tokens
     if m == 0 or c == 0:
         return out
-    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=128)
-    block_m = 64 if m > 32 else 32
-    block_d = 64 if block_c * ki_pad <= 128 else 32
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+    meta = tokens_to_image_meta(weight, m, tokens.dtype)
+    grid = (triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(m, meta["BLOCK_M"]),)
     pointers, weight_strides = weight.kernel_args()
     _tokens_to_image_kernel[grid](
         tokens, *pointers, _or(bias, out), out,
         m, num_tokens, grid_w, c, d, kh * kw, ph * pw, ph, pw,
         *tokens.stride(), *weight_strides, *bias_strides, *out.stride(),
         RESIZE=weight.resize is not None, HAS_DELTA=weight.delta is not None,
-        HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(tokens.dtype), BLOCK_M=block_m,
-        BLOCK_D=block_d, BLOCK_C=block_c, KI_PAD=ki_pad, PP_PAD=pp_pad, num_warps=4,
+        HAS_BIAS=bias is not None, **meta,
     )
     return out
