@@ -460,7 +460,7 @@ def latte_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lo
                 caption_channels=cfg.caption_channels, text_len=text_len,
                 learn_sigma=out_channels == 2 * cfg.in_channels,
                 interpolation_scale=module.pos_embed.interpolation_scale, norm_eps=cfg.norm_eps)
-    key = size_key(model.original_patch_size)
+    key = "x".join(map(str, model.original_patch_size))   # video_key
     ours = _text_common_state(state, key)
     # Latte embeds each frame with a Conv2d; flexikern's 3-D kernel has a temporal extent of 1.
     ours["x_embedder.weight." + key] = ours["x_embedder.weight." + key][:, :, None]

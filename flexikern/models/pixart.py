@@ -32,7 +32,8 @@ from flexikern.flexi.resize import as_size
 from flexikern.models.dit import ADAPTERS, Attention, Mlp, TimestepEmbedder, modulate, per_token
 from flexikern.runtime.packing import Packing
 
-__all__ = ["TextCondition", "FlexiPixArt", "PIXART_CONFIGS", "flexify_", "MASK_BIAS"]
+__all__ = ["TextCondition", "TextConditioned", "FlexiPixArt", "PIXART_CONFIGS", "flexify_", "MASK_BIAS",
+           "as_text_condition", "text_model_flops"]
 
 # diffusers turns a 0/1 text mask into this additive bias (not -inf: a fully masked row stays finite).
 MASK_BIAS = -10000.0
@@ -242,7 +243,8 @@ class PixArtFinalLayer(nn.Module):
         return self.linear(self.modulated(x, t_emb, key), key, size)
 
 
-def flexify_(model: nn.Module, sizes: tuple, embedders: list[nn.Module], adapter: str, lora_rank: int) -> None:
+def flexify_(model: nn.Module, keys: list[str], original: str, embedders: list[nn.Module], adapter: str,
+             lora_rank: int) -> None:
     """The adapters of a text-conditioned model (PixArt, Latte), in place.
 
     "lora": everything frozen; per weak size LoRA on every `LoRALinear` (self-attention, MLP), its
@@ -250,12 +252,11 @@ def flexify_(model: nn.Module, sizes: tuple, embedders: list[nn.Module], adapter
     no LoRA, frozen (the paper's T2I/video recipe). "shared": all trainable, one kernel, per-size
     norm affines.
     """
-    original = model.original_patch_size
-    weak = [size_key(p) for p in sizes if p != original]
+    weak = [k for k in keys if k != original]
     if adapter == "shared":
         for norm in (m for m in model.modules() if isinstance(m, SizeLayerNorm)):
-            for p in sizes:
-                norm.add_affine(size_key(p), device=model.t_block[1].weight.device,
+            for key in keys:
+                norm.add_affine(key, device=model.t_block[1].weight.device,
                                 dtype=model.t_block[1].weight.dtype)
         return
     for param in model.parameters():
@@ -281,7 +282,38 @@ def check_timesteps(t, n: int, device) -> torch.Tensor:
     return t.to(device)
 
 
-class FlexiPixArt(nn.Module):
+class TextConditioned:
+    """What PixArt and Latte share: text conditions, the null caption, the adaLN-single conditioning."""
+
+    caption_channels: int
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def null_condition(self, y) -> TextCondition:
+        """The guidance branch's condition for `y`'s batch: the learned null caption."""
+        return self.y_embedder.null(len(as_text_condition(y))).to(self.y_embedder.y_embedding.device)
+
+    def check_condition(self, y, n: int | None = None, device=None) -> TextCondition:
+        """Validate text conditions: (n, L, caption_channels) embeddings, an (n, L) mask, L >= 1."""
+        cond = as_text_condition(y)
+        if n is not None and len(cond) != n:
+            raise ValueError(f"y: {len(cond)} text embeddings for a batch of {n}")
+        if cond.embeds.shape[2] != self.caption_channels:
+            raise ValueError(f"y: text embeddings have {cond.embeds.shape[2]} channels, but the model's "
+                             f"caption_channels={self.caption_channels}")
+        if cond.embeds.shape[1] < 1:
+            raise ValueError("y: expected at least one text token (L >= 1)")
+        return cond.to(device) if device is not None else cond
+
+    def _conditioning(self, t: torch.Tensor, cond: TextCondition):
+        """(timestep embedding (N, D), adaLN-single output (N, 6D), text tokens (N, L, D), mask bias)."""
+        t_emb = self.t_embedder(t)
+        text, bias = self.y_embedder(cond)
+        return t_emb, self.t_block(t_emb), text, bias
+
+
+class FlexiPixArt(TextConditioned, nn.Module):
     """PixArt-alpha (adaLN-single, cross-attention to text) runnable at any configured patch size.
 
     `forward(x, t, y, patch_size)` with `y` a `TextCondition` (or embeddings (N, L, C_text), or an
@@ -375,28 +407,9 @@ class FlexiPixArt(nn.Module):
         shared = adapter == "shared"
         self.x_embedder.flexify(self.original_patch_size, list(sizes), shared)
         self.final_layer.linear.flexify(self.original_patch_size, list(sizes), shared)
-        flexify_(self, sizes, [self.x_embedder, self.final_layer.linear], adapter, lora_rank)
+        flexify_(self, [size_key(p) for p in sizes], size_key(self.original_patch_size),
+                 [self.x_embedder, self.final_layer.linear], adapter, lora_rank)
         return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    # ------------------------------------------------------------------ conditions
-    def null_condition(self, y) -> TextCondition:
-        """The guidance branch's condition for `y`'s batch: the learned null caption."""
-        return self.y_embedder.null(len(as_text_condition(y))).to(self.y_embedder.y_embedding.device)
-
-    def check_condition(self, y, n: int | None = None, device=None) -> TextCondition:
-        """Validate text conditions: (n, L, caption_channels) embeddings, an (n, L) mask, L >= 1."""
-        cond = as_text_condition(y)
-        if n is not None and len(cond) != n:
-            raise ValueError(f"y: {len(cond)} text embeddings for a batch of {n}")
-        if cond.embeds.shape[2] != self.caption_channels:
-            raise ValueError(f"y: text embeddings have {cond.embeds.shape[2]} channels, but the model's "
-                             f"caption_channels={self.caption_channels}")
-        if cond.embeds.shape[1] < 1:
-            raise ValueError("y: expected at least one text token (L >= 1)")
-        return cond.to(device) if device is not None else cond
 
     # ------------------------------------------------------------------ forward
     def _patch(self, patch_size) -> tuple[int, int]:
@@ -426,11 +439,6 @@ class FlexiPixArt(nn.Module):
         grid = (size[0] // patch[0], size[1] // patch[1])
         return sincos_2d_scaled(self.config["hidden_size"], grid, (patch[0] / o[0], patch[1] / o[1]),
                                 self.base_size, self.config["interpolation_scale"], device=device, dtype=dtype)
-
-    def _conditioning(self, t: torch.Tensor, cond: TextCondition):
-        t_emb = self.t_embedder(t)
-        text, bias = self.y_embedder(cond)
-        return t_emb, self.t_block(t_emb), text, bias
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y, patch_size: int | tuple[int, int] | None = None
                 ) -> torch.Tensor:
