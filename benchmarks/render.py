@@ -92,7 +92,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
 
     batches = sorted({r["batch"] for r in e2e})
     providers = list(dict.fromkeys(r["provider"] for r in e2e))
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(6.0, 4.5 * len(batches)), 3.8), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         found = {r["provider"]: r for r in e2e if r["batch"] == batch}
         names = [p for p in providers if p in found]
@@ -107,7 +107,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         ax.invert_yaxis()
     device = meta.get("device", "?")
     label = " (CPU, toy sizes)" if device == "cpu" else ""
-    fig.suptitle(f"{e2e[0]['model']} sampling throughput on {device}{label}, bars: median, whiskers: q1-q3")
+    fig.suptitle(f"{e2e[0]['model']} sampling throughput on {device}{label}\n"
+                 f"bars: median, whiskers: q1-q3", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
