@@ -93,9 +93,10 @@ def deembed_inputs(kernel, patch, dtype=torch.float32, n=2, c=3, d=7, grid=(2, 3
                 kernel_size=kernel, patch_size=patch, size=size)
 
 
-def as_fp32_leaves(inputs):
-    """The same values in fp32, detached: the reference's ground truth for 16-bit runs."""
-    return {k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+def as_reference_leaves(inputs):
+    """The same values in float64, detached: the reference's ground truth. (float64 also keeps
+    cuDNN/cuBLAS TF32 out of the reference on GPU.)"""
+    return {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
             for k, v in inputs.items()}
 
 
@@ -105,54 +106,60 @@ def run_triton(op, inputs):
         return getattr(ops, op)(**inputs)
 
 
+REFERENCES = {"patch_embed": patch_embed_reference, "de_embed": de_embed_reference}
+
+
+def check_forward(op, inputs, dtype=torch.float32):
+    """The Triton op's output vs the float64 reference; returns the output."""
+    out = run_triton(op, inputs)
+    assert_close(out, REFERENCES[op](**as_reference_leaves(inputs)), dtype)
+    return out
+
+
 # ---------------------------------------------------------------------------------- patch_embed
 
 
 @pytest.mark.parametrize("kernel,patch", RESIZE_CASES, ids=str)
 def test_patch_embed_every_patch_size(kernel, patch):
     inputs = embed_inputs(kernel, patch)
-    assert_close(run_triton("patch_embed", inputs), patch_embed_reference(**inputs), torch.float32)
+    check_forward("patch_embed", inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kernel,patch", FEW_CASES, ids=str)
 def test_patch_embed_half_precision(kernel, patch, dtype):
     inputs = embed_inputs(kernel, patch, dtype=dtype)
-    out = run_triton("patch_embed", inputs)
-    assert out.dtype == dtype
-    assert_close(out, patch_embed_reference(**as_fp32_leaves(inputs)), dtype)
+    assert check_forward("patch_embed", inputs, dtype).dtype == dtype
 
 
 @pytest.mark.parametrize("kernel,patch", FEW_CASES, ids=str)
 def test_patch_embed_channels_last_and_no_extras(kernel, patch):
     inputs = embed_inputs(kernel, patch, channels_last=True)
-    assert_close(run_triton("patch_embed", inputs), patch_embed_reference(**inputs), torch.float32)
+    check_forward("patch_embed", inputs)
     bare = embed_inputs(kernel, patch, extras=False)
     bare["bias"] = None
-    assert_close(run_triton("patch_embed", bare), patch_embed_reference(**bare), torch.float32)
+    check_forward("patch_embed", bare)
 
 
 def test_patch_embed_several_tiles_and_promoted_output():
     # More tokens than BLOCK_M, more features than BLOCK_D, more channels than one K-tile.
     inputs = embed_inputs((2, 2), (4, 4), n=3, c=5, d=150, grid=(5, 5))
-    assert_close(run_triton("patch_embed", inputs), patch_embed_reference(**inputs), torch.float32)
+    check_forward("patch_embed", inputs)
     # bf16 latent with an fp32 positional table: the output is fp32, as in the reference.
     half = embed_inputs((4, 4), (2, 2), dtype=torch.bfloat16)
     half["pos_embed"] = half["pos_embed"].float()
-    out = run_triton("patch_embed", half)
-    assert out.dtype == torch.float32
-    assert_close(out, patch_embed_reference(**as_fp32_leaves(half)), torch.bfloat16)
+    assert check_forward("patch_embed", half, torch.bfloat16).dtype == torch.float32
 
 
 GRAD_CASES = [((4, 4), (2, 2)), ((2, 2), (2, 2)), ((8, 8), (3, 5)), ((4, 4), (1, 1)),
               ((4, 4), (8, 8))]
 
 
-def check_grads(op, reference, inputs, dtype, channels_last=False):
-    """Outputs and every input gradient of the Triton op vs the fp32 reference's autograd."""
-    ref_inputs = as_fp32_leaves(inputs)
+def check_grads(op, inputs, dtype, channels_last=False):
+    """Outputs and every input gradient of the Triton op vs the float64 reference's autograd."""
+    ref_inputs = as_reference_leaves(inputs)
     out = run_triton(op, inputs)
-    expected = reference(**ref_inputs)
+    expected = REFERENCES[op](**ref_inputs)
     assert_close(out, expected, dtype, "output")
     grad = torch.randn_like(expected)
     out.backward(grad.to(out.dtype))
@@ -168,14 +175,13 @@ def check_grads(op, reference, inputs, dtype, channels_last=False):
 
 @pytest.mark.parametrize("kernel,patch", GRAD_CASES, ids=str)
 def test_patch_embed_gradients(kernel, patch):
-    check_grads("patch_embed", patch_embed_reference,
-                embed_inputs(kernel, patch, requires_grad=True), torch.float32)
+    check_grads("patch_embed", embed_inputs(kernel, patch, requires_grad=True), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_patch_embed_gradients_half_precision_channels_last(dtype):
     inputs = embed_inputs((4, 4), (2, 2), dtype=dtype, channels_last=True, requires_grad=True)
-    check_grads("patch_embed", patch_embed_reference, inputs, dtype, channels_last=True)
+    check_grads("patch_embed", inputs, dtype, channels_last=True)
 
 
 def test_patch_embed_gradients_only_some_inputs():
@@ -183,7 +189,7 @@ def test_patch_embed_gradients_only_some_inputs():
     inputs = embed_inputs((4, 4), (2, 2))
     inputs["x"].requires_grad_(True)
     inputs["weight_delta"].requires_grad_(True)
-    check_grads("patch_embed", patch_embed_reference, inputs, torch.float32)
+    check_grads("patch_embed", inputs, torch.float32)
 
 
 # ------------------------------------------------------------------------------------- de_embed
@@ -192,16 +198,14 @@ def test_patch_embed_gradients_only_some_inputs():
 @pytest.mark.parametrize("kernel,patch", RESIZE_CASES, ids=str)
 def test_de_embed_every_patch_size(kernel, patch):
     inputs = deembed_inputs(kernel, patch)
-    assert_close(run_triton("de_embed", inputs), de_embed_reference(**inputs), torch.float32)
+    check_forward("de_embed", inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kernel,patch", FEW_CASES, ids=str)
 def test_de_embed_half_precision(kernel, patch, dtype):
     inputs = deembed_inputs(kernel, patch, dtype=dtype)
-    out = run_triton("de_embed", inputs)
-    assert out.dtype == dtype
-    assert_close(out, de_embed_reference(**as_fp32_leaves(inputs)), dtype)
+    assert check_forward("de_embed", inputs, dtype).dtype == dtype
 
 
 def test_de_embed_strided_tokens_no_bias_several_tiles():
@@ -209,19 +213,18 @@ def test_de_embed_strided_tokens_no_bias_several_tiles():
     # Tokens as a strided view (every other feature of a wider tensor), and no bias.
     inputs["x"] = randn(3, 25, 300)[:, :, ::2]
     inputs["bias"] = None
-    assert_close(run_triton("de_embed", inputs), de_embed_reference(**inputs), torch.float32)
+    check_forward("de_embed", inputs)
 
 
 @pytest.mark.parametrize("kernel,patch", GRAD_CASES, ids=str)
 def test_de_embed_gradients(kernel, patch):
-    check_grads("de_embed", de_embed_reference, deembed_inputs(kernel, patch, requires_grad=True),
-                torch.float32)
+    check_grads("de_embed", deembed_inputs(kernel, patch, requires_grad=True), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_de_embed_gradients_half_precision(dtype):
     inputs = deembed_inputs((4, 4), (2, 2), dtype=dtype, requires_grad=True)
-    check_grads("de_embed", de_embed_reference, inputs, dtype)
+    check_grads("de_embed", inputs, dtype)
 
 
 # ------------------------------------------------------------------------------------- dispatch
@@ -327,7 +330,7 @@ def test_dit_xl_shapes_on_gpu(patch):
     # Batch 64, 4x32x32 latent, D=1152, stored 4x4 kernel; int64 offsets are exercised at N=64.
     embed = embed_inputs((4, 4), patch, dtype=torch.bfloat16, n=64, c=4, d=1152,
                          grid=(32 // patch[0], 32 // patch[1]), requires_grad=True)
-    check_grads("patch_embed", patch_embed_reference, embed, torch.bfloat16)
+    check_grads("patch_embed", embed, torch.bfloat16)
     deembed = deembed_inputs((4, 4), patch, dtype=torch.bfloat16, n=64, c=8, d=1152,
                              grid=(32 // patch[0], 32 // patch[1]), requires_grad=True)
-    check_grads("de_embed", de_embed_reference, deembed, torch.bfloat16)
+    check_grads("de_embed", deembed, torch.bfloat16)
