@@ -480,7 +480,15 @@ def _add_training_parsers(subparsers: Any) -> None:
     add_finetune_parser(subparsers)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_sample_parser, add_flops_parser, _add_training_parsers]
+def _add_evaluation_parsers(subparsers: Any) -> None:
+    """`eval` and `demo` (flexikern.evaluate)."""
+    from flexikern.evaluate import add_demo_parser, add_eval_parser
+    add_eval_parser(subparsers)
+    add_demo_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_sample_parser, add_flops_parser, _add_training_parsers,
+                                            _add_evaluation_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,12 +140,16 @@ class Schedule:
 
     @classmethod
     def for_budget(cls, model: Any, steps: int, budget: float, guidance: bool = True,
-                   weak: int | Size | None = None, powerful: int | Size | None = None) -> Schedule:
+                   weak: int | Size | None = None, powerful: int | Size | None = None,
+                   equal_branches: bool = False) -> Schedule:
         """The weak-first schedule with the most powerful steps whose relative FLOPs <= `budget`.
 
         Searches every (conditional, guidance) weak-step pair with guidance weak >= conditional weak;
         ties go to the schedule with more powerful conditional steps. `powerful` defaults to the
         model's original patch size, `weak` to the next larger of its patch sizes (by area).
+        `equal_branches=True` searches only "x/x" schedules, whose two branches share a size at every
+        step and so run as ONE batched forward: fewer powerful steps for the budget, but no step
+        with two smaller forwards of different sizes (slower per FLOP at small batch sizes).
         """
         steps = _check_steps(steps)
         if not isinstance(budget, (int, float)) or not budget > 0:
@@ -167,7 +171,7 @@ class Schedule:
         limit = budget * steps * f_pow * branches
         best = None
         for wc in range(steps + 1):
-            for wg in (range(wc, steps + 1) if guidance else (wc,)):
+            for wg in (range(wc, steps + 1) if guidance and not equal_branches else (wc,)):
                 cost = (wc * f_weak + (steps - wc) * f_pow
                         + (wg * f_weak + (steps - wg) * f_pow if guidance else 0))
                 if cost > limit * (1 + 1e-12):
@@ -181,6 +185,14 @@ class Schedule:
                              f"(all steps at weak={weak}) costs {lowest:.3f} of the static schedule. Raise "
                              f"the budget to at least {lowest:.3f} or add a weaker patch size")
         return cls.weak_first(steps, best[1], weak, powerful, guidance_weak_steps=best[2])
+
+    @classmethod
+    def calibrate(cls, model: Any, steps: int, budget: float | None = None, tolerance: float | None = None,
+                  **kwargs: Any) -> Schedule:
+        """Weak steps where the weak prediction is measured closest to the powerful one (within
+        `budget` relative FLOPs, or every step with gap <= `tolerance`); see flexikern.evaluate.calibrate."""
+        from flexikern.evaluate import calibrate
+        return calibrate(model, steps, budget=budget, tolerance=tolerance, **kwargs)
 
     # -- properties ---------------------------------------------------------------------------
 

@@ -1,0 +1,316 @@
+"""One training loop for pre-training, shared fine-tuning and LoRA distillation.
+
+Recipes (`TrainConfig.recipe`):
+
+* "pretrain": DiT's diffusion loss at the original patch size (`flexikern train`);
+* "shared":   the same loss with a random patch size per sample among `model.patch_sizes`
+              (FlexiDiT's class-conditional recipe; all weights train);
+* "distill":  `||eps_powerful(x_t) - eps_weak(x_t)||^2` at a random WEAK patch size per sample,
+              the target from the frozen original at its own size (FlexiDiT's LoRA recipe; with
+              `adapter="lora"` the model's powerful mode IS the frozen original, otherwise a
+              frozen copy is taken at the start).
+
+Each step draws, from one CPU `torch.Generator` (state checkpointed), the GLOBAL batch's
+timesteps, noise, label dropout (to the null class `num_classes`) and patch sizes; process r of W
+takes rows [r B/W, (r+1) B/W) and computes its rows' losses grouped by patch size (samples with
+the same size run as one forward). Losses are summed and divided by the global batch size, the
+gradients are summed over processes (one all-reduce of a flat buffer), so 1 or W processes do
+the same math up to float summation order. AdamW, gradient clipping, an EMA of the weights, bf16
+autocast on CUDA, optional gradient checkpointing.
+
+Checkpoints (`<out>/checkpoint.pt`) hold model, EMA, optimiser, step and every RNG state (the
+trainer's generator, torch, numpy, python); they are written to a temporary file and renamed, so
+a crash never leaves a half-written checkpoint, and loaded with `weights_only=True`. Resuming
+continues bit for bit: the data order is a function of the step (`BatchOrder`). The log is
+`<out>/log.jsonl` (one line per `log_every` steps: loss overall and per patch size).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flexikern.diffusion import GaussianDiffusion
+from flexikern.flexi.layers import size_key
+from flexikern.train.data import BatchOrder, TensorData
+from flexikern.train.losses import diffusion_loss, distillation_loss
+
+__all__ = ["TrainConfig", "train", "EMA", "save_checkpoint", "load_checkpoint", "RECIPES"]
+
+RECIPES = ("pretrain", "shared", "distill")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (stored in the checkpoint and in `<out>/train_config.json`)."""
+
+    out_dir: str
+    recipe: str = "pretrain"
+    steps: int = 1000
+    batch_size: int = 64            # global: split evenly over processes
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0          # max global grad norm; <= 0 disables
+    ema_decay: float = 0.9999
+    class_dropout: float = 0.1      # labels replaced by the null class (classifier-free guidance)
+    distill_sigma: bool = True      # distillation: also match the variance channels (learn_sigma)
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None    # stop (as if killed) after this step, without a final export
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r}: expected one of {RECIPES}")
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive int")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"class_dropout={self.class_dropout!r}: expected a probability in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay!r}: expected a value in [0, 1)")
+
+
+class EMA:
+    """Exponential moving average of a model's trainable parameters (DiT's `update_ema`)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema = dict(self.model.named_parameters())
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                ema[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    s = state["numpy"]
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """torch.save to `<path>.tmp`, fsync, then `os.replace`: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`, loaded with `weights_only=True`."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------- distributed
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return _world()
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Sum gradients over processes: one all-reduce of one flat buffer."""
+    if world == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+# ---------------------------------------------------------------------------------- the loop
+def _sizes_for(recipe: str, model: torch.nn.Module) -> list[tuple[int, int]]:
+    if recipe == "pretrain":
+        return [model.original_patch_size]
+    if recipe == "shared":
+        return list(model.patch_sizes)
+    weak = [p for p in model.patch_sizes if p != model.original_patch_size]
+    if not weak:
+        raise ValueError("recipe='distill' needs a flexible model with a weak patch size "
+                         f"(model.patch_sizes={list(model.patch_sizes)}); call model.flexify first")
+    return weak
+
+
+def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume: bool = True,
+          device: str | torch.device | None = None) -> torch.nn.Module:
+    """Run (or resume) `config` on `model` with `data`; returns the EMA model.
+
+    At the end, rank 0 writes `<out>/ema/` and `<out>/model/` with `save_pretrained`.
+    """
+    rank, world = _world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(config.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    sizes = _sizes_for(config.recipe, model)
+    if data.x.shape[1:] != (model.in_channels, model.input_size, model.input_size):
+        raise ValueError(f"data: images are {tuple(data.x.shape[1:])} but the model expects "
+                         f"{(model.in_channels, model.input_size, model.input_size)}")
+    if int(data.y.max()) >= model.num_classes:
+        raise ValueError(f"data: label {int(data.y.max())} >= model.num_classes={model.num_classes}")
+
+    model.to(device).train()
+    model.gradient_checkpointing = config.gradient_checkpointing
+    params = model.trainable_parameters()
+    teacher = None
+    if config.recipe == "distill" and getattr(model, "adapter", None) != "lora":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)    # the frozen original
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(model, config.ema_decay)
+    diffusion = GaussianDiffusion.dit(1000)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = BatchOrder(len(data), config.seed)
+    null_class = model.num_classes
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+
+    start = 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        _set_rng_state(ckpt["rng"], generator)
+        start = int(ckpt["step"])
+        if rank == 0 and log_path.exists():      # drop log lines written after the checkpoint
+            lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            log_path.write_text("".join(ln + "\n" for ln in lines))
+    elif rank == 0:
+        log_path.write_text("")
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    b_local = config.batch_size // world
+    lo, hi = rank * b_local, (rank + 1) * b_local
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stop = config.steps if config.max_steps is None else min(config.steps, config.max_steps)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=config.steps, initial=start, disable=not config.progress or rank != 0,
+               desc=f"{config.recipe}", dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    t_last = time.time()
+    for step in range(start, stop):
+        # The global batch's randomness, identical on every process.
+        x0, y = data[order.indices(step, config.batch_size)]
+        t = torch.randint(0, diffusion.num_timesteps, (config.batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        drop = torch.rand(config.batch_size, generator=generator) < config.class_dropout
+        which = torch.randint(0, len(sizes), (config.batch_size,), generator=generator)
+        y = torch.where(drop, torch.full_like(y, null_class), y)
+        x0, y, t, noise, which = (v[lo:hi].to(device) for v in (x0, y, t, noise, which))
+        x_t = diffusion.q_sample(x0, t, noise)
+
+        for lr_group in opt.param_groups:
+            lr_group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        opt.zero_grad(set_to_none=False)     # zeros, not None: every process reduces every grad
+        stats = torch.zeros(len(sizes), 2, dtype=torch.float64)   # (sum of losses, count) per size
+        for i, patch in enumerate(sizes):
+            rows = (which == i).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            xs, ts, ys = x_t[rows], t[rows], y[rows]
+            with autocast:
+                out_student = model(xs, ts, ys, patch_size=patch)
+                if config.recipe == "distill":
+                    with torch.no_grad():
+                        src = teacher if teacher is not None else model
+                        target = src(xs, ts, ys, patch_size=model.original_patch_size)
+                    losses = distillation_loss(out_student, target, model.in_channels, config.distill_sigma)
+                else:
+                    losses = diffusion_loss(out_student, x0[rows], xs, ts, noise[rows], diffusion)
+            (losses.sum() / config.batch_size).backward()
+            stats[i] += torch.tensor([losses.detach().double().sum().item(), rows.numel()])
+        _all_reduce_grads(params, world)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0
+                     else torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params)))
+        opt.step()
+        ema.update(model)
+
+        if world > 1:
+            dist.all_reduce(stats)
+        for i, patch in enumerate(sizes):
+            if stats[i, 1] > 0:
+                window.setdefault(f"loss_{size_key(patch)}", []).append(float(stats[i, 0] / stats[i, 1]))
+        window.setdefault("loss", []).append(float(stats[:, 0].sum() / stats[:, 1].sum()))
+        window.setdefault("grad_norm", []).append(float(grad_norm))
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            now = time.time()
+            row = {"step": done, **{k: sum(v) / len(v) for k, v in window.items()},
+                   "lr": opt.param_groups[0]["lr"], "it_s": len(window["loss"]) / max(now - t_last, 1e-9)}
+            window, t_last = {}, now
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if done % config.ckpt_every == 0 or done == config.steps:
+            if rank == 0:
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.model.state_dict(),
+                                            "opt": opt.state_dict(), "step": done,
+                                            "rng": _rng_state(generator),
+                                            "config": dataclasses.asdict(config)})
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if stop == config.steps and rank == 0:
+        ema.model.save_pretrained(out / "ema")
+        model.save_pretrained(out / "model")
+    return ema.model
+
+
+def lr_is_finite(value: float) -> bool:  # pragma: no cover - tiny helper for CLI validation
+    return math.isfinite(value) and value > 0
