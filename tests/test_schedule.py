@@ -111,6 +111,13 @@ def test_for_budget_is_the_best_weak_first_schedule(budget, guidance):
         assert s == Schedule.static(steps, 2)
 
 
+def test_for_budget_equal_branches():
+    m = CostModel()
+    s = Schedule.for_budget(m, 10, 0.6, equal_branches=True)
+    assert s.cond == s.guidance and s.notation == "4/4"   # (4 + 6 * 0.245) / 10 = 0.547; 5/5 costs 0.62
+    assert Schedule.for_budget(m, 10, 0.6).notation == "9/0"   # more powerful steps, sizes differ per step
+
+
 def test_for_budget_errors_and_weak_choice():
     m = CostModel()
     with pytest.raises(ValueError, match="no weak-first schedule.*0.245"):
