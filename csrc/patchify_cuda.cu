@@ -33,54 +33,50 @@ patch_tiles_kernel(const T* __restrict__ src, T* __restrict__ dst, PatchGeometry
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* buf = reinterpret_cast<T*>(smem_raw);
   using V = Pack<T, VEC>;
-  const int64_t d = g.features();
-  // Step in `buf` from pixel (.., kp, c) to (.., kp + 1, c), and from the last kp of a patch to
-  // the first of the next patch in the row.
-  const int64_t step_kp = g.c;
-  const int64_t step_patch = d - (g.pw - 1) * g.c;
+  const int32_t d = static_cast<int32_t>(g.features());
+  const int32_t pw = static_cast<int32_t>(g.pw);
 
   for (int64_t tile_id = blockIdx.x; tile_id < num_tiles; tile_id += gridDim.x) {
     const PatchTile t = plan.tile(g, tile_id);
-    const int64_t row_vecs = tile_row_length(g, t) / VEC;
-    const int64_t image_vecs = tile_image_rows(g, t) * row_vecs;
-    const int64_t token_vecs = t.tile_tokens() * d / VEC;
+    // 32-bit inside the tile (see PatchTile).
+    const int32_t row_vecs = tile_row_length(g, t) / VEC;
+    const int32_t image_vecs = tile_image_rows(g, t) * row_vecs;
+    const int32_t token_vecs = t.tile_tokens() * d / VEC;
 
     if (kToTokens) {
-      for (int64_t v = threadIdx.x; v < image_vecs; v += blockDim.x) {
-        const int64_t row = v / row_vecs, col = (v % row_vecs) * VEC;
+      for (int32_t v = threadIdx.x; v < image_vecs; v += blockDim.x) {
+        const int32_t row = v / row_vecs, col = (v % row_vecs) * VEC;
         const V pixels = *reinterpret_cast<const V*>(src + tile_image_offset(g, t, row, col));
-        int64_t at = tile_token_index(g, t, row, col);
-        int64_t kp = col % g.pw;
+        int32_t at = tile_token_index(g, t, row, col);
+        int32_t kp = col % pw;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           buf[at] = pixels.v[k];
-          at += (++kp == g.pw) ? step_patch : step_kp;
-          kp = kp == g.pw ? 0 : kp;
+          at += tile_token_step(g, kp);
         }
       }
       __syncthreads();
-      for (int64_t v = threadIdx.x; v < token_vecs; v += blockDim.x) {
-        const int64_t i = v * VEC;
+      for (int32_t v = threadIdx.x; v < token_vecs; v += blockDim.x) {
+        const int32_t i = v * VEC;
         *reinterpret_cast<V*>(dst + tile_token_offset(g, t, i)) =
             *reinterpret_cast<const V*>(buf + i);
       }
     } else {
-      for (int64_t v = threadIdx.x; v < token_vecs; v += blockDim.x) {
-        const int64_t i = v * VEC;
+      for (int32_t v = threadIdx.x; v < token_vecs; v += blockDim.x) {
+        const int32_t i = v * VEC;
         *reinterpret_cast<V*>(buf + i) =
             *reinterpret_cast<const V*>(src + tile_token_offset(g, t, i));
       }
       __syncthreads();
-      for (int64_t v = threadIdx.x; v < image_vecs; v += blockDim.x) {
-        const int64_t row = v / row_vecs, col = (v % row_vecs) * VEC;
+      for (int32_t v = threadIdx.x; v < image_vecs; v += blockDim.x) {
+        const int32_t row = v / row_vecs, col = (v % row_vecs) * VEC;
         V pixels;
-        int64_t at = tile_token_index(g, t, row, col);
-        int64_t kp = col % g.pw;
+        int32_t at = tile_token_index(g, t, row, col);
+        int32_t kp = col % pw;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           pixels.v[k] = buf[at];
-          at += (++kp == g.pw) ? step_patch : step_kp;
-          kp = kp == g.pw ? 0 : kp;
+          at += tile_token_step(g, kp);
         }
         *reinterpret_cast<V*>(dst + tile_image_offset(g, t, row, col)) = pixels;
       }

@@ -99,10 +99,15 @@ FK_HOST_DEVICE PatchGeometry make_geometry(int64_t n, int64_t c, int64_t f, int6
 
 // A tile is the unit of work of one CUDA block: `hcount` rows of patches x `wcount` patches of
 // one (n, fg). Its tokens are consecutive in the grid (rows span the whole width when
-// hcount > 1), so the tile is one run of `tile_tokens()` token rows.
+// hcount > 1), so the tile is one run of `tile_tokens()` token rows. A tile holds at most a few
+// thousand elements (plan_tiles), so indices inside it are 32-bit: on GPUs 64-bit division costs
+// several times more, and the kernels divide per 16-byte vector.
 struct PatchTile {
-  int64_t n, fg, hg0, wg0, hcount, wcount;
-  FK_HOST_DEVICE int64_t tile_tokens() const { return hcount * wcount; }
+  int64_t n, fg, hg0, wg0;
+  int32_t hcount, wcount;
+  int64_t image_base;  // image offset of the tile's first pixel, (n, 0, fg*pt, hg0*ph, wg0*pw)
+  int64_t token_base;  // token-buffer offset of its first token's first feature
+  FK_HOST_DEVICE int32_t tile_tokens() const { return hcount * wcount; }
 };
 
 // Tiles of (at most) `tile_h` x `tile_w` patches; `tile_h` > 1 only when `tile_w` = grid_w().
@@ -128,8 +133,10 @@ struct TilePlan {
     t.n = index / g.grid_f();
     t.hg0 = th * tile_h;
     t.wg0 = tw * tile_w;
-    t.hcount = g.grid_h() - t.hg0 < tile_h ? g.grid_h() - t.hg0 : tile_h;
-    t.wcount = g.grid_w() - t.wg0 < tile_w ? g.grid_w() - t.wg0 : tile_w;
+    t.hcount = static_cast<int32_t>(g.grid_h() - t.hg0 < tile_h ? g.grid_h() - t.hg0 : tile_h);
+    t.wcount = static_cast<int32_t>(g.grid_w() - t.wg0 < tile_w ? g.grid_w() - t.wg0 : tile_w);
+    t.image_base = g.image_offset(t.n, 0, t.fg * g.pt, t.hg0 * g.ph, t.wg0 * g.pw);
+    t.token_base = g.token_offset(t.n, g.token_index(t.fg, t.hg0, t.wg0), 0);
     return t;
   }
 };
@@ -156,43 +163,54 @@ inline TilePlan plan_tiles(const PatchGeometry& g, int64_t max_elements) {
 // elements: row r = ((c * pt + ip) * hcount + hl) * ph + jp covers
 // x[n][c][fg*pt + ip][(hg0 + hl)*ph + jp][wg0*pw : (wg0 + wcount)*pw]
 // (rows are ordered as they lie in memory, so consecutive threads read consecutive addresses).
-FK_HOST_DEVICE int64_t tile_image_rows(const PatchGeometry& g, const PatchTile& t) {
-  return g.c * g.pt * t.hcount * g.ph;
+FK_HOST_DEVICE int32_t tile_image_rows(const PatchGeometry& g, const PatchTile& t) {
+  return static_cast<int32_t>(g.c * g.pt * g.ph) * t.hcount;
 }
-FK_HOST_DEVICE int64_t tile_row_length(const PatchGeometry& g, const PatchTile& t) {
-  return t.wcount * g.pw;
+FK_HOST_DEVICE int32_t tile_row_length(const PatchGeometry& g, const PatchTile& t) {
+  return t.wcount * static_cast<int32_t>(g.pw);
 }
 
 // Offset in the image of element `col` of tile row `row`.
-FK_HOST_DEVICE int64_t tile_image_offset(const PatchGeometry& g, const PatchTile& t, int64_t row,
-                                         int64_t col) {
-  const int64_t jp = row % g.ph;
-  row /= g.ph;
-  const int64_t hl = row % t.hcount;
-  row /= t.hcount;
-  const int64_t ip = row % g.pt;
-  const int64_t ic = row / g.pt;
-  return g.image_offset(t.n, ic, t.fg * g.pt + ip, (t.hg0 + hl) * g.ph + jp, t.wg0 * g.pw + col);
+FK_HOST_DEVICE int64_t tile_image_offset(const PatchGeometry& g, const PatchTile& t, int32_t row,
+                                         int32_t col) {
+  const int32_t ph = static_cast<int32_t>(g.ph), pt = static_cast<int32_t>(g.pt);
+  const int32_t jp = row % ph;
+  row /= ph;
+  const int32_t hl = row % t.hcount;
+  const int32_t frame = row / t.hcount;  // c * pt + ip: (c, fg*pt + ip) is frame c * F + that
+  const int32_t ic = frame / pt, ip = frame % pt;
+  return t.image_base + ((ic * g.f + ip) * g.h + hl * ph + jp) * g.w + col;
 }
 
 // Index in the tile's dense token block (tile_tokens() x D, row-major) of the same element.
-FK_HOST_DEVICE int64_t tile_token_index(const PatchGeometry& g, const PatchTile& t, int64_t row,
-                                        int64_t col) {
-  const int64_t jp = row % g.ph;
-  row /= g.ph;
-  const int64_t hl = row % t.hcount;
+FK_HOST_DEVICE int32_t tile_token_index(const PatchGeometry& g, const PatchTile& t, int32_t row,
+                                        int32_t col) {
+  const int32_t ph = static_cast<int32_t>(g.ph), pt = static_cast<int32_t>(g.pt);
+  const int32_t pw = static_cast<int32_t>(g.pw), c = static_cast<int32_t>(g.c);
+  const int32_t jp = row % ph;
+  row /= ph;
+  const int32_t hl = row % t.hcount;
   row /= t.hcount;
-  const int64_t ip = row % g.pt;
-  const int64_t ic = row / g.pt;
-  const int64_t local_token = hl * t.wcount + col / g.pw;
-  return local_token * g.features() + g.feature_index(ip, jp, col % g.pw, ic);
+  const int32_t ip = row % pt, ic = row / pt;
+  const int32_t local_token = hl * t.wcount + col / pw;
+  return local_token * static_cast<int32_t>(g.features()) + ((ip * ph + jp) * pw + col % pw) * c +
+         ic;
+}
+
+// The step of tile_token_index from column col to col + 1 of a row; `kp` is col % pw on entry
+// and (col + 1) % pw on return. Within a patch the next pixel is C features on; past a patch's
+// last column it is the next token's first column, D - (pw - 1) * C on.
+FK_HOST_DEVICE int32_t tile_token_step(const PatchGeometry& g, int32_t& kp) {
+  const int32_t pw = static_cast<int32_t>(g.pw), c = static_cast<int32_t>(g.c);
+  if (++kp < pw) return c;
+  kp = 0;
+  return static_cast<int32_t>(g.features()) - (pw - 1) * c;
 }
 
 // Offset in the token buffer of element `i` of the tile's dense token block.
-FK_HOST_DEVICE int64_t tile_token_offset(const PatchGeometry& g, const PatchTile& t, int64_t i) {
-  const int64_t d = g.features();
-  const int64_t first = g.token_index(t.fg, t.hg0, t.wg0);
-  return g.token_offset(t.n, first + i / d, i % d);
+FK_HOST_DEVICE int64_t tile_token_offset(const PatchGeometry& g, const PatchTile& t, int32_t i) {
+  const int32_t d = static_cast<int32_t>(g.features());
+  return t.token_base + static_cast<int64_t>(i / d) * g.token_row_stride + i % d;
 }
 
 }  // namespace flexikern

@@ -83,11 +83,11 @@ static void check_geometry(const PatchGeometry& g0, int64_t extra) {
       const flexikern::PatchTile t = plan.tile(g, i);
       EXPECT(t.hcount >= 1 && t.wcount >= 1, "empty tile");
       EXPECT(t.hcount == 1 || t.wcount == g.grid_w(), "multi-row tile not full width");
-      const int64_t rows = flexikern::tile_image_rows(g, t);
-      const int64_t len = flexikern::tile_row_length(g, t);
+      const int32_t rows = flexikern::tile_image_rows(g, t);
+      const int32_t len = flexikern::tile_row_length(g, t);
       EXPECT(rows * len == t.tile_tokens() * g.features(), "tile size mismatch");
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t col = 0; col < len; ++col) {
+      for (int32_t r = 0; r < rows; ++r)
+        for (int32_t col = 0; col < len; ++col) {
           const int64_t src = flexikern::tile_image_offset(g, t, r, col);
           EXPECT(src >= 0 && src < numel, "tile image offset %lld", (long long)src);
           if (src < 0 || src >= numel) continue;
@@ -95,7 +95,15 @@ static void check_geometry(const PatchGeometry& g0, int64_t extra) {
           if (col > 0)
             EXPECT(src == flexikern::tile_image_offset(g, t, r, col - 1) + 1, "row not contiguous");
           ++seen[src];
-          const int64_t local = flexikern::tile_token_index(g, t, r, col);
+          const int32_t local = flexikern::tile_token_index(g, t, r, col);
+          // The kernels step along a row instead of recomputing the index.
+          if (col + 1 < len) {
+            int32_t kp = col % static_cast<int32_t>(g.pw);
+            const int32_t step = flexikern::tile_token_step(g, kp);
+            EXPECT(local + step == flexikern::tile_token_index(g, t, r, col + 1) &&
+                       kp == (col + 1) % g.pw,
+                   "step from column %d", col);
+          }
           EXPECT(local >= 0 && local < t.tile_tokens() * g.features(), "local %lld",
                  (long long)local);
           const int64_t dst = flexikern::tile_token_offset(g, t, local);

@@ -339,6 +339,29 @@ def test_property_round_trip(video, data):
     _check_ext(x, patch)
 
 
+@needs_ext
+@settings(max_examples=15, deadline=None)
+@given(video=st.booleans(), data=st.data())
+def test_property_packed(video, data):
+    k = 3 if video else 2
+    c = data.draw(st.integers(1, 4))
+    xs, patches = [], []
+    for i in range(data.draw(st.integers(1, 3))):
+        patch = tuple(data.draw(st.integers(1, 4)) for _ in range(k))
+        grid = tuple(data.draw(st.integers(1, 3)) for _ in range(k))
+        shape = (data.draw(st.integers(1, 2)), c, *(g * p for g, p in zip(grid, patch)))
+        xs.append(_random(shape, torch.float32, "cpu", seed=i))
+        patches.append(patch)
+    with fk.ops.use_backend(patchify_packed="ext", unpatchify_packed="ext"):
+        tokens, cu_seqlens = fk.ops.patchify_packed(xs, patches)
+        back = fk.ops.unpatchify_packed(tokens, cu_seqlens, patches, [x.shape for x in xs])
+    ref_tokens, ref_cu = patchify_packed_reference(xs, patches)
+    _assert_same(tokens, ref_tokens)
+    _assert_same(cu_seqlens, ref_cu)
+    for got, x in zip(back, xs):
+        _assert_same(got, x)
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 
