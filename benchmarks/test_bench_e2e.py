@@ -117,15 +117,17 @@ def models() -> dict[str, nn.Module]:
         for name, p in flexi.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
-    flexi = flexi.to(DEVICE, DTYPE).eval()
-    dit = dit.to(DTYPE).eval()
-    # Both providers must compute the same function, or the comparison means nothing.
-    x = torch.randn(2, 4, CONFIG["input_size"], CONFIG["input_size"], device=DEVICE, dtype=DTYPE)
+    flexi = flexi.to(DEVICE).eval()
+    dit = dit.eval()
+    # Both providers must compute the same function, or the comparison means nothing: checked in
+    # fp32 (TF32 convolutions on a GPU allow ~1e-3), before the cast to the benchmark dtype.
+    x = torch.randn(2, 4, CONFIG["input_size"], CONFIG["input_size"], device=DEVICE)
     t, y = torch.tensor([10, 900], device=DEVICE), torch.tensor([1, 3], device=DEVICE)
     with torch.inference_mode():
-        expected, actual = dit(x, t, y).float(), flexi(x, t, y).float()
+        expected, actual = dit(x, t, y), flexi(x, t, y)
     error = ((actual - expected).abs().max() / expected.abs().max()).item()
-    assert error < (2e-2 if DTYPE != torch.float32 else 1e-4), f"FlexiDiT vs reference DiT: {error:.2e}"
+    assert error < (1e-2 if CUDA else 1e-4), f"FlexiDiT vs reference DiT: relative error {error:.2e}"
+    flexi, dit = flexi.to(DTYPE), dit.to(DTYPE)
     print(f"\nbuilt {MODEL_NAME} models in {time.perf_counter() - start:.1f} s")
     return {"reference": ReferenceForSampling(dit, flexi), "flexi": flexi}
 

@@ -1,13 +1,15 @@
 """The sampling loop: `sample(model, y, schedule, guidance, sampler=...)`.
 
 One denoising step is `DenoisingLoop.step(x, k, noise, cond_size, guid_size) -> x_next`: a function
-of tensors (`k` is a 0-dim long device tensor; timesteps and coefficients are gathered from
-per-step device tables) for fixed patch sizes, so a CUDA-graph runner can capture one step per
-patch-size phase (`DenoisingLoop.phases`) and replay it.
+of tensors (timesteps and coefficients are gathered from per-step device tables at step `k`) for
+fixed patch sizes. `flexikern.runtime.graphs` captures one step per patch-size phase
+(`DenoisingLoop.phases`) at k = 0 of one-row static copies of those tables and replays it
+(`sample(..., cuda_graphs=True)`).
 
 Randomness: sample i draws its initial noise and every step's noise from its own CPU
 `torch.Generator` seeded `seed + i` (or `seed[i]`), then moves it to the device. Samples therefore
 do not depend on the device, the batch they are in, or how a run is sharded across processes.
+(`noise_device="model"` trades that for speed: see `sample`.)
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ class DenoisingLoop:
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
 
-    def step(self, x: torch.Tensor, k: torch.Tensor, noise: torch.Tensor | None,
+    def step(self, x: torch.Tensor, k: int | torch.Tensor, noise: torch.Tensor | None,
              cond_size: tuple[int, int], guid_size: tuple[int, int] | None) -> torch.Tensor:
-        """x_{k+1} from x_k: the guided model output at step k, then the sampler's update."""
+        """x_{k+1} from x_k: the guided model output at step k, then the sampler's update.
+
+        `k`: an int or a 0-dim long tensor (on CUDA the latter syncs: tables index it with .item()).
+        """
         t = self.sampler.model_timesteps[k].expand(x.shape[0])
         return self.sampler.step(self.denoiser(x, t, cond_size, guid_size), x, k, noise)
 
@@ -124,7 +129,6 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
         x = noise.float()
     x = x.to(device)
     step_noise = StepNoise(generators, (n, *shape), device, noise_device, sample_seeds(seed, n)[0])
-    ks = torch.arange(sampler.num_steps, device=device)
 
     from tqdm.auto import tqdm
     was_training = model.training
@@ -140,7 +144,9 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
                 for start, stop, cond_size, guid_size in loop.phases:
                     for k in range(start, stop):
                         noise_k = step_noise.draw(torch.empty_like(x)) if sampler.stochastic else None
-                        x = loop.step(x, ks[k], noise_k, cond_size, guid_size)
+                        # A Python int: indexing a table with a 0-dim CUDA tensor calls .item(),
+                        # a host sync per step.
+                        x = loop.step(x, k, noise_k, cond_size, guid_size)
                         bar.update(1)
             if vae is not None:
                 x = decode(vae, x)

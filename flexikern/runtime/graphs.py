@@ -262,13 +262,12 @@ class GraphRunner:
         backends = _forced_backends()
         plan = plan_phases(loop.phases, lambda c, g: self.key(loop, x, c, g, backends),
                            self.min_phase_steps, lambda key: self.max_graphs > 0 or not on_cuda)
-        steps = torch.arange(loop.sampler.num_steps, device=x.device)
         with torch.inference_mode():
             for (start, stop, cond_size, guid_size), (_, _, key) in zip(loop.phases, plan):
                 if key is None:   # eager, exactly as `sample` steps
                     for k in range(start, stop):
                         noise = draw_noise(torch.empty_like(x)) if loop.sampler.stochastic else None
-                        x = loop.step(x, steps[k], noise, cond_size, guid_size)
+                        x = loop.step(x, k, noise, cond_size, guid_size)
                         self.eager_steps += 1
                         if on_step:
                             on_step()
