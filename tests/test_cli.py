@@ -15,7 +15,7 @@ from PIL import Image
 from flexikern.cli import _build_schedule, build_parser, load_model, main, to_uint8
 from flexikern.diffusion import Schedule
 
-from test_sampling import tiny
+from test_sampling import one_thread, tiny  # noqa: F401  (one_thread: autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
