@@ -16,12 +16,9 @@
 
 #if defined(__CUDA_ARCH__)
 #define FK_SYNC_THREADS() __syncthreads()
-#else
-#define FK_SYNC_THREADS() ((void)0)  // the host runs one thread per block
-#endif
-#if defined(__CUDACC__)
 #define FK_UNROLL _Pragma("unroll")
 #else
+#define FK_SYNC_THREADS() ((void)0)  // the host runs one thread per block
 #define FK_UNROLL
 #endif
 
