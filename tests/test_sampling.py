@@ -206,3 +206,25 @@ def test_errors(model):
         sample(model, [1], s, seed=[1, 2], progress=False)
     with pytest.raises(ValueError, match="mode='auto'"):
         Guidance(1.5, "auto")
+
+
+def test_whole_ddpm_loop_matches_a_diffusers_loop(model):
+    """End to end: DiT's spacing, the original timestep handed to the model, CFG, learned sigma, noise order."""
+    from diffusers import DDPMScheduler
+
+    from flexikern.diffusion import space_timesteps
+    steps, seed, scale, label = 8, 11, 2.5, 6
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
+                        clip_sample=False)
+    ref.set_timesteps(timesteps=sorted(space_timesteps(1000, str(steps)), reverse=True))
+    g = torch.Generator().manual_seed(seed)   # sample 0 of seed `seed`: initial noise, then one draw per step
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    y, null = torch.tensor([label]), torch.tensor([10])
+    with torch.no_grad():
+        for t in ref.timesteps:
+            tt = t.float().expand(1)
+            cond, uncond = model(x, tt, y), model(x, tt, null)
+            out = torch.cat([uncond[:, :4] + scale * (cond[:, :4] - uncond[:, :4]), cond[:, 4:]], 1)
+            x = ref.step(out, t, x, generator=g).prev_sample
+    ours = sample(model, [label], Schedule.static(steps, 2), Guidance(scale, "cfg"), seed=seed, progress=False)
+    torch.testing.assert_close(ours, x, rtol=1e-3, atol=1e-3)   # diffusers' float32 tables near t = 0
