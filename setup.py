@@ -63,12 +63,13 @@ def _set_max_jobs(with_cuda: bool) -> None:
 
 
 def cuda_arch_flags(archs: str) -> list[str]:
-    """One -gencode per arch ("80;90a"), plus PTX of the newest so that newer GPUs can JIT it.
+    """One -gencode per arch ("80;90a" or "8.0;9.0a"), plus PTX of the newest so that newer GPUs
+    can JIT it.
 
     The PTX drops an arch-specific suffix ("90a" -> compute_90): "a" PTX runs on that exact
     arch only, which would defeat the point of shipping PTX.
     """
-    names = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    names = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
     if not names:
         raise ValueError(f"FLEXIKERN_CUDA_ARCHS={archs!r}: expected e.g. '80;90a'")
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in names]
