@@ -8,7 +8,9 @@ replays without recapturing.
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -37,6 +39,15 @@ def tiny(seed=0, device="cpu", dtype=torch.float32, learn_sigma=True):
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.1)
     return m.to(device=device, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +129,57 @@ def test_cpu_graphed_equals_eager(model, guidance, fresh_warning):
     assert torch.equal(sample(model, [1, 7, 10], cuda_graphs=runner, **ddim), sample(model, [1, 7, 10], **ddim))
 
 
+class FakeGraph:
+    """Stands in for a captured CUDA graph on CPU: replay() runs the step it was 'captured' from."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        self.replays += 1
+        self.step()
+
+    def reset(self):
+        self.step = None
+
+
+def test_caching_logic_with_a_fake_capture(monkeypatch):
+    """The runner's cache on CPU: static buffers reused across runs with new labels and seeds
+    (results still equal plain sampling), the LRU bound, recapture after a weight change."""
+    def capture(entry, pool, warmup):
+        entry.graph = FakeGraph(entry._step)
+    monkeypatch.setattr(graphs._PhaseGraph, "capture", capture)
+    monkeypatch.setattr(GraphRunner, "_can_capture", lambda self, x: True)
+    monkeypatch.setattr(GraphRunner, "_new_pool", lambda self: "pool")
+    model = tiny(seed=1)
+    sched = Schedule.weak_first(6, 2, weak=4, powerful=2, guidance_weak_steps=4)
+    kw = dict(schedule=sched, guidance=Guidance(1.5, "flexi"), progress=False)
+    runner = GraphRunner()
+    for labels, seed in (([1, 7, 10], 3), ([4, 4, 0], 9)):
+        graphed = sample(model, labels, seed=seed, cuda_graphs=runner, **kw)
+        assert torch.equal(graphed, sample(model, labels, seed=seed, **kw))
+    assert runner.captures == 3 and runner.replays == 12 and runner.eager_steps == 0
+    assert [k.rule for k in runner.keys()] == ["cfg", "weak", "cfg"]
+    # The LRU bound: with room for one graph, phases evict each other and results stay right.
+    small = GraphRunner(max_graphs=1)
+    assert torch.equal(sample(model, [3, 1, 2], seed=5, cuda_graphs=small, **kw),
+                       sample(model, [3, 1, 2], seed=5, **kw))
+    assert small.captures == 3 and len(small) == 1
+    # A phase of one step runs eagerly.
+    short = Schedule.weak_first(3, 1, weak=4, powerful=2)
+    one = GraphRunner()
+    assert torch.equal(sample(model, [1], seed=0, cuda_graphs=one, schedule=short, progress=False),
+                       sample(model, [1], seed=0, schedule=short, progress=False))
+    assert one.eager_steps == 1 and one.replays == 2 and one.captures == 1
+    # Changed weights: the stale graphs are dropped and recaptured.
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.mul_(0.5)
+    after = sample(model, [1, 7, 10], seed=3, cuda_graphs=runner, **kw)
+    assert runner.captures == 6 and torch.equal(after, sample(model, [1, 7, 10], seed=3, **kw))
+    runner.release()
+    assert len(runner) == 0 and runner.keys() == []
+
+
 def test_cpu_warning_once(model, fresh_warning):
     sched = Schedule.static(2, 2)
     with warnings.catch_warnings(record=True) as caught:
@@ -188,7 +250,11 @@ def test_cuda_lru_bound_and_default_runner():
     sample(model, [1], cuda_graphs=True, **kw)
     sample(model, [2], cuda_graphs=True, **kw)
     assert graphs.runner_for(model).captures == 1
-    graphs.release_graphs(model)
+    # The default runner does not keep its model alive: both go together.
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and len(graphs._RUNNERS) == 0
 
 
 @needs_cuda

@@ -219,6 +219,13 @@ class GraphRunner:
         self._graphs.clear()
         self._pool = None
 
+    # The two CUDA-only calls, methods so that the caching logic can be tested without a GPU.
+    def _can_capture(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cuda"
+
+    def _new_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
     def key(self, loop: Any, x: torch.Tensor, cond_size: Size, guid_size: Size | None,
             backends: tuple = ()) -> GraphKey:
         sampler, denoiser = loop.sampler, loop.denoiser
@@ -237,7 +244,7 @@ class GraphRunner:
         entry = _PhaseGraph(loop, x, cond_size, guid_size, loop.sampler.stochastic)
         if capture:
             if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+                self._pool = self._new_pool()
             entry.capture(self._pool, self.warmup)
             self.captures += 1
             self._graphs[key] = entry
@@ -252,7 +259,7 @@ class GraphRunner:
         `draw_noise(out)` fills `out` with the next step's noise (called once per stochastic step,
         in order); `on_step()` is called after each step (a progress bar).
         """
-        on_cuda = x.device.type == "cuda"
+        on_cuda = self._can_capture(x)
         if not on_cuda:
             _warn_cpu_once(x.device)
         stamp = _weights_stamp(loop.model)
