@@ -44,7 +44,6 @@ Differences from diffusers' schedulers, where they compute the same thing (tests
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
