@@ -101,7 +101,7 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
             generator, so samples do not depend on the device or batch (the initial noise is
             always drawn this way). "model": one generator on the model's device seeded with the
             first seed, for the whole batch: no per-sample host work or host-to-device copy per
-            step (at batch 32 x 250 steps the CPU draws can cost more than a graphed GPU step),
+            step (with graphs, the host's per-step draws for a large batch can become the limit),
             but the step noise then depends on the device, the batch composition and its order.
     Returns:
         (N, C, H, W) latents on the model's device, or the decoded images.
