@@ -233,6 +233,9 @@ def add_sample_parser(subparsers: Any) -> None:
     which.add_argument("--budget", type=fraction_arg, default=None,
                        help="pick the weak-first schedule with the most powerful steps within this "
                             "fraction of the static FLOPs, e.g. 0.6")
+    g.add_argument("--equal-branches", action="store_true",
+                   help="with --budget: only x/x schedules (both branches at one size per step, one "
+                        "batched forward each)")
     g.add_argument("--weak", type=patch_size_arg, default=None,
                    help="weak patch size (default: the next larger than the original)")
     g.add_argument("--powerful", type=patch_size_arg, default=None,
@@ -267,7 +270,10 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
     weak = args.weak or (larger[0] if larger else None)
     try:
         if args.budget is not None:
-            return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak, powerful=powerful)
+            return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak,
+                                       powerful=powerful, equal_branches=args.equal_branches)
+        if args.equal_branches:
+            parser.error("--equal-branches applies to --budget; with --schedule write x/x yourself")
         kind, counts = args.schedule or ("static", ())
         if kind == "static":
             return Schedule.static(args.steps, powerful).validate(model)
