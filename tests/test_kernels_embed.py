@@ -41,7 +41,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 RESIZE_CASES = [
     ((4, 4), (1, 1)), ((4, 4), (2, 2)), ((2, 2), (3, 3)), ((4, 4), (4, 4)), ((8, 8), (5, 5)),
     ((4, 4), (6, 6)), ((8, 8), (7, 7)), ((4, 4), (8, 8)), ((8, 8), (3, 5)), ((3, 3), (2, 4)),
-    ((2, 2), (2, 2)), ((1, 1), (1, 1)),
+    ((2, 2), (2, 2)), ((1, 1), (1, 1)), ((2, 2), (8, 1)),
 ]
 FEW_CASES = [((4, 4), (2, 2)), ((2, 2), (2, 2)), ((8, 8), (3, 5))]
 
@@ -225,6 +225,15 @@ def test_de_embed_gradients(kernel, patch):
 def test_de_embed_gradients_half_precision(dtype):
     inputs = deembed_inputs((4, 4), (2, 2), dtype=dtype, requires_grad=True)
     check_grads("de_embed", inputs, dtype)
+
+
+def test_64_token_tiles(monkeypatch):
+    # Tiny test shapes get 16-token tiles; force the 64-token tiles that large batches use.
+    monkeypatch.setattr(_common, "_block_m", lambda m, other_blocks: 64)
+    check_grads("patch_embed", embed_inputs((4, 4), (2, 2), n=3, grid=(5, 5), requires_grad=True),
+                torch.float32)
+    check_grads("de_embed", deembed_inputs((4, 4), (2, 2), n=3, grid=(5, 5), requires_grad=True),
+                torch.float32)
 
 
 # ------------------------------------------------------------------------------------- dispatch
