@@ -228,3 +228,30 @@ def test_whole_ddpm_loop_matches_a_diffusers_loop(model):
             x = ref.step(out, t, x, generator=g).prev_sample
     ours = sample(model, [label], Schedule.static(steps, 2), Guidance(scale, "cfg"), seed=seed, progress=False)
     torch.testing.assert_close(ours, x, rtol=1e-3, atol=1e-3)   # diffusers' float32 tables near t = 0
+
+
+@pytest.mark.parametrize("mode", ["cfg", "flexi"])
+def test_packed_branches_equal_two_passes(mode):
+    """Mixed steps run as one packed forward when asked (auto on CUDA); same samples as two passes."""
+    model = tiny()
+    with torch.no_grad():  # non-trivial adapters, so a size mix-up inside the pack would show
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "size_embed" in name:
+                p.normal_(std=0.05)
+    schedule = Schedule.weak_first(6, weak_steps=2, weak=4, powerful=2, guidance_weak_steps=4)
+    calls = []
+    packed_forward = model.forward_packed
+    model.forward_packed = lambda *a: calls.append(a[3]) or packed_forward(*a)
+    try:
+        kwargs = dict(schedule=schedule, guidance=Guidance(2.0, mode), seed=3, progress=False)
+        packed = sample(model, [1, 5, 10], packed=True, **kwargs)
+        assert len(calls) == 2 and calls[0] == [(2, 2)] * 3 + [(4, 4)] * 3   # steps 2 and 3 are mixed
+        two = sample(model, [1, 5, 10], packed=False, **kwargs)
+        assert len(calls) == 2
+        assert sample(model, [1, 5, 10], **kwargs).equal(two)   # auto: two passes on CPU
+    finally:
+        del model.forward_packed
+    assert torch.allclose(packed, two, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="forward_packed"):
+        GuidedDenoiser(SimpleNamespace(num_classes=10, parameters=lambda: iter([])), torch.tensor([1]),
+                       Guidance(2.0, mode), packed=True)

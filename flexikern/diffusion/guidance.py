@@ -98,7 +98,7 @@ class GuidedDenoiser:
     guided epsilon (or velocity) channels. `guid_size=None` runs the conditional branch alone.
     """
 
-    def __init__(self, model: Any, y: torch.Tensor, guidance: Guidance | None):
+    def __init__(self, model: Any, y: torch.Tensor, guidance: Guidance | None, packed: bool | None = None):
         self.model = model
         self.guidance = guidance or Guidance(1.0, "none")
         self.y = y
@@ -109,6 +109,14 @@ class GuidedDenoiser:
                       else y.cat(self.y_null))    # batched conditional + unconditional pass
         params = next(iter(model.parameters()), None)
         self.dtype = params.dtype if params is not None else torch.float32
+        # Branches of different sizes run as ONE packed forward where that pays: with a fused
+        # varlen attention kernel (CUDA). On CPU the reference loops over sequences and two
+        # batched forwards are as fast, so auto (None) packs on CUDA only.
+        can_pack = hasattr(model, "forward_packed")
+        if packed and not can_pack:
+            raise ValueError(f"packed=True: {type(model).__name__} has no forward_packed")
+        self.packed = can_pack and (packed if packed is not None else
+                                    params is not None and params.device.type == "cuda")
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, size: Size) -> torch.Tensor:
         out = self.model(x.to(self.dtype), t, y, patch_size=size)
@@ -124,8 +132,15 @@ class GuidedDenoiser:
 
     def two_pass(self, x: torch.Tensor, t: torch.Tensor, y_cond: torch.Tensor, y_guid: torch.Tensor,
                  cond_size: Size, guid_size: Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both branches at different sizes; a packed forward (`model.forward_packed`) can replace this."""
-        return self._forward(x, t, y_cond, cond_size), self._forward(x, t, y_guid, guid_size)
+        """Both branches at different sizes: one packed forward (`model.forward_packed`) or two."""
+        if not self.packed:
+            return self._forward(x, t, y_cond, cond_size), self._forward(x, t, y_guid, guid_size)
+        n = x.shape[0]
+        y = torch.cat([y_cond, y_guid]) if isinstance(y_cond, torch.Tensor) else y_cond.cat(y_guid)
+        out = self.model.forward_packed(list(x.to(self.dtype).unbind(0)) * 2, torch.cat([t, t]), y,
+                                        [cond_size] * n + [guid_size] * n)
+        out = torch.stack(out).to(x.dtype)
+        return out[:n], out[n:]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond_size: Size, guid_size: Size | None) -> torch.Tensor:
         rule = self.rule(cond_size, guid_size)

@@ -42,13 +42,13 @@ class DenoisingLoop:
     """A schedule, a guidance rule and a sampler bound to one model and one batch of labels."""
 
     def __init__(self, model: Any, y: torch.Tensor, schedule: Schedule, guidance: Guidance | None,
-                 sampler: _Sampler):
+                 sampler: _Sampler, packed: bool | None = None):
         if schedule.num_steps != sampler.num_steps:
             raise ValueError(f"schedule has {schedule.num_steps} steps but the {sampler.name} sampler has "
                              f"{sampler.num_steps}; build both with the same step count")
         self.model, self.schedule, self.sampler = model, schedule.validate(model), sampler
         self.guidance = guidance or Guidance(1.0, "none")
-        self.denoiser = GuidedDenoiser(model, y, self.guidance)
+        self.denoiser = GuidedDenoiser(model, y, self.guidance, packed)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
 
@@ -80,7 +80,8 @@ def _labels(model: Any, y: Any, device: torch.device) -> torch.Tensor:
 def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = None,
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
-           shift: float = 1.0, cuda_graphs: Any = False, noise_device: str = "cpu") -> torch.Tensor:
+           shift: float = 1.0, cuda_graphs: Any = False, noise_device: str = "cpu",
+           packed: bool | None = None) -> torch.Tensor:
     """Sample from a (flexible) DiT with a patch-size schedule.
 
     Args:
@@ -103,6 +104,9 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
             first seed, for the whole batch: no per-sample host work or host-to-device copy per
             step (with graphs, the host's per-step draws for a large batch can become the limit),
             but the step noise then depends on the device, the batch composition and its order.
+        packed: run a step's two branches of different patch sizes as one packed forward
+            (`model.forward_packed`, varlen attention). None (default): on CUDA only, where a
+            fused varlen kernel makes it pay; False: two forwards.
     Returns:
         (N, C, H, W) latents on the model's device, or the decoded images.
     """
@@ -117,7 +121,7 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, schedule.num_steps, eta=eta, shift=shift)
     sampler.to(device)
-    loop = DenoisingLoop(model, y, schedule, guidance, sampler)
+    loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed)
 
     shape = tuple(getattr(model, "latent_shape", (model.in_channels, model.input_size, model.input_size)))
     generators = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, n)]
