@@ -297,6 +297,12 @@ def test_bad_inputs_name_the_argument():
     for args, kwargs, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
             model(*args, **kwargs)
+    y = torch.tensor([0, 1, 2])
+    model(x, t, y)                   # validated once, then trusted while unmodified (no device sync)
+    assert model._labels_checked(y)
+    y[1] = 11
+    with pytest.raises(ValueError, match="labels must be"):
+        model(x, t, y)
     with pytest.raises(ValueError, match="include the original"):
         fk.FlexiDiT(**TINY).flexify((4,))
     with pytest.raises(ValueError, match="adapter"):
