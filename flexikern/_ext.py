@@ -25,20 +25,35 @@ _state: dict[str, Any] = {"tried": False, "module": None, "error": None}
 
 
 def load() -> ModuleType | None:
-    """The extension module (importing it once), or None when it cannot be loaded."""
+    """The extension module (importing it once), or None when it cannot be loaded.
+
+    After the first call this is a dictionary read, which torch.compile traces through; the first
+    call imports a library, which it cannot: call any flexikern op once eagerly before compiling
+    with fullgraph=True.
+    """
     if not _state["tried"]:
-        with _LOCK:
-            if not _state["tried"]:
-                try:
-                    import torch  # noqa: F401  (the extension links against torch's libraries)
-                    module = importlib.import_module("flexikern._C")
-                    _register_fake_and_autograd()
-                    _state["module"] = module
-                except Exception as e:  # ImportError, or a broken build raising anything else
-                    _state["error"] = (f"flexikern._C did not load ({type(e).__name__}: {e}); "
-                                       "build it with `pip install --no-build-isolation -e .`")
-                _state["tried"] = True
+        _load_once()
     return _state["module"]
+
+
+def _load_once() -> None:
+    import torch
+
+    @torch.compiler.disable
+    def locked_load() -> None:
+        with _LOCK:
+            if _state["tried"]:
+                return
+            try:
+                module = importlib.import_module("flexikern._C")
+                _register_fake_and_autograd()
+                _state["module"] = module
+            except Exception as e:  # ImportError, or a broken build raising anything else
+                _state["error"] = (f"flexikern._C did not load ({type(e).__name__}: {e}); "
+                                   "build it with `pip install --no-build-isolation -e .`")
+            _state["tried"] = True
+
+    locked_load()
 
 
 def unavailable_reason() -> str | None:
@@ -66,7 +81,7 @@ def cuda_built() -> bool:
 
 
 def _grid_and_volume(sizes, patch) -> tuple[Any, int]:
-    return math.prod(s // p for s, p in zip(sizes, patch)), math.prod(patch)
+    return math.prod([s // p for s, p in zip(sizes, patch)]), math.prod(patch)
 
 
 def _groups(flat: list[int], width: int) -> list[list[int]]:
@@ -102,7 +117,7 @@ def _register_fake_and_autograd() -> None:
         k = xs[0].dim() - 2
         patches = _groups(patch_sizes, k)
         rows = sum(x.shape[0] * _grid_and_volume(x.shape[2:], p)[0] for x, p in zip(xs, patches))
-        width = xs[0].shape[1] * max(math.prod(p) for p in patches)
+        width = xs[0].shape[1] * max([math.prod(p) for p in patches])
         sequences = sum(x.shape[0] for x in xs)
         return (xs[0].new_empty((rows, width)),
                 xs[0].new_empty((sequences + 1,), dtype=torch.int32))

@@ -323,6 +323,29 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
+@needs_ext
+def test_compiles_with_fullgraph():
+    # aot_eager traces through dispatch, the fake implementations and autograd without inductor's
+    # compile time. The extension is loaded eagerly first (a library import cannot be traced).
+    x = torch.randn(2, 4, 8, 8)
+    fk.ops.patchify(x, 2)
+
+    def image(a):
+        return fk.ops.unpatchify(fk.ops.patchify(a, 2) * 2, 2, (8, 8))
+
+    def packed(a, b):
+        tokens, cu_seqlens = fk.ops.patchify_packed([a, b], [2, 4])
+        return fk.ops.unpatchify_packed(tokens * 2, cu_seqlens, [2, 4], [a.shape, b.shape])
+
+    with fk.ops.use_backend(patchify="ext", unpatchify="ext", patchify_packed="ext",
+                            unpatchify_packed="ext"):
+        _assert_same(torch.compile(image, fullgraph=True, backend="aot_eager")(x), x * 2)
+        y = torch.randn(1, 4, 8, 8)
+        for got, want in zip(torch.compile(packed, fullgraph=True, backend="aot_eager")(x, y),
+                             (x * 2, y * 2)):
+            _assert_same(got, want)
+
+
 # ---- properties over shapes -----------------------------------------------------------------
 
 

@@ -59,7 +59,7 @@ def unpatchify_reference(tokens: torch.Tensor, patch_size: tuple[int, ...],
 def packed_cu_seqlens(shapes: Sequence[Sequence[int]], patch_sizes: Sequence[tuple[int, ...]],
                       device: torch.device | str | None = None) -> torch.Tensor:
     """int32 (sum N_i + 1,): where each sequence starts in the packed buffer, then the total."""
-    lengths = [math.prod(s // p for s, p in zip(shape[2:], patch))
+    lengths = [math.prod([s // p for s, p in zip(shape[2:], patch)])
                for shape, patch in zip(shapes, patch_sizes) for _ in range(shape[0])]
     starts = [0]
     for length in lengths:
@@ -70,7 +70,7 @@ def packed_cu_seqlens(shapes: Sequence[Sequence[int]], patch_sizes: Sequence[tup
 def patchify_packed_reference(xs: Sequence[torch.Tensor], patch_sizes: Sequence[tuple[int, ...]]
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain-torch ground truth of `patchify_packed`."""
-    width = max(math.prod(p) for p in patch_sizes) * xs[0].shape[1]
+    width = max([math.prod(p) for p in patch_sizes]) * xs[0].shape[1]
     rows = []
     for x, patch in zip(xs, patch_sizes):
         tokens = patchify_reference(x, patch)
@@ -84,7 +84,7 @@ def unpatchify_packed_reference(tokens: torch.Tensor, patch_sizes: Sequence[tupl
     """The plain-torch ground truth of `unpatchify_packed` (cu_seqlens follows from `sizes`)."""
     out, row = [], 0
     for patch, (n, c, *size) in zip(patch_sizes, sizes):
-        grid = math.prod(s // p for s, p in zip(size, patch))
+        grid = math.prod([s // p for s, p in zip(size, patch)])
         group = tokens[row:row + n * grid, :math.prod(patch) * c].reshape(n, grid, -1)
         out.append(unpatchify_reference(group, patch, tuple(size)))
         row += n * grid
@@ -225,7 +225,7 @@ def patchify(x: torch.Tensor, patch_size: int | tuple[int, ...]) -> torch.Tensor
 
 def _check_tokens_fit(name: str, shape: tuple[int, ...], patch: tuple[int, ...],
                       size: tuple[int, ...]) -> None:
-    grid = math.prod(s // p for s, p in zip(size, patch))
+    grid = math.prod([s // p for s, p in zip(size, patch)])
     volume = math.prod(patch)
     if shape[-2] != grid or shape[-1] % volume:
         raise ValueError(f"{name}: shape {shape} does not fit size {size} with patch "
@@ -307,9 +307,9 @@ def unpatchify_packed(tokens: torch.Tensor, cu_seqlens: torch.Tensor,
                          "(N_i, C, H_i, W_i) or (N_i, C, F_i, H_i, W_i)")
     shapes = [tuple(int(s) for s in size) for size in sizes]
     patches = _check_groups("sizes", shapes, patch_sizes)
-    rows = sum(n * math.prod(s // p for s, p in zip(size, patch))
+    rows = sum(n * math.prod([s // p for s, p in zip(size, patch)])
                for (n, _, *size), patch in zip(shapes, patches))
-    width = shapes[0][1] * max(math.prod(p) for p in patches)
+    width = shapes[0][1] * max([math.prod(p) for p in patches])
     if tuple(tokens.shape) != (rows, width):
         raise ValueError(f"tokens: shape {tuple(tokens.shape)} does not fit sizes {shapes} with "
                          f"patch sizes {patches}: expected ({rows}, {width})")
