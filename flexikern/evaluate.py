@@ -149,7 +149,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # ---------------------------------------------------------------------------------- calibration
 @torch.no_grad()
 def gap_profile(model: Any, steps: int, num_samples: int = 16, seed: int = 0, sampler: str = "ddim",
-                weak: Any = None, y: Any = None) -> list[float]:
+                weak: Any = None, y: Any = None, clip_denoised: bool = True) -> list[float]:
     """Per step k (0 = noisiest), how far the weak prediction is from the powerful one.
 
     Runs the static (powerful) sampler on `num_samples` noise draws; at each step it also runs
@@ -168,7 +168,7 @@ def gap_profile(model: Any, steps: int, num_samples: int = 16, seed: int = 0, sa
             raise ValueError(f"calibrate: the model has no patch size larger than {powerful} "
                              f"(patch_sizes={list(model.patch_sizes)}); flexify it first")
         weak = larger[0]
-    sampler_obj = make_sampler(sampler, steps)
+    sampler_obj = make_sampler(sampler, steps, clip_denoised=clip_denoised)
     params = next(model.parameters())
     device = params.device
     sampler_obj.to(device)
@@ -244,14 +244,18 @@ def calibrate(model: Any, steps: int, budget: float | None = None, tolerance: fl
 
 # ---------------------------------------------------------------------------------- sampling
 def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sampler: str = "ddim",
-             batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """n class-balanced samples (labels i mod num_classes, sample i seeded `seed * 1_000_003 + i`)."""
-    from flexikern.diffusion import sample
+             batch_size: int = 500, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """n class-balanced samples (labels i mod num_classes, sample i seeded `seed * 1_000_003 + i`).
+
+    `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space).
+    """
+    from flexikern.diffusion import make_sampler, sample
     y = torch.arange(n) % model.num_classes
     out = []
     for start in range(0, n, batch_size):
         yb = y[start:start + batch_size]
-        out.append(sample(model, yb, schedule, guidance, sampler=sampler, progress=False,
+        steps_sampler = make_sampler(sampler, schedule.num_steps, clip_denoised=clip_denoised)
+        out.append(sample(model, yb, schedule, guidance, sampler=steps_sampler, progress=False,
                           seed=[seed * 1_000_003 + i for i in range(start, start + len(yb))]).cpu())
     return torch.cat(out), y
 

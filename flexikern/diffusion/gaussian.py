@@ -31,7 +31,9 @@ Differences from diffusers' schedulers, where they compute the same thing (tests
   (`prev_t = t - 1000 // S`); it matches DiT's "ddimS" spacing (`space_timesteps(1000, "ddim50")`).
   ADM re-derives epsilon from the predicted x0; we use the predicted epsilon directly, which is
   the same number up to rounding (as diffusers does).
-* No clipping of the predicted x0 (DiT samples with `clip_denoised=False`; latents are unbounded).
+* No clipping of the predicted x0 by default (DiT samples with `clip_denoised=False`; latents are
+  unbounded). Pixel-space models (data in [-1, 1]) can pass `clip_denoised=True` to the DDPM/DDIM
+  samplers (ADM's pixel-space default).
 * The rectified-flow sampler follows SD3 (not SiT): `x_t = (1 - t) x0 + t noise`, t = 1 is pure
   noise, the model predicts `v = noise - x0`, Euler steps from t = 1 to 0 on `linspace(1, 0, S+1)`
   (optionally shifted, `t' = shift t / (1 + (shift - 1) t)`, SD3's resolution shift), and the model
@@ -183,9 +185,9 @@ class DDPMSampler(_Sampler):
     stochastic = True
 
     def __init__(self, steps: int | str = 250, num_train_timesteps: int = 1000,
-                 diffusion: GaussianDiffusion | None = None):
+                 diffusion: GaussianDiffusion | None = None, clip_denoised: bool = False):
         d = diffusion or GaussianDiffusion.dit(steps, num_train_timesteps)
-        self.diffusion = d
+        self.diffusion, self.clip_denoised = d, clip_denoised
         self.num_steps = d.num_timesteps
         order = torch.arange(d.num_timesteps - 1, -1, -1)   # sampling runs t = S-1, ..., 0
         self.model_timesteps = d.timestep_map[order].float()
@@ -201,6 +203,8 @@ class DDPMSampler(_Sampler):
         eps, v = _split_output(model_output, x.shape[1])
         recip, recipm1, coef1, coef2, min_log, max_log, nonzero = self.table[k].unbind()
         pred_x0 = recip * x - recipm1 * eps
+        if self.clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
         mean = coef1 * pred_x0 + coef2 * x
         if v is None:
             log_var = min_log
@@ -216,11 +220,12 @@ class DDIMSampler(_Sampler):
     name = "ddim"
 
     def __init__(self, steps: int | str = 50, num_train_timesteps: int = 1000, eta: float = 0.0,
-                 diffusion: GaussianDiffusion | None = None):
+                 diffusion: GaussianDiffusion | None = None, clip_denoised: bool = False):
         if not (isinstance(eta, (int, float)) and eta >= 0):
             raise ValueError(f"eta={eta!r}: expected a float >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
         d = diffusion or GaussianDiffusion.dit(steps, num_train_timesteps)
         self.diffusion, self.eta, self.stochastic = d, float(eta), eta > 0
+        self.clip_denoised = clip_denoised
         self.num_steps = d.num_timesteps
         order = torch.arange(d.num_timesteps - 1, -1, -1)
         self.model_timesteps = d.timestep_map[order].float()
@@ -236,6 +241,9 @@ class DDIMSampler(_Sampler):
         eps, _ = _split_output(model_output, x.shape[1])
         recip, recipm1, sqrt_abar_prev, direction, sigma = self.table[k].unbind()
         pred_x0 = recip * x - recipm1 * eps
+        if self.clip_denoised:   # ADM: clip x0, then re-derive eps from it
+            pred_x0 = pred_x0.clamp(-1, 1)
+            eps = (recip * x - pred_x0) / recipm1
         out = sqrt_abar_prev * pred_x0 + direction * eps
         return out if noise is None else out + sigma * noise
 
@@ -267,15 +275,15 @@ SAMPLERS = ("ddpm", "ddim", "flow")
 
 
 def make_sampler(name: str, steps: int | str, eta: float = 0.0, shift: float = 1.0,
-                 num_train_timesteps: int = 1000) -> _Sampler:
+                 num_train_timesteps: int = 1000, clip_denoised: bool = False) -> _Sampler:
     """A sampler by name: "ddpm" (DiT's default), "ddim" or "flow", with `steps` steps.
 
     For "ddpm"/"ddim", `steps` is anything `space_timesteps` takes (250, "250", "ddim50", ...).
     """
     if name == "ddpm":
-        return DDPMSampler(steps, num_train_timesteps)
+        return DDPMSampler(steps, num_train_timesteps, clip_denoised=clip_denoised)
     if name == "ddim":
-        return DDIMSampler(steps, num_train_timesteps, eta=eta)
+        return DDIMSampler(steps, num_train_timesteps, eta=eta, clip_denoised=clip_denoised)
     if name == "flow":
         return FlowEulerSampler(int(steps) if str(steps).isdigit() else steps, shift=shift)
     raise ValueError(f"sampler={name!r}: expected one of {', '.join(SAMPLERS)}")

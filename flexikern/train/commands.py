@@ -37,6 +37,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="shapes / image folder: image side in pixels (default: 16)")
     g.add_argument("--teacher-steps", type=_positive_int, default=50,
                    help="teacher: DDPM steps per sample (default: 50)")
+    g.add_argument("--teacher-clip", action="store_true",
+                   help="teacher: clip predicted x0 to [-1, 1] while sampling (pixel-space models)")
 
 
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -> None:
@@ -73,7 +75,8 @@ def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, model: 
                 parser.error("--data teacher: data-free distillation needs a model to sample from (finetune)")
             cache = Path(args.out) / "teacher_samples.npz"
             return teacher_samples(model, args.num_images, steps=args.teacher_steps, cache=cache,
-                                   seed=args.seed, progress=not args.no_progress)
+                                   seed=args.seed, progress=not args.no_progress,
+                                   clip_denoised=args.teacher_clip)
         path = Path(spec)
         if path.is_dir():
             return image_folder(path, args.image_size)

@@ -133,13 +133,14 @@ def shapes_data(n: int, size: int = 16, seed: int = 0) -> TensorData:
 
 def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLike | None = None,
                     seed: int = 0, guidance_scale: float = 1.0, batch_size: int = 256,
-                    sampler: str = "ddpm", progress: bool = False) -> TensorData:
+                    sampler: str = "ddpm", progress: bool = False, clip_denoised: bool = False) -> TensorData:
     """x0 for data-free distillation: `n` class-balanced samples of the teacher at its original size.
 
     With `cache`, an existing file is reused (if it holds `n` samples) and a new one is written.
     `guidance_scale` > 1 samples with classifier-free guidance (the teacher needs a null class).
+    `clip_denoised` clips the predicted x0 to [-1, 1] (pixel-space models).
     """
-    from flexikern.diffusion import Guidance, Schedule, sample
+    from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 
     if cache is not None and Path(cache).exists():
         data = TensorData.from_npz(cache)
@@ -151,7 +152,8 @@ def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLik
     chunks = []
     for start in range(0, n, batch_size):
         yb = y[start:start + batch_size]
-        chunks.append(sample(model, yb, schedule, guidance, sampler=sampler, progress=progress,
+        chunks.append(sample(model, yb, schedule, guidance, progress=progress,
+                             sampler=make_sampler(sampler, steps, clip_denoised=clip_denoised),
                              seed=[seed * 1_000_003 + i for i in range(start, start + len(yb))]).cpu())
     data = TensorData(torch.cat(chunks), y)
     if cache is not None:

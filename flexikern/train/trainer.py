@@ -95,11 +95,14 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        """One update; with `step` (0-based) the decay warms up as min(decay, (1 + step) / (10 + step)),
+        so that short runs are not dominated by the initial weights (0.999^1000 is still 0.37)."""
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         ema = dict(self.model.named_parameters())
         for name, param in model.named_parameters():
             if param.requires_grad:
-                ema[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+                ema[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -277,7 +280,7 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0
                      else torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params)))
         opt.step()
-        ema.update(model)
+        ema.update(model, step)
 
         if world > 1:
             dist.all_reduce(stats)
