@@ -57,7 +57,7 @@ else:
     MODEL_NAME, DTYPE = "toy (2 blocks, width 64)", torch.float32
     CONFIG = dict(input_size=16, depth=2, hidden_size=64, num_heads=4, num_classes=10)
     BATCHES, STEPS = (2,), int(os.environ.get("FLEXIKERN_BENCH_STEPS", "4"))
-    ROUNDS = {2: 5}
+    ROUNDS = {2: 10}
     MATMUL_REPEATS = 2
 GUIDANCE = Guidance(1.5, "flexi")
 
