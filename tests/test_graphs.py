@@ -180,6 +180,28 @@ def test_caching_logic_with_a_fake_capture(monkeypatch):
     assert len(runner) == 0 and runner.keys() == []
 
 
+def test_text_conditions_rebound_with_a_fake_capture(monkeypatch):
+    """A text-conditioned model: the TextCondition's tensors are static buffers refilled per run,
+    and their shapes are part of the key (a longer caption is another graph)."""
+    from test_pixart import text, tiny_flexi   # skips without diffusers
+    def capture(entry, pool, warmup):
+        entry.graph = FakeGraph(entry._step)
+    monkeypatch.setattr(graphs._PhaseGraph, "capture", capture)
+    monkeypatch.setattr(GraphRunner, "_can_capture", lambda self, x: True)
+    monkeypatch.setattr(GraphRunner, "_new_pool", lambda self: "pool")
+    model, _ = tiny_flexi()
+    kw = dict(schedule=Schedule.weak_first(4, 2, weak=4, powerful=2), guidance=Guidance(2.0, "cfg"),
+              progress=False, seed=0)
+    runner = GraphRunner()
+    for seed in (0, 1):
+        y = text(n=2, seed=seed)
+        assert torch.equal(sample(model, y, cuda_graphs=runner, **kw), sample(model, y, **kw))
+    assert runner.captures == 2
+    longer = text(n=2, length=7, seed=2)
+    assert torch.equal(sample(model, longer, cuda_graphs=runner, **kw), sample(model, longer, **kw))
+    assert runner.captures == 4
+
+
 def test_cpu_warning_once(model, fresh_warning):
     sched = Schedule.static(2, 2)
     with warnings.catch_warnings(record=True) as caught:

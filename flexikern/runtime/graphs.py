@@ -12,8 +12,12 @@ How (the stable-fast / vLLM recipe):
   (`copy_`, device to device) before `replay()`. The sampler runs at "step 0" of a one-row view of
   its tables, so no step index is read on the host: indexing a table with a 0-dim device tensor
   calls `.item()`, a host sync that breaks capture and would bake one step into the graph.
-* The class labels are static buffers too, so repeated sampling with new labels replays the same
-  graphs (count: `GraphRunner.captures`).
+* The conditions are static buffers too (class labels; the tensors of a text condition), so
+  repeated sampling with new labels replays the same graphs (count: `GraphRunner.captures`);
+  their shapes are part of the key.
+* Inside a graph the two branches of a mixed-size step run as two forwards, never packed:
+  building a `Packing` copies host lists to the device, which capture does not allow (and graphs
+  already remove the launch overhead packing saves).
 * Warm-up runs on a side stream (Triton autotuning, cuBLAS/attention workspaces, cached resized
   weights and positional tables all happen there), then capture into one memory pool per runner
   (`torch.cuda.graph_pool_handle()`); a model lives on one device, so that is one pool per device.
@@ -61,18 +65,19 @@ class GraphKey:
     sampler: tuple               # (class name, stochastic, coefficients per step)
     device: str
     backends: tuple              # forced backends at capture time
+    conditions: tuple = ()       # (name, shapes and dtypes) of the denoiser's condition tensors
 
 
 def graph_key(cond_size: Size, guid_size: Size | None, *, rule: str, guidance: Any, batch: int,
               state_dtype: torch.dtype, model_dtype: torch.dtype, sampler: tuple, device: str,
-              backends: tuple = ()) -> GraphKey:
+              backends: tuple = (), conditions: tuple = ()) -> GraphKey:
     """The cache key of one phase. A conditional-only step ("cond") ignores the guidance settings,
     so such graphs are shared across guidance scales and modes."""
     if rule == "cond":
         guid_size, guidance = None, None
     return GraphKey(tuple(cond_size), tuple(guid_size) if guid_size is not None else None, rule,
                     guidance, int(batch), state_dtype, model_dtype, tuple(sampler), str(device),
-                    tuple(backends))
+                    tuple(backends), tuple(conditions))
 
 
 def plan_phases(phases: Sequence[Phase], key: Callable[[Size, Size | None], GraphKey],
@@ -93,6 +98,40 @@ def _forced_backends() -> tuple:
     return tuple((op, forced_backend(op)) for op in sorted(backends()) if forced_backend(op))
 
 
+def _condition_tensors(value: Any) -> dict[str, torch.Tensor | None] | None:
+    """The tensors of a condition: {"": t} for a tensor, the tensor fields of an object holding
+    tensors (a TextCondition: embeds, mask), None for anything else (not a condition)."""
+    if isinstance(value, torch.Tensor):
+        return {"": value}
+    if isinstance(value, torch.nn.Module):   # the model: its weights are not per-run inputs
+        return None
+    fields = getattr(value, "__dict__", None)
+    if not fields or not any(isinstance(v, torch.Tensor) for v in fields.values()):
+        return None
+    return {k: v for k, v in fields.items() if isinstance(v, torch.Tensor) or v is None}
+
+
+def _clone_condition(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    clone = copy.copy(value)
+    for name, tensor in _condition_tensors(value).items():
+        object.__setattr__(clone, name, tensor.clone() if tensor is not None else None)   # frozen dataclasses too
+    return clone
+
+
+def _conditions(denoiser: Any) -> dict[str, dict[str, torch.Tensor | None]]:
+    """The denoiser's per-run conditions (labels, null labels, their batched concatenation, ...)."""
+    found = {name: _condition_tensors(value) for name, value in vars(denoiser).items()}
+    return {name: tensors for name, tensors in found.items() if tensors is not None}
+
+
+def _conditions_signature(denoiser: Any) -> tuple:
+    return tuple((name, tuple((field, None if t is None else (tuple(t.shape), t.dtype))
+                              for field, t in sorted(tensors.items())))
+                 for name, tensors in sorted(_conditions(denoiser).items()))
+
+
 def _weights_stamp(model: Any) -> tuple:
     # Parameters are read in place by the graphs, and resized kernels are cached per version.
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
@@ -111,12 +150,13 @@ class _PhaseGraph:
         # A one-row view of the sampler's tables: the step runs at k = 0 of it.
         static_sampler = copy.copy(sampler)
         static_sampler.model_timesteps, static_sampler.table = self.t, self.coefficients
-        # The denoiser with its own label tensors (y, null labels, ...), refilled per run.
+        # The denoiser with its own condition tensors (labels, null labels, ...), refilled per run.
         denoiser = copy.copy(loop.denoiser)
-        self.labels = {name: value.clone() for name, value in vars(denoiser).items()
-                       if isinstance(value, torch.Tensor)}
-        for name, value in self.labels.items():
-            setattr(denoiser, name, value)
+        for name in _conditions(denoiser):
+            setattr(denoiser, name, _clone_condition(getattr(denoiser, name)))
+        self.conditions = _conditions(denoiser)
+        if getattr(denoiser, "packed", False):
+            denoiser.packed = False   # see the module docstring
         step_loop = copy.copy(loop)
         step_loop.sampler, step_loop.denoiser = static_sampler, denoiser
         self._step = lambda: self.x.copy_(step_loop.step(self.x, 0, self.noise, cond_size, guid_size))
@@ -148,10 +188,13 @@ class _PhaseGraph:
         self._step = None
 
     def bind(self, loop: Any, x: torch.Tensor) -> None:
-        """Copy this run's state and labels into the static buffers."""
+        """Copy this run's state and conditions into the static buffers."""
         self.x.copy_(x)
-        for name, buffer in self.labels.items():
-            buffer.copy_(getattr(loop.denoiser, name))
+        current = _conditions(loop.denoiser)
+        for name, buffers in self.conditions.items():
+            for field, buffer in buffers.items():
+                if buffer is not None:
+                    buffer.copy_(current[name][field])
 
     def run_step(self, loop: Any, k: int, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         sampler = loop.sampler
@@ -233,7 +276,8 @@ class GraphRunner:
                          guidance=loop.guidance, batch=x.shape[0], state_dtype=x.dtype,
                          model_dtype=denoiser.dtype,
                          sampler=(type(sampler).__name__, bool(sampler.stochastic), sampler.table.shape[1]),
-                         device=str(x.device), backends=backends)
+                         device=str(x.device), backends=backends,
+                         conditions=_conditions_signature(denoiser))
 
     def _entry(self, key: GraphKey, loop: Any, x: torch.Tensor, cond_size: Size,
                guid_size: Size | None, capture: bool) -> _PhaseGraph:
