@@ -6,14 +6,16 @@
 #
 # Stages run under `timeout` against one deadline (FLEXIKERN_GPU_CHECK_BUDGET seconds, default
 # 530, i.e. < 9 minutes), each printing its wall time, so that a hang cannot eat the budget:
-#   1. build      pip install --no-build-isolation --no-deps -e .  (only this card's CUDA arch)
-#   2. gpu tests  every tests/ file that mentions CUDA, with TRITON_INTERPRET unset: Triton
+#   1. build      pip install --no-build-isolation --no-deps -e .  (only this card's CUDA arch),
+#                 then a check that the extension has its CUDA kernels
+#   2. info       python -m flexikern.info (versions, backends and why not)
+#   3. gpu tests  every tests/ file that mentions CUDA, with TRITON_INTERPRET unset: Triton
 #                 kernels compile and run on the GPU, not in the interpreter
-#   3. e2e bench  benchmarks/test_bench_e2e.py (DiT-XL/2 sizes), its own JSON, so that a later
+#   4. e2e bench  benchmarks/test_bench_e2e.py (DiT-XL/2 sizes), its own JSON, so that a later
 #                 stage running out of time cannot lose it
-#   4. op benches the other benchmarks/ suites (GPU sizes); JSON rows carry device and versions
-#   5. render     results.md + e2e.png; the table (and the goals) printed last
-#   6. cpu tests  the rest of tests/, if time is left (CI already runs them on CPU)
+#   5. op benches the other benchmarks/ suites (GPU sizes); JSON rows carry device and versions
+#   6. render     results.md + e2e.png; the table (and the goals) printed last
+#   7. cpu tests  the rest of tests/, if time is left (CI already runs them on CPU)
 # Knobs: PYTHON (default: python3), FLEXIKERN_BENCH_STEPS (timed steps of the e2e benchmark,
 # default 25; images/s is extrapolated to 250 steps), FLEXIKERN_GPU_CHECK_BUDGET, and for a dry
 # run of this script on a CPU machine FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 (results go to
