@@ -15,13 +15,16 @@ do not depend on the device, the batch they are in, or how a run is sharded acro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
 from flexikern.diffusion.schedule import Schedule
+
+if TYPE_CHECKING:
+    from flexikern.runtime.graphs import GraphRunner
 
 __all__ = ["sample", "DenoisingLoop", "StepNoise", "sample_seeds", "LATENT_SCALE"]
 
@@ -80,7 +83,7 @@ def _labels(model: Any, y: Any, device: torch.device) -> torch.Tensor:
 def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = None,
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
-           shift: float = 1.0, cuda_graphs: Any = False, noise_device: str = "cpu",
+           shift: float = 1.0, cuda_graphs: bool | GraphRunner = False, noise_device: str = "cpu",
            packed: bool | None = None) -> torch.Tensor:
     """Sample from a (flexible) DiT with a patch-size schedule.
 
