@@ -19,7 +19,12 @@ if [[ ! -f "$stamp" || requirements-dev.txt -nt "$stamp" ]]; then
   "$PY" -m pip install -q --no-deps "diffusers==0.42.1"
   touch "$stamp"
 fi
-"$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$|WARNING: Location|editable|\*\*\*|!!|precedence|name as your package|Please be careful" || true
+# The package and its C++ extension (incremental: a rebuild with nothing changed takes seconds).
+if ! "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$VENV/.install.log" 2>&1; then
+  cat "$VENV/.install.log" >&2
+  echo "run.sh: installing flexikern failed (log above)" >&2
+  exit 1
+fi
 job=${1:-demo}
 shift || true
 case "$job" in
