@@ -125,8 +125,10 @@ def test_cpu_graphed_equals_eager(model, guidance, fresh_warning):
     assert runner.eager_steps == 8 and runner.captures == 0 and len(runner) == 0
     # Through the default runner (short phases run by the plain loop), and for DDIM.
     assert torch.equal(sample(model, [1, 7, 10], cuda_graphs=True, **kw), eager)
-    ddim = dict(kw, sampler=make_sampler("ddim", 8, eta=0.5))
-    assert torch.equal(sample(model, [1, 7, 10], cuda_graphs=runner, **ddim), sample(model, [1, 7, 10], **ddim))
+    for other in (make_sampler("ddim", 8, eta=0.5), make_sampler("flow", 8)):   # stochastic or not
+        kw_other = dict(kw, sampler=other)
+        assert torch.equal(sample(model, [1, 7, 10], cuda_graphs=runner, **kw_other),
+                           sample(model, [1, 7, 10], **kw_other))
 
 
 class FakeGraph:
