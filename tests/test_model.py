@@ -376,6 +376,8 @@ def test_forward_packed_equals_per_sample(adapter):
             alone = model(x[None], t[i:i + 1], y[i:i + 1], patch_size=p)[0]
             assert packed[i].shape == alone.shape
             assert rel_err(packed[i], alone) <= 1e-5, i
+        again = model.forward_packed(xs, t, y, sizes)      # the packing is cached per signature
+    assert len(model._packings) == 1 and all(torch.equal(a, b) for a, b in zip(again, packed))
 
 
 def test_forward_packed_gradients_match():

@@ -190,6 +190,7 @@ class FlexiDiT(nn.Module):
         self.lora_rank: int | None = None
         self.gradient_checkpointing = False
         self._checked_labels: list[tuple[weakref.ref, int]] = []
+        self._packings: dict = {}
 
         self.x_embedder = FlexiPatchEmbed(in_channels, hidden_size, self.original_patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
@@ -282,25 +283,27 @@ class FlexiDiT(nn.Module):
                              "FlexiDiT.flexify or from_dit(..., patch_sizes=...))")
         return patch
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, patch: tuple[int, int]):
+    def _check_x(self, x: torch.Tensor, patch: tuple[int, int], name: str = "x") -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"x: expected (N, C, H, W), got "
+            raise ValueError(f"{name}: expected (N, C, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"x: {x.shape[1]} channels, but the model expects in_channels={self.in_channels}")
+            raise ValueError(f"{name}: {x.shape[1]} channels, but the model expects in_channels={self.in_channels}")
         if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
         if x.shape[2] % patch[0] or x.shape[3] % patch[1]:
-            raise ValueError(f"x: H, W = {tuple(x.shape[2:])} are not multiples of patch_size {patch}")
-        n = x.shape[0]
+            raise ValueError(f"{name}: H, W = {tuple(x.shape[2:])} are not multiples of patch_size {patch}")
+
+    def _check_conditions(self, t, y, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, y) as (n,) tensors on `device`; labels range-checked (once per label tensor)."""
         if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t, device=x.device)
+            t = torch.as_tensor(t, device=device)
         if t.dim() == 0:
             t = t.expand(n)
         if t.shape != (n,):
             raise ValueError(f"t: expected shape ({n},) to match x's batch, got {tuple(t.shape)}")
         if not isinstance(y, torch.Tensor):
-            y = torch.as_tensor(y, device=x.device)
+            y = torch.as_tensor(y, device=device)
         if y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError(f"y: expected integer class labels of shape ({n},), got "
                              f"{y.dtype} {tuple(y.shape)}")
@@ -313,7 +316,7 @@ class FlexiDiT(nn.Module):
                 raise ValueError(f"y: labels must be in [0, {rows - 1}]{null}; got values in [{lo}, {hi}]")
             if not y.is_inference():
                 self._checked_labels = [*self._checked_labels[-3:], (weakref.ref(y), y._version)]
-        return t.to(x.device), y.to(x.device)
+        return t.to(device), y.to(device)
 
     def _labels_checked(self, y: torch.Tensor) -> bool:
         """Whether this very label tensor, unmodified, was validated before (a sampler reuses it)."""
@@ -340,7 +343,8 @@ class FlexiDiT(nn.Module):
             (N, out_channels, H, W): eps (and the variance interpolation with learn_sigma).
         """
         patch = self._patch(patch_size)
-        t, y = self._check_inputs(x, t, y, patch)
+        self._check_x(x, patch)
+        t, y = self._check_conditions(t, y, x.shape[0], x.device)
         key, size = size_key(patch), tuple(x.shape[2:])
         weight = self.t_embedder.mlp[0].weight
         pos = self.pos_embed(size, patch, device=x.device, dtype=weight.dtype)
@@ -377,28 +381,16 @@ class FlexiDiT(nn.Module):
             if not isinstance(x, torch.Tensor) or x.dim() != 3:
                 raise ValueError(f"xs[{i}]: expected (C, H, W), got "
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-            self._check_inputs(x[None], t[i:i + 1], y[i:i + 1], p)
+            self._check_x(x[None], p, f"xs[{i}]")
         device, dtype = xs[0].device, self.t_embedder.mlp[0].weight.dtype
-        # Samples sorted by (patch size, resolution): each group is embedded in one batched call.
-        order = sorted(range(len(xs)), key=lambda i: (patches[i], tuple(xs[i].shape[1:])))
-        runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
-        for i in order:
-            p, size = patches[i], tuple(xs[i].shape[1:])
-            if runs and runs[-1][:2] == (p, size):
-                runs[-1][2].append(i)
-            else:
-                runs.append((p, size, [i]))
-        tokens, lengths, keys = [], [], []
+        t, y = self._check_conditions(t, y, len(xs), device)
+        runs, order, packing = self._packing([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], device)
+        tokens = []
         for p, size, members in runs:
-            key = size_key(p)
             pos = self.pos_embed(size, p, device=device, dtype=dtype)
-            h = self.x_embedder(torch.stack([xs[i] for i in members]), key, pos)
+            h = self.x_embedder(torch.stack([xs[i] for i in members]), size_key(p), pos)
             tokens.append(h.reshape(-1, h.shape[-1]))
-            lengths += [h.shape[1]] * len(members)
-            keys += [key] * len(members)
-        packing = Packing.from_lengths(lengths, keys, device)
-        order_t = torch.tensor(order, device=device)
-        t, y = t.to(device)[order_t], y.to(device)[order_t]
+        t, y = t[order], y[order]
         h = torch.cat(tokens)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -414,6 +406,26 @@ class FlexiDiT(nn.Module):
                 outputs[i] = out[j]
             start += n
         return outputs
+
+    def _packing(self, samples: list[tuple[tuple[int, int], tuple[int, int]]], device: torch.device):
+        """Groups, packed order and `Packing` for samples' (patch size, resolution), cached per
+        signature: after the first call nothing is copied from the host (CUDA-graph capturable)."""
+        signature = (tuple(samples), device)
+        hit = self._packings.get(signature)
+        if hit is None:
+            # Samples sorted by (patch size, resolution): each group is embedded in one batched call.
+            order = sorted(range(len(samples)), key=lambda i: samples[i])
+            runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
+            for i in order:
+                if runs and runs[-1][:2] == samples[i]:
+                    runs[-1][2].append(i)
+                else:
+                    runs.append((*samples[i], [i]))
+            lengths = [(s[0] // p[0]) * (s[1] // p[1]) for p, s in (samples[i] for i in order)]
+            keys = [size_key(samples[i][0]) for i in order]
+            hit = (runs, torch.tensor(order, device=device), Packing.from_lengths(lengths, keys, device))
+            self._packings = {**dict(list(self._packings.items())[-15:]), signature: hit}
+        return hit
 
     # ------------------------------------------------------------------ accounting
     def flops(self, patch_size: int | tuple[int, int] | None = None, batch: int = 1,
