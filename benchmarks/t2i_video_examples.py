@@ -43,7 +43,28 @@ def build(kind: str):
     if kind == "t2i":
         return FlexiPixArt(patch_size=2, depth=3, **common)
     from flexikern.models.video import FlexiLatte
-    return FlexiLatte(patch_size=(1, 2, 2), num_frames=4, depth=2, **common)
+    return FlexiLatte(patch_size=(1, 2, 2), num_frames=4, depth=3, **common)
+
+
+def init_from_image_model(video, image) -> None:
+    """Latte's recipe: spatial blocks, embedders and output from a text-to-image model (its ORIGINAL
+    size tensors; LoRA and weak sizes are not copied); temporal blocks start as the identity (zero
+    output projections), so at init the video model is the image model applied per frame, plus
+    the temporal positions Latte adds to the stream."""
+    state = {k: v for k, v in image.state_dict().items() if "lora_" not in k}
+    key_2d, key_3d = "x".join(map(str, image.original_patch_size)), "x".join(map(str, video.original_patch_size))
+    ours = video.state_dict()
+    for name, value in state.items():
+        target = name.replace("." + key_2d, "." + key_3d) if name.endswith(key_2d) else name
+        if target not in ours:
+            continue
+        ours[target] = value[:, :, None] if target == f"x_embedder.weight.{key_3d}" else value
+    video.load_state_dict(ours)
+    with torch.no_grad():
+        for block in video.temporal_blocks:
+            for linear in (block.attn.proj, block.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
 
 
 def weak_sizes(kind: str):
@@ -69,7 +90,8 @@ def fit(model, x, cond, minutes: float, recipe: str, lr: float, batch: int, log:
     g = torch.Generator().manual_seed(seed)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = EMA(model, 0.999) if recipe == "pretrain" else None
+    # A short run: a slow EMA would still hold much of the random init (0.999^800 = 0.45).
+    ema = EMA(model, 0.99) if recipe == "pretrain" else None
     weak = [p for p in model.patch_sizes if p != model.original_patch_size]
     model.train()
     start, step, losses = time.time(), 0, []
@@ -156,10 +178,20 @@ def evaluate(kind: str, model, out: Path, n: int, steps: int, seeds, scale: floa
                 schedules.append(("flexi", Schedule.for_budget(model, steps, level, weak=weak), weak))
             except ValueError:
                 pass
+    if kind == "video":   # three phases: spatially weak, temporally weak, powerful
+        for a, b in ((8, 6), (10, 6), (12, 4), (14, 4)):
+            sizes = [(1, 4, 4)] * a + [(2, 2, 2)] * b + [powerful] * (steps - a - b)
+            schedules.append(("flexi_3phase", Schedule.from_list(sizes), "1x4x4+2x2x2"))
     for k in (round(0.6 * steps), round(0.4 * steps)):
         schedules.append(("fewer_steps", Schedule.static(k, powerful), None))
     rows = []
+    other, _, _, _ = dataset(kind, n, seed=3)    # real data of the sample count: the FD floor
+    rows.append({"method": "real data", "weak": None, "schedule": None, "relative_flops": 0.0,
+                 "fd": frechet_distance(*feature_stats(classify(clf, frames(other))[0]), mu_r, s_r),
+                 "fd_std": 0.0})
     real_tc = temporal_consistency(clf, real) if kind == "video" else None
+    if kind == "video":
+        rows[0].update(temporal_consistency=temporal_consistency(clf, other), temporal_consistency_real=real_tc)
     for method, sched, weak in schedules:
         fds, tcs = [], []
         for seed in seeds:
@@ -171,7 +203,7 @@ def evaluate(kind: str, model, out: Path, n: int, steps: int, seeds, scale: floa
             if kind == "video":
                 tcs.append(temporal_consistency(clf, x))
         rel = sched.relative_flops(model) * sched.num_steps / steps
-        row = {"method": method, "weak": list(weak) if weak else None, "schedule": repr(sched),
+        row = {"method": method, "weak": (list(weak) if isinstance(weak, tuple) else weak), "schedule": repr(sched),
                "relative_flops": round(rel, 4), "fd": float(np.mean(fds)), "fd_std": float(np.std(fds))}
         if kind == "video":
             row.update(temporal_consistency=float(np.mean(tcs)), temporal_consistency_real=real_tc)
@@ -199,7 +231,10 @@ def write(kind: str, rows: list[dict], meta: dict) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key in sorted({(r["method"], str(r["weak"])) for r in rows}):
+        for r in rows:
+            if r["method"] == "real data":
+                ax.axhline(r["fd"], color="gray", ls="--", lw=1, label="real data (floor)")
+        for key in sorted({(r["method"], str(r["weak"])) for r in rows if r["method"] != "real data"}):
             pts = sorted((r["relative_flops"], r["fd"]) for r in rows if (r["method"], str(r["weak"])) == key)
             ax.plot(*zip(*pts), "o-", label=f"{key[0]} {key[1] if key[1] != 'None' else ''}")
         ax.set_xlabel("relative FLOPs")
@@ -222,13 +257,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--eval-only", action="store_true", help="evaluate the shipped asset")
-    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--samples", type=int, default=None, help="samples per point (t2i 300, video 150)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--guidance-scale", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.samples = args.samples or (300 if args.kind == "t2i" else 150)
     torch.manual_seed(0)
     out = Path(args.out or ROOT / "runs" / args.kind)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,6 +278,9 @@ def main(argv=None) -> int:
     else:
         x, cond, _, _ = dataset(args.kind, args.train_size, seed=0)
         model = build(args.kind)
+        image_asset = ROOT / "flexikern" / "assets" / "t2i"
+        if args.kind == "video" and (image_asset / "model.safetensors").exists():
+            init_from_image_model(model, FlexiPixArt.from_pretrained(image_asset))
         log = out / "log.jsonl"
         log.write_text("")
         model, n_pre = fit(model, x, cond, args.pretrain_min, "pretrain", 1e-3, args.batch, log)
