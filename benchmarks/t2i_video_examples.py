@@ -254,8 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-min", type=float, default=6.0)
     ap.add_argument("--distill-min", type=float, default=3.0)
     ap.add_argument("--train-size", type=int, default=20000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="t2i 48, video 32")
+    ap.add_argument("--lora-rank", type=int, default=None, help="t2i 16, video 8 (LoRA FLOPs matter at width 64)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the shipped asset")
     ap.add_argument("--samples", type=int, default=None, help="samples per point (t2i 300, video 150)")
     ap.add_argument("--steps", type=int, default=20)
@@ -265,6 +265,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.samples = args.samples or (300 if args.kind == "t2i" else 150)
+    args.batch = args.batch or (48 if args.kind == "t2i" else 32)
+    args.lora_rank = args.lora_rank or (16 if args.kind == "t2i" else 8)
     torch.manual_seed(0)
     out = Path(args.out or ROOT / "runs" / args.kind)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +293,8 @@ def main(argv=None) -> int:
                     "distill_minutes": args.distill_min, "batch": args.batch, "train_size": args.train_size,
                     "lora_rank": args.lora_rank,
                     "command": f"python benchmarks/t2i_video_examples.py {args.kind} --pretrain-min "
-                               f"{args.pretrain_min} --distill-min {args.distill_min}"}
+                               f"{args.pretrain_min} --distill-min {args.distill_min} --batch {args.batch} "
+                               f"--lora-rank {args.lora_rank}"}
         (asset / "training.json").write_text(json.dumps(training, indent=2))
         meta.update(training)
     rows = evaluate(args.kind, model, out, args.samples, args.steps, args.seeds, args.guidance_scale)
