@@ -273,7 +273,7 @@ def load_shipped() -> tuple[Any, ShapesClassifier]:
 @dataclass
 class EvalSettings:
     steps: int = 20
-    num_samples: int = 500
+    num_samples: int = 200
     seeds: tuple[int, ...] = (0, 1, 2)
     sampler: str = "ddim"
     guidance_scale: float = 1.0
@@ -408,7 +408,7 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--classifier", default=None, help="classifier .safetensors (default: the shipped one)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
     p.add_argument("--quick", action="store_true", help="fewer samples, one seed (a few minutes on 2 cores)")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per point and seed (default 500; quick 200)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per point and seed (default 200; quick 100)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the static model (default: 20)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
@@ -435,7 +435,7 @@ def run_eval(args: argparse.Namespace) -> int:
             classifier = ShapesClassifier.load(args.classifier)
     quick = args.quick
     settings = EvalSettings(
-        steps=args.steps, num_samples=args.num_samples or (200 if quick else 500),
+        steps=args.steps, num_samples=args.num_samples or (100 if quick else 200),
         seeds=tuple(range(args.seeds or (1 if quick else 3))), sampler=args.sampler,
         guidance_scale=args.guidance, guidance_mode=args.guidance_mode if args.guidance != 1.0 else "none",
         methods=tuple(m.strip() for m in args.methods.split(",")),
@@ -509,7 +509,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"class accuracy {results[name][3]:.3f}")
     print(f"speed-up {results['static'][1] / results['flexidit'][1]:.2f}x for {relative:.2f} of the FLOPs "
           f"(same noise: samples i of both runs start from the same x_T)")
-    cols = 2 * model.num_classes
+    cols = min(2 * model.num_classes, n)
     fig, axes = plt.subplots(2, cols, figsize=(cols * 0.8, 2.2))
     for row, name in enumerate(("static", "flexidit")):
         images, _ = to_uint8(results[name][0][:cols])

@@ -167,3 +167,14 @@ def test_eval_quick_writes_the_files(tmp_path):
         if r["method"] != "static":
             assert r["relative_flops"] <= r["level"] + 0.07, r   # at or near the nominal level
     assert "| flexi |" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
+    from flexikern.cli import main
+    from flexikern.evaluate import load_shipped
+    model, _ = load_shipped()
+    assert model.patch_sizes == ((2, 2), (4, 4)) and model.input_size == 16
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--num-samples", "10", "--steps", "4"]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 0 and "relative FLOPs" in text and "FD" in text and "speed-up" in text

@@ -301,3 +301,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     a, b = _state(tmp_path / "one"), _state(tmp_path / "two")
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    data = tiny_data()
+    for name, gc in (("plain", False), ("gc", True)):
+        train(tiny_model(trained=True).flexify([2, 4], adapter="shared"), data,
+              cfg(tmp_path, name, recipe="shared", steps=3, ckpt_every=3, gradient_checkpointing=gc))
+    a, b = _state(tmp_path / "plain"), _state(tmp_path / "gc")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-6, atol=1e-7)
