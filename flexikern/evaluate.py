@@ -292,7 +292,10 @@ def _schedules(model: Any, s: EvalSettings, guided: bool) -> list[tuple[str, flo
     for level in s.levels:
         if level >= 1.0:
             continue
-        flexi = Schedule.for_budget(model, s.steps, level, guidance=guided)
+        # "x/x": both branches share a size at every step, so every step is ordinary CFG (the best
+        # guidance for the static model); for_budget's default would also search x/y schedules,
+        # which on a tie prefer a weak guidance branch (FlexiDiT's weak-model guidance rule).
+        flexi = Schedule.for_budget(model, s.steps, level, guidance=guided, equal_branches=True)
         if "flexi" in s.methods:
             out.append(("flexi", level, flexi, s.steps))
         if "weak_last" in s.methods:
@@ -466,7 +469,10 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--out", default="out/demo.png", help="PNG path (default: out/demo.png)")
     p.add_argument("--budget", type=float, default=0.6, help="relative FLOPs of the FlexiDiT schedule (default 0.6)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    p.add_argument("--num-samples", type=int, default=200, help="samples for the quality figures (default 200)")
+    p.add_argument("--num-samples", type=int, default=100, help="samples for the quality figures (default 100)")
+    p.add_argument("--guidance", type=float, default=5.0,
+                   help="guidance scale (default 5: the best of 1/1.5/3/5/8 for the static shipped model)")
+    p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="flexi")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; small models run faster on one thread of a busy CPU)")
@@ -480,19 +486,22 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from flexikern.cli import to_uint8
     from flexikern.datasets import CLASS_NAMES, shapes_split
-    from flexikern.diffusion import Schedule
+    from flexikern.diffusion import Guidance, Schedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, classifier = load_shipped()
+    guidance = Guidance(args.guidance, args.guidance_mode if args.guidance != 1.0 else "none")
     static = Schedule.static(args.steps, model.original_patch_size)
     try:
-        flexi = Schedule.for_budget(model, args.steps, args.budget, guidance=False)
+        flexi = Schedule.for_budget(model, args.steps, args.budget, guidance=guidance.enabled,
+                                    equal_branches=True)
     except ValueError as e:
         args.parser.error(f"--budget: {e}")
-    relative = flexi.relative_flops(model, guidance=False)
+    relative = flexi.relative_flops(model, guidance=guidance.enabled)
     print(f"model: flexikern/assets/shapes16 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters, patch sizes {[p[0] for p in model.patch_sizes]}), DDIM {args.steps} steps")
+          f"parameters, patch sizes {[p[0] for p in model.patch_sizes]}), DDIM {args.steps} steps, "
+          f"guidance {guidance.mode} {guidance.scale}")
     print(f"FlexiDiT schedule {flexi!r}: relative FLOPs {relative:.3f} "
           f"(F(4x4)/F(2x2) = {model.flops(4) / model.flops(2):.3f})")
     x_ref, _ = shapes_split("heldout", 1000, size=model.input_size)
@@ -500,9 +509,9 @@ def run_demo(args: argparse.Namespace) -> int:
     n = max(args.num_samples, model.num_classes)
     results = {}
     for name, schedule in (("static", static), ("flexidit", flexi)):
-        generate(model, schedule, None, 8, args.seed)                 # warm-up, not timed
+        generate(model, schedule, guidance, 8, args.seed)             # warm-up, not timed
         start = time.perf_counter()
-        x, y = generate(model, schedule, None, n, args.seed)
+        x, y = generate(model, schedule, guidance, n, args.seed)
         seconds = time.perf_counter() - start
         feats, pred = classify(classifier, x)
         results[name] = (x, seconds, frechet_distance(*feature_stats(feats), mu_ref, sigma_ref),
