@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import platform
-import sys
 
 import torch
 

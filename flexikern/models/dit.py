@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from flexikern import ops
-from flexikern.flexi.layers import (FlexiDeEmbed, FlexiPatchEmbed, LoRALinear, SizeLayerNorm,
-                                    size_key)
+from flexikern.flexi.layers import FlexiDeEmbed, FlexiPatchEmbed, LoRALinear, SizeLayerNorm, size_key
 from flexikern.flexi.pos_embed import sincos_2d
 from flexikern.flexi.resize import as_size
+from flexikern.models.base import FlexibleModel, add_adapters, check_timesteps
 from flexikern.runtime.packing import Packing
 
 __all__ = ["FlexiDiT", "DIT_CONFIGS", "ADAPTERS"]
@@ -159,7 +159,7 @@ class FinalLayer(nn.Module):
         return modulate(self.norm_final(x, key), shift, scale)
 
 
-class FlexiDiT(nn.Module):
+class FlexiDiT(FlexibleModel, nn.Module):
     """Diffusion model with a Transformer backbone that runs each step at any configured patch size.
 
     With `patch_sizes=(patch_size,)` it is DiT. More sizes add weak modes through `adapter`:
@@ -190,7 +190,6 @@ class FlexiDiT(nn.Module):
         self.lora_rank: int | None = None
         self.gradient_checkpointing = False
         self._checked_labels: list[tuple[weakref.ref, int]] = []
-        self._packings: dict = {}
 
         self.x_embedder = FlexiPatchEmbed(in_channels, hidden_size, self.original_patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
@@ -251,57 +250,14 @@ class FlexiDiT(nn.Module):
         self.lora_rank = lora_rank if not shared else None
         self.x_embedder.flexify(self.original_patch_size, list(sizes), shared)
         self.final_layer.linear.flexify(self.original_patch_size, list(sizes), shared)
-        weak = [size_key(p) for p in sizes if p != self.original_patch_size]
-        ref = self.final_layer.adaLN_modulation[-1].weight
-        if shared:
-            norms = [m for m in self.modules() if isinstance(m, SizeLayerNorm)]
-            for norm in norms:
-                for p in sizes:
-                    norm.add_affine(size_key(p), device=ref.device, dtype=ref.dtype)
-        else:
-            for name, param in self.named_parameters():
-                param.requires_grad_(False)
-            for module in self.modules():
-                if isinstance(module, LoRALinear):
-                    for key in weak:
-                        module.add_adapter(key, lora_rank)
-            for key in weak:
-                for layer in (self.x_embedder, self.final_layer.linear):
-                    layer.weight[key].requires_grad_(True)
-                    layer.bias[key].requires_grad_(True)
-                self.x_embedder.size_embed[key].requires_grad_(True)
+        add_adapters(self, [size_key(p) for p in sizes], size_key(self.original_patch_size),
+                     [self.x_embedder, self.final_layer.linear], adapter, lora_rank)
         return self
 
     # ------------------------------------------------------------------ forward
-    def _patch(self, patch_size: int | tuple[int, int] | None) -> tuple[int, int]:
-        if patch_size is None:
-            return self.original_patch_size
-        patch = as_size(patch_size)
-        if patch not in self.patch_sizes:
-            raise ValueError(f"patch_size={patch_size!r} is not configured; this model has "
-                             f"patch_sizes={list(self.patch_sizes)} (make it flexible with "
-                             "FlexiDiT.flexify or from_dit(..., patch_sizes=...))")
-        return patch
-
-    def _check_x(self, x: torch.Tensor, patch: tuple[int, int], name: str = "x") -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name}: expected (N, C, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{name}: {x.shape[1]} channels, but the model expects in_channels={self.in_channels}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-        if x.shape[2] % patch[0] or x.shape[3] % patch[1]:
-            raise ValueError(f"{name}: H, W = {tuple(x.shape[2:])} are not multiples of patch_size {patch}")
-
     def _check_conditions(self, t, y, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, y) as (n,) tensors on `device`; labels range-checked (once per label tensor)."""
-        if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t, device=device)
-        if t.dim() == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t: expected shape ({n},) to match x's batch, got {tuple(t.shape)}")
+        t = check_timesteps(t, n, device)
         if not isinstance(y, torch.Tensor):
             y = torch.as_tensor(y, device=device)
         if y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
@@ -316,7 +272,7 @@ class FlexiDiT(nn.Module):
                 raise ValueError(f"y: labels must be in [0, {rows - 1}]{null}; got values in [{lo}, {hi}]")
             if not y.is_inference():
                 self._checked_labels = [*self._checked_labels[-3:], (weakref.ref(y), y._version)]
-        return t.to(device), y.to(device)
+        return t, y.to(device)
 
     def _labels_checked(self, y: torch.Tensor) -> bool:
         """Whether this very label tensor, unmodified, was validated before (a sampler reuses it)."""
@@ -407,26 +363,6 @@ class FlexiDiT(nn.Module):
             start += n
         return outputs
 
-    def _packing(self, samples: list[tuple[tuple[int, int], tuple[int, int]]], device: torch.device):
-        """Groups, packed order and `Packing` for samples' (patch size, resolution), cached per
-        signature: after the first call nothing is copied from the host (CUDA-graph capturable)."""
-        signature = (tuple(samples), device)
-        hit = self._packings.get(signature)
-        if hit is None:
-            # Samples sorted by (patch size, resolution): each group is embedded in one batched call.
-            order = sorted(range(len(samples)), key=lambda i: samples[i])
-            runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
-            for i in order:
-                if runs and runs[-1][:2] == samples[i]:
-                    runs[-1][2].append(i)
-                else:
-                    runs.append((*samples[i], [i]))
-            lengths = [(s[0] // p[0]) * (s[1] // p[1]) for p, s in (samples[i] for i in order)]
-            keys = [size_key(samples[i][0]) for i in order]
-            hit = (runs, torch.tensor(order, device=device), Packing.from_lengths(lengths, keys, device))
-            self._packings = {**dict(list(self._packings.items())[-15:]), signature: hit}
-        return hit
-
     # ------------------------------------------------------------------ accounting
     def flops(self, patch_size: int | tuple[int, int] | None = None, batch: int = 1,
               input_size: int | tuple[int, int] | None = None) -> int:
@@ -452,9 +388,6 @@ class FlexiDiT(nn.Module):
                  + cfg["depth"] * block
                  + 2 * d * 2 * d + 2 * tokens * d * volume * c_out)  # final adaLN + de-embedding
         return int(batch * total)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod

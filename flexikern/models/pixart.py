@@ -25,14 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from flexikern.flexi.layers import (FlexiDeEmbed, FlexiPatchEmbed, LoRALinear, SizeLayerNorm,
+from flexikern.flexi.layers import (FlexiDeEmbed, FlexiPatchEmbed, SizeLayerNorm,
                                     size_key)
 from flexikern.flexi.pos_embed import sincos_2d_scaled
 from flexikern.flexi.resize import as_size
+from flexikern.models.base import FlexibleModel, add_adapters, check_timesteps
 from flexikern.models.dit import ADAPTERS, Attention, Mlp, TimestepEmbedder, modulate, per_token
 from flexikern.runtime.packing import Packing
 
-__all__ = ["TextCondition", "TextConditioned", "FlexiPixArt", "PIXART_CONFIGS", "flexify_", "MASK_BIAS",
+__all__ = ["TextCondition", "TextConditioned", "FlexiPixArt", "PIXART_CONFIGS", "MASK_BIAS",
            "as_text_condition", "text_model_flops"]
 
 # diffusers turns a 0/1 text mask into this additive bias (not -inf: a fully masked row stays finite).
@@ -243,52 +244,10 @@ class PixArtFinalLayer(nn.Module):
         return self.linear(self.modulated(x, t_emb, key), key, size)
 
 
-def flexify_(model: nn.Module, keys: list[str], original: str, embedders: list[nn.Module], adapter: str,
-             lora_rank: int) -> None:
-    """The adapters of a text-conditioned model (PixArt, Latte), in place.
-
-    "lora": everything frozen; per weak size LoRA on every `LoRALinear` (self-attention, MLP), its
-    own embed/de-embed and patch-size embedding, trainable. Cross-attention is plain `nn.Linear`:
-    no LoRA, frozen (the paper's T2I/video recipe). "shared": all trainable, one kernel, per-size
-    norm affines.
-    """
-    weak = [k for k in keys if k != original]
-    if adapter == "shared":
-        for norm in (m for m in model.modules() if isinstance(m, SizeLayerNorm)):
-            for key in keys:
-                norm.add_affine(key, device=model.t_block[1].weight.device,
-                                dtype=model.t_block[1].weight.dtype)
-        return
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            for key in weak:
-                module.add_adapter(key, lora_rank)
-    for key in weak:
-        for layer in embedders:
-            layer.weight[key].requires_grad_(True)
-            layer.bias[key].requires_grad_(True)
-        embedders[0].size_embed[key].requires_grad_(True)
-
-
-def check_timesteps(t, n: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t, device=device)
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise ValueError(f"t: expected shape ({n},) to match x's batch, got {tuple(t.shape)}")
-    return t.to(device)
-
-
-class TextConditioned:
+class TextConditioned(FlexibleModel):
     """What PixArt and Latte share: text conditions, the null caption, the adaLN-single conditioning."""
 
     caption_channels: int
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     def null_condition(self, y) -> TextCondition:
         """The guidance branch's condition for `y`'s batch: the learned null caption."""
@@ -407,31 +366,11 @@ class FlexiPixArt(TextConditioned, nn.Module):
         shared = adapter == "shared"
         self.x_embedder.flexify(self.original_patch_size, list(sizes), shared)
         self.final_layer.linear.flexify(self.original_patch_size, list(sizes), shared)
-        flexify_(self, [size_key(p) for p in sizes], size_key(self.original_patch_size),
+        add_adapters(self, [size_key(p) for p in sizes], size_key(self.original_patch_size),
                  [self.x_embedder, self.final_layer.linear], adapter, lora_rank)
         return self
 
     # ------------------------------------------------------------------ forward
-    def _patch(self, patch_size) -> tuple[int, int]:
-        if patch_size is None:
-            return self.original_patch_size
-        patch = as_size(patch_size)
-        if patch not in self.patch_sizes:
-            raise ValueError(f"patch_size={patch_size!r} is not configured; this model has "
-                             f"patch_sizes={list(self.patch_sizes)} (make it flexible with flexify)")
-        return patch
-
-    def _check_x(self, x: torch.Tensor, patch: tuple[int, int], name: str = "x") -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name}: expected (N, C, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{name}: {x.shape[1]} channels, but the model expects in_channels={self.in_channels}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-        if x.shape[2] % patch[0] or x.shape[3] % patch[1]:
-            raise ValueError(f"{name}: H, W = {tuple(x.shape[2:])} are not multiples of patch_size {patch}")
-
     def pos_embed(self, size: tuple[int, int], patch: tuple[int, int], device=None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """PixArt's table for an (H, W) latent at `patch`, at original-grid patch centres."""
@@ -493,27 +432,15 @@ class FlexiPixArt(TextConditioned, nn.Module):
         device, dtype = xs[0].device, self.t_block[1].weight.dtype
         t = check_timesteps(t, len(xs), device)
         cond = self.check_condition(y, len(xs), device)
-        order = sorted(range(len(xs)), key=lambda i: (patches[i], tuple(xs[i].shape[1:])))
-        runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
-        for i in order:
-            p, size = patches[i], tuple(xs[i].shape[1:])
-            if runs and runs[-1][:2] == (p, size):
-                runs[-1][2].append(i)
-            else:
-                runs.append((p, size, [i]))
-        tokens, lengths, keys = [], [], []
+        runs, order, packing = self._packing([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], device)
+        tokens = []
         for p, size, members in runs:
-            key = size_key(p)
-            h = self.x_embedder(torch.stack([xs[i] for i in members]), key,
+            h = self.x_embedder(torch.stack([xs[i] for i in members]), size_key(p),
                                 self.pos_embed(size, p, device=device, dtype=dtype))
             tokens.append(h.reshape(-1, h.shape[-1]))
-            lengths += [h.shape[1]] * len(members)
-            keys += [key] * len(members)
-        packing = Packing.from_lengths(lengths, keys, device)
         bounds = list(zip(packing.cu_seqlens[:-1].tolist(), packing.cu_seqlens[1:].tolist()))
-        order_t = torch.tensor(order, device=device)
-        cond = cond[order_t]
-        t_emb, t6, text, bias = self._conditioning(t[order_t], cond)
+        cond = cond[order]
+        t_emb, t6, text, bias = self._conditioning(t[order], cond)
         h = torch.cat(tokens)
         for block in self.blocks:
             h = block(h, t6, packing.groups, text, bias, packing, bounds)

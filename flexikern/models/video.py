@@ -36,8 +36,9 @@ from flexikern import ops
 from flexikern.flexi.pos_embed import sincos_2d_scaled, sincos_frames
 from flexikern.flexi.resize import lift_deembed, lift_embed
 from flexikern.models.dit import TimestepEmbedder
+from flexikern.models.base import add_adapters, check_timesteps
 from flexikern.models.pixart import (CaptionEmbedder, PixArtBlock, PixArtFinalLayer, TextConditioned,
-                                     check_timesteps, flexify_, text_model_flops)
+                                     text_model_flops)
 from flexikern.runtime.packing import Packing
 
 __all__ = ["FlexiLatte", "video_key", "as_video_patch", "FlexiPatchEmbed3d", "FlexiDeEmbed3d"]
@@ -215,7 +216,7 @@ class FlexiLatte(TextConditioned, nn.Module):
             if p != self.original_patch_size:
                 self.x_embedder.add_size(self.original_patch_size, p)
                 self.final_layer.linear.add_size(self.original_patch_size, p)
-        flexify_(self, [video_key(p) for p in sizes], video_key(self.original_patch_size),
+        add_adapters(self, [video_key(p) for p in sizes], video_key(self.original_patch_size),
                  [self.x_embedder, self.final_layer.linear], adapter, lora_rank)
         return self
 

@@ -1,0 +1,111 @@
+"""What every flexible model family shares (class-conditional DiT, PixArt, Latte).
+
+`FlexibleModel` resolves and checks patch sizes and images, caches packings per batch signature,
+and `add_adapters` turns a single-size model into a LoRA or shared flexible one. The families
+differ in blocks and conditioning, not in these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from flexikern.flexi.layers import LoRALinear, SizeLayerNorm, size_key
+from flexikern.flexi.resize import as_size
+from flexikern.runtime.packing import Packing
+
+__all__ = ["FlexibleModel", "add_adapters", "check_timesteps"]
+
+
+def check_timesteps(t, n: int, device) -> torch.Tensor:
+    """`t` as an (n,) tensor on `device` (a scalar is broadcast)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"t: expected shape ({n},) to match x's batch, got {tuple(t.shape)}")
+    return t.to(device)
+
+
+def add_adapters(model: nn.Module, keys: list[str], original: str, embedders: list[nn.Module],
+                 adapter: str, lora_rank: int) -> None:
+    """Give a model's weak patch sizes their adapters, in place (embedders already flexified).
+
+    "lora": everything frozen; per weak size LoRA on every `LoRALinear` (self-attention, MLP; a
+    cross-attention made of plain `nn.Linear` gets none, the paper's T2I/video recipe), its own
+    embed/de-embed and patch-size embedding, trainable. "shared": all trainable, per-size norm
+    affines (identity). `embedders[0]` holds the patch-size embeddings.
+    """
+    weak = [k for k in keys if k != original]
+    ref = next(model.parameters())
+    if adapter == "shared":
+        for norm in (m for m in model.modules() if isinstance(m, SizeLayerNorm)):
+            for key in keys:
+                norm.add_affine(key, device=ref.device, dtype=ref.dtype)
+        return
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            for key in weak:
+                module.add_adapter(key, lora_rank)
+    for key in weak:
+        for layer in embedders:
+            layer.weight[key].requires_grad_(True)
+            layer.bias[key].requires_grad_(True)
+        embedders[0].size_embed[key].requires_grad_(True)
+
+
+class FlexibleModel:
+    """Mixin for 2-D flexible models: needs `original_patch_size`, `patch_sizes`, `in_channels`."""
+
+    def _patch(self, patch_size) -> tuple[int, int]:
+        if patch_size is None:
+            return self.original_patch_size
+        patch = as_size(patch_size)
+        if patch not in self.patch_sizes:
+            raise ValueError(f"patch_size={patch_size!r} is not configured; this model has "
+                             f"patch_sizes={list(self.patch_sizes)} (make it flexible with .flexify(...) "
+                             "or the converters' patch_sizes=)")
+        return patch
+
+    def _check_x(self, x: torch.Tensor, patch: tuple[int, int], name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name}: expected (N, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{name}: {x.shape[1]} channels, but the model expects in_channels={self.in_channels}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+        if x.shape[2] % patch[0] or x.shape[3] % patch[1]:
+            raise ValueError(f"{name}: H, W = {tuple(x.shape[2:])} are not multiples of patch_size {patch}")
+
+    def _packing(self, samples: list[tuple[tuple[int, int], tuple[int, int]]], device: torch.device):
+        """(groups, packed order, `Packing`) for samples' (patch size, resolution).
+
+        Groups are runs of samples with one (patch size, resolution), embedded in one batched call.
+        Cached per signature: after the first call nothing is copied from the host (so a CUDA
+        graph can capture it).
+        """
+        cache = self.__dict__.setdefault("_packings", {})
+        signature = (tuple(samples), device)
+        hit = cache.get(signature)
+        if hit is None:
+            order = sorted(range(len(samples)), key=lambda i: samples[i])
+            runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
+            for i in order:
+                if runs and runs[-1][:2] == samples[i]:
+                    runs[-1][2].append(i)
+                else:
+                    runs.append((*samples[i], [i]))
+            lengths = [(s[0] // p[0]) * (s[1] // p[1]) for p, s in (samples[i] for i in order)]
+            keys = [size_key(samples[i][0]) for i in order]
+            hit = (runs, torch.tensor(order, device=device), Packing.from_lengths(lengths, keys, device))
+            while len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            cache[signature] = hit
+        return hit
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
