@@ -58,7 +58,8 @@ def add_adapters(model: nn.Module, keys: list[str], original: str, embedders: li
 
 
 class FlexibleModel:
-    """Mixin for 2-D flexible models: needs `original_patch_size`, `patch_sizes`, `in_channels`."""
+    """Mixin for 2-D flexible models: needs `original_patch_size`, `patch_sizes`, `in_channels`,
+    `x_embedder` (FlexiPatchEmbed), `pos_embed(size, patch)` and `final_layer.linear` (FlexiDeEmbed)."""
 
     def _patch(self, patch_size) -> tuple[int, int]:
         if patch_size is None:
@@ -80,6 +81,47 @@ class FlexibleModel:
             raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
         if x.shape[2] % patch[0] or x.shape[3] % patch[1]:
             raise ValueError(f"{name}: H, W = {tuple(x.shape[2:])} are not multiples of patch_size {patch}")
+
+    def _check_packed(self, xs: list[torch.Tensor], patch_sizes: list) -> list[tuple[int, int]]:
+        """Validate a packed batch (B latents (C, H, W) and B patch sizes); its patch sizes."""
+        if not isinstance(xs, (list, tuple)) or not xs:
+            raise ValueError("xs: expected a non-empty list of (C, H, W) latents")
+        if len(patch_sizes) != len(xs):
+            raise ValueError(f"patch_sizes: {len(patch_sizes)} entries for {len(xs)} samples")
+        patches = [self._patch(p) for p in patch_sizes]
+        for i, (x, p) in enumerate(zip(xs, patches)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ValueError(f"xs[{i}]: expected (C, H, W), got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            self._check_x(x[None], p, f"xs[{i}]")
+        return patches
+
+    def _embed_packed(self, xs: list[torch.Tensor], patches: list[tuple[int, int]], dtype: torch.dtype):
+        """(groups, packed order, `Packing`, tokens (total, D)) of a checked packed batch.
+
+        Each (patch size, resolution) group is embedded in one batched call, with its positions.
+        """
+        device = xs[0].device
+        runs, order, packing = self._packing([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], device)
+        tokens = []
+        for p, size, members in runs:
+            pos = self.pos_embed(size, p, device=device, dtype=dtype)
+            h = self.x_embedder(torch.stack([xs[i] for i in members]), size_key(p), pos)
+            tokens.append(h.reshape(-1, h.shape[-1]))
+        return runs, order, packing, torch.cat(tokens)
+
+    def _unpack(self, h: torch.Tensor, runs) -> list[torch.Tensor]:
+        """De-embed packed (modulated) tokens group by group, back to per-sample outputs in input order."""
+        outputs: list[torch.Tensor | None] = [None] * sum(len(members) for _, _, members in runs)
+        start = 0
+        for p, size, members in runs:
+            n = len(members) * (size[0] // p[0]) * (size[1] // p[1])
+            out = self.final_layer.linear(h[start:start + n].reshape(len(members), -1, h.shape[-1]),
+                                          size_key(p), size)
+            for j, i in enumerate(members):
+                outputs[i] = out[j]
+            start += n
+        return outputs
 
     def _packing(self, samples: list[tuple[tuple[int, int], tuple[int, int]]], device: torch.device):
         """(groups, packed order, `Packing`) for samples' (patch size, resolution).

@@ -328,40 +328,14 @@ class FlexiDiT(FlexibleModel, nn.Module):
         Returns:
             B outputs, each (out_channels, H_i, W_i), in input order.
         """
-        if not isinstance(xs, (list, tuple)) or not xs:
-            raise ValueError("xs: expected a non-empty list of (C, H, W) latents")
-        if len(patch_sizes) != len(xs):
-            raise ValueError(f"patch_sizes: {len(patch_sizes)} entries for {len(xs)} samples")
-        patches = [self._patch(p) for p in patch_sizes]
-        for i, (x, p) in enumerate(zip(xs, patches)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 3:
-                raise ValueError(f"xs[{i}]: expected (C, H, W), got "
-                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-            self._check_x(x[None], p, f"xs[{i}]")
-        device, dtype = xs[0].device, self.t_embedder.mlp[0].weight.dtype
-        t, y = self._check_conditions(t, y, len(xs), device)
-        runs, order, packing = self._packing([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], device)
-        tokens = []
-        for p, size, members in runs:
-            pos = self.pos_embed(size, p, device=device, dtype=dtype)
-            h = self.x_embedder(torch.stack([xs[i] for i in members]), size_key(p), pos)
-            tokens.append(h.reshape(-1, h.shape[-1]))
+        patches = self._check_packed(xs, patch_sizes)
+        t, y = self._check_conditions(t, y, len(xs), xs[0].device)
+        runs, order, packing, h = self._embed_packed(xs, patches, self.t_embedder.mlp[0].weight.dtype)
         t, y = t[order], y[order]
-        h = torch.cat(tokens)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c, packing.groups, packing)
-        h = self.final_layer.modulated(h, c, packing.groups, packing)
-        outputs: list[torch.Tensor | None] = [None] * len(xs)
-        start = 0
-        for p, size, members in runs:
-            n = len(members) * (size[0] // p[0]) * (size[1] // p[1])
-            out = self.final_layer.linear(h[start:start + n].reshape(len(members), -1, h.shape[-1]),
-                                          size_key(p), size)
-            for j, i in enumerate(members):
-                outputs[i] = out[j]
-            start += n
-        return outputs
+        return self._unpack(self.final_layer.modulated(h, c, packing.groups, packing), runs)
 
     # ------------------------------------------------------------------ accounting
     def flops(self, patch_size: int | tuple[int, int] | None = None, batch: int = 1,
