@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "FlexiDiT": "flexikern.models",
     "DIT_CONFIGS": "flexikern.models",
+    "FlexiPixArt": "flexikern.models",
+    "FlexiLatte": "flexikern.models",
+    "TextCondition": "flexikern.models",
     "Schedule": "flexikern.diffusion",
     "Guidance": "flexikern.diffusion",
     "sample": "flexikern.diffusion",
