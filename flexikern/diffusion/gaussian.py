@@ -12,10 +12,12 @@ steps and rebuilds betas from the kept `alphas_cumprod`: `beta'_i = 1 - abar_{k_
 The model is always called with the ORIGINAL timestep index k_i (DiT's `_WrappedModel`).
 
 Each sampler here turns a model output into the next sample, `step(model_output, x, k, noise)`,
-where `k` is the step index (0 = the first, noisiest step) as a 0-dim device tensor. All
-coefficients are precomputed (in float64, stored as float32 like ADM's `_extract_into_tensor`) in
-per-step device tables and gathered with `table[k]`, so a whole step is a function of tensors
-(capturable as a CUDA graph). `model_timesteps[k]` is the timestep handed to the model.
+where `k` is the step index (0 = the first, noisiest step), a Python int. All coefficients are
+precomputed (in float64, stored as float32 like ADM's `_extract_into_tensor`) in per-step device
+tables and gathered with `table[k]`, so a whole step is a function of tensors. (Indexing with a
+0-dim CUDA tensor would call `.item()`, a host sync that also fixes one step into a captured
+graph: `flexikern.runtime.graphs` instead runs the step at k = 0 of a one-row copy of the tables
+that it refills before each replay.) `model_timesteps[k]` is the timestep handed to the model.
 
 Differences from diffusers' schedulers, where they compute the same thing (tests check each):
 
