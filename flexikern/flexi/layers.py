@@ -125,6 +125,21 @@ class _Resized(nn.Module):
     def _resize(self, weight, bias, kernel, patch):
         raise NotImplementedError
 
+    def _lift(self, weight, bias, kernel, size):
+        """The smallest-norm (weight, bias) at `size` that resizes back exactly to the given ones."""
+        raise NotImplementedError
+
+    def flexify(self, original: tuple[int, int], patch_sizes: list[tuple[int, int]], shared: bool) -> None:
+        """Derive the kernels of `patch_sizes` from the original one (DESIGN.md's initialisation):
+        one shared kernel, or one per weak size, at the largest size, lifted from the original."""
+        okey = size_key(original)
+        w0, b0 = self.weight[okey].detach(), self.bias[okey].detach()
+        kernel = _kernel_size(patch_sizes)
+        if shared:
+            del self.weight[okey], self.bias[okey]
+        for group in [SHARED] if shared else [size_key(p) for p in patch_sizes if p != original]:
+            self._set(group, *self._lift(w0, b0, original, kernel), kernel)
+
     def weights(self, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(weight, bias, kernel size) to run patch size `key` with.
 
@@ -164,21 +179,14 @@ class FlexiPatchEmbed(_Resized):
     def _resize(self, weight, bias, kernel, patch):
         return pi_resize(weight, patch), bias
 
+    def _lift(self, weight, bias, kernel, size):
+        return lift_embed(weight, size), bias.clone()
+
     def flexify(self, original: tuple[int, int], patch_sizes: list[tuple[int, int]], shared: bool) -> None:
-        """Derive the kernels of `patch_sizes` from the original one (DESIGN.md's initialisation)."""
-        okey = size_key(original)
-        w0, b0 = self.weight[okey].detach(), self.bias[okey].detach()
-        kernel = _kernel_size(patch_sizes)
-        if shared:
-            del self.weight[okey], self.bias[okey]
-            self._set(SHARED, lift_embed(w0, kernel), b0.clone(), kernel)
-        else:
-            for patch in patch_sizes:
-                if patch != original:
-                    self._set(size_key(patch), lift_embed(w0, kernel), b0.clone(), kernel)
+        super().flexify(original, patch_sizes, shared)
         for patch in patch_sizes:
             if patch != original:
-                self.size_embed[size_key(patch)] = nn.Parameter(torch.zeros_like(b0))
+                self.size_embed[size_key(patch)] = nn.Parameter(torch.zeros_like(self.bias[self.group(size_key(patch))]))
 
     def forward(self, x: torch.Tensor, key: str, pos_embed: torch.Tensor) -> torch.Tensor:
         weight, bias, _ = self.weights(key)
@@ -209,18 +217,6 @@ class FlexiDeEmbed(_Resized):
         w = lift_deembed(weight.reshape(kh, kw, c, d).permute(2, 3, 0, 1), size)
         b = lift_deembed(bias.reshape(kh, kw, c).permute(2, 0, 1), size)
         return w.permute(2, 3, 0, 1).reshape(-1, d).contiguous(), b.permute(1, 2, 0).reshape(-1).contiguous()
-
-    def flexify(self, original: tuple[int, int], patch_sizes: list[tuple[int, int]], shared: bool) -> None:
-        okey = size_key(original)
-        w0, b0 = self.weight[okey].detach(), self.bias[okey].detach()
-        kernel = _kernel_size(patch_sizes)
-        if shared:
-            del self.weight[okey], self.bias[okey]
-            self._set(SHARED, *self._lift(w0, b0, original, kernel), kernel)
-        else:
-            for patch in patch_sizes:
-                if patch != original:
-                    self._set(size_key(patch), *self._lift(w0, b0, original, kernel), kernel)
 
     def forward(self, x: torch.Tensor, key: str, size: tuple[int, int]) -> torch.Tensor:
         weight, bias, kernel = self.weights(key)

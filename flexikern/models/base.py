@@ -151,3 +151,16 @@ class FlexibleModel:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    checkpoint_format: str = ""   # each model class names its own: "flexikern.FlexiDiT", ...
+
+    def save_pretrained(self, directory) -> None:
+        """Write `config.json` and `model.safetensors` (flexible parts and adapters included)."""
+        from flexikern.models.convert import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        """Load a directory written by `save_pretrained` (kwargs, e.g. device/dtype, go to `.to()`)."""
+        from flexikern.models.convert import from_pretrained
+        return from_pretrained(cls, directory, **kwargs)

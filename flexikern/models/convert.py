@@ -20,8 +20,7 @@ import torch
 from flexikern.flexi.layers import size_key
 
 __all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "save_pretrained",
-           "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers",
-           "save_pretrained_any", "from_pretrained_any"]
+           "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers"]
 
 # Heads cannot be read off the tensors; the known DiT widths give them.
 HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
@@ -264,43 +263,6 @@ def to_diffusers(model):
 
 # ----------------------------------------------------------------------------- flexikern's own
 
-def save_pretrained(model, directory) -> None:
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {**model.config, "patch_sizes": [list(p) for p in model.patch_sizes], "adapter": model.adapter,
-              "lora_rank": model.lora_rank, "format": "flexikern.FlexiDiT", "format_version": FORMAT_VERSION}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    for name, payload in (("model.safetensors", None), ("config.json", json.dumps(config, indent=2))):
-        tmp = directory / f".{name}.tmp"
-        if payload is None:
-            save_file(state, str(tmp))
-        else:
-            tmp.write_text(payload)
-        os.replace(tmp, directory / name)
-
-
-def from_pretrained(cls, directory, **kwargs):
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for p in (config_path, weights_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{directory}: no {p.name}; expected a directory written by "
-                                    "FlexiDiT.save_pretrained")
-    config = json.loads(config_path.read_text())
-    if config.pop("format", None) != "flexikern.FlexiDiT":
-        raise ValueError(f"{config_path}: not a flexikern FlexiDiT config")
-    config.pop("format_version", None)
-    patch_sizes, adapter, rank = config.pop("patch_sizes"), config.pop("adapter"), config.pop("lora_rank")
-    config["patch_size"] = tuple(config["patch_size"])
-    model = cls(**config)
-    if len(patch_sizes) > 1:
-        model.flexify([tuple(p) for p in patch_sizes], adapter=adapter, lora_rank=rank or 32)
-    load_state_dict_strict(model, load_file(str(weights_path)), str(weights_path))
-    return model.to(**kwargs) if kwargs else model
-
-
 # ----------------------------------------------------------------------------- PixArt and Latte (diffusers)
 
 def _diffusers_module(model_or_dir, cls_name: str):
@@ -475,13 +437,14 @@ def latte_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lo
     return model
 
 
-def save_pretrained_any(model, directory, fmt: str) -> None:
-    """`config.json` + `model.safetensors` for the text/video models (format named `fmt`)."""
+def save_pretrained(model, directory) -> None:
+    """`config.json` + `model.safetensors` (flexible parts and adapters included), each written
+    atomically; the format is the model class's `checkpoint_format`."""
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {**model.config, "patch_sizes": [list(p) for p in model.patch_sizes], "adapter": model.adapter,
-              "lora_rank": model.lora_rank, "format": fmt, "format_version": FORMAT_VERSION}
+              "lora_rank": model.lora_rank, "format": model.checkpoint_format, "format_version": FORMAT_VERSION}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / ".model.safetensors.tmp"
     save_file(state, str(tmp))
@@ -491,16 +454,19 @@ def save_pretrained_any(model, directory, fmt: str) -> None:
     os.replace(tmp, directory / "config.json")
 
 
-def from_pretrained_any(cls, directory, fmt: str, **kwargs):
+def from_pretrained(cls, directory, **kwargs):
+    """A model of class `cls` from a directory written by `save_pretrained`; kwargs go to `.to()`."""
     from safetensors.torch import load_file
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     for p in (config_path, weights_path):
         if not p.exists():
-            raise FileNotFoundError(f"{directory}: no {p.name}; expected a directory written by save_pretrained")
+            raise FileNotFoundError(f"{directory}: no {p.name}; expected a directory written by "
+                                    f"{cls.__name__}.save_pretrained")
     config = json.loads(config_path.read_text())
-    if config.pop("format", None) != fmt:
-        raise ValueError(f"{config_path}: not a {fmt} config")
+    fmt = config.pop("format", None)
+    if fmt != cls.checkpoint_format:
+        raise ValueError(f"{config_path}: format {fmt!r}, not a {cls.checkpoint_format} config")
     config.pop("format_version", None)
     patch_sizes, adapter, rank = config.pop("patch_sizes"), config.pop("adapter"), config.pop("lora_rank")
     config["patch_size"] = tuple(config["patch_size"])

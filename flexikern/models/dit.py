@@ -168,6 +168,8 @@ class FlexiDiT(FlexibleModel, nn.Module):
     trainable; one underlying embed/de-embed kernel and per-size norm affines).
     """
 
+    checkpoint_format = "flexikern.FlexiDiT"
+
     def __init__(self, input_size: int = 32, patch_size: int | tuple[int, int] = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  class_dropout_prob: float = 0.1, num_classes: int = 1000, learn_sigma: bool = True,
@@ -387,14 +389,3 @@ class FlexiDiT(FlexibleModel, nn.Module):
         """The original patch size as a diffusers `DiTTransformer2DModel`."""
         from flexikern.models.convert import to_diffusers
         return to_diffusers(self)
-
-    def save_pretrained(self, directory) -> None:
-        """Write `config.json` and `model.safetensors` (flexible parts and adapters included)."""
-        from flexikern.models.convert import save_pretrained
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> "FlexiDiT":
-        """Load a directory written by `save_pretrained`."""
-        from flexikern.models.convert import from_pretrained
-        return from_pretrained(cls, directory, **kwargs)

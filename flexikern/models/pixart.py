@@ -279,6 +279,8 @@ class FlexiPixArt(TextConditioned, nn.Module):
     (embeds, mask) pair). `null_condition(y)` is the guidance branch's condition.
     """
 
+    checkpoint_format = "flexikern.FlexiPixArt"
+
     def __init__(self, input_size: int = 32, patch_size: int | tuple[int, int] = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  caption_channels: int = 4096, text_len: int = 120, learn_sigma: bool = True,
@@ -457,15 +459,6 @@ class FlexiPixArt(TextConditioned, nn.Module):
         from flexikern.models.convert import pixart_from_diffusers
         return pixart_from_diffusers(cls, model_or_dir, patch_sizes=patch_sizes, adapter=adapter,
                                      lora_rank=lora_rank, null_caption=null_caption)
-
-    def save_pretrained(self, directory) -> None:
-        from flexikern.models.convert import save_pretrained_any
-        save_pretrained_any(self, directory, "flexikern.FlexiPixArt")
-
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> "FlexiPixArt":
-        from flexikern.models.convert import from_pretrained_any
-        return from_pretrained_any(cls, directory, "flexikern.FlexiPixArt", **kwargs)
 
 
 def text_model_flops(model, tokens: int, volume: int, patch: tuple, text_len: int, frames: int,

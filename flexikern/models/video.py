@@ -127,6 +127,8 @@ class FlexiLatte(TextConditioned, nn.Module):
     patch (1, p, p), weak sizes e.g. (2, p, p) (frames merged) or (1, 2p, 2p).
     """
 
+    checkpoint_format = "flexikern.FlexiLatte"
+
     def __init__(self, input_size: int = 32, num_frames: int = 16, patch_size: Patch3 = (1, 2, 2),
                  in_channels: int = 4, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, caption_channels: int = 4096, text_len: int = 120,
@@ -383,15 +385,6 @@ class FlexiLatte(TextConditioned, nn.Module):
         from flexikern.models.convert import latte_from_diffusers
         return latte_from_diffusers(cls, model_or_dir, patch_sizes=patch_sizes, adapter=adapter,
                                     lora_rank=lora_rank, null_caption=null_caption)
-
-    def save_pretrained(self, directory) -> None:
-        from flexikern.models.convert import save_pretrained_any
-        save_pretrained_any(self, directory, "flexikern.FlexiLatte")
-
-    @classmethod
-    def from_pretrained(cls, directory, **kwargs) -> "FlexiLatte":
-        from flexikern.models.convert import from_pretrained_any
-        return from_pretrained_any(cls, directory, "flexikern.FlexiLatte", **kwargs)
 
 
 def _bounds(segment_ids: torch.Tensor) -> tuple[list[int], list[int]]:
