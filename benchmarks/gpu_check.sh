@@ -1,77 +1,79 @@
 #!/usr/bin/env bash
-# The ONE command for a GPU machine: build the extension, run every GPU test, run the benchmarks,
-# print the results table. No internet, no venv: it uses the machine's python and its torch.
+# The ONE command for a GPU machine: build the extension, run the GPU tests and the benchmarks,
+# print the results table last. No internet, no venv: the machine's python and its torch.
 #
-#   bash benchmarks/gpu_check.sh            # results in benchmarks/results/<device-name>/
+#   bash benchmarks/gpu_check.sh        # results in benchmarks/results/<device-name>/
 #
-# Stages run under `timeout` against one deadline (FLEXIKERN_GPU_CHECK_BUDGET seconds, default
-# 530, i.e. < 9 minutes), each printing its wall time, so that a hang cannot eat the budget:
-#   1. build      pip install --no-build-isolation --no-deps -e .  (only this card's CUDA arch),
-#                 then a check that the extension has its CUDA kernels
-#   2. info       python -m flexikern.info (versions, backends and why not)
-#   3. gpu tests  every tests/ file that mentions CUDA, with TRITON_INTERPRET unset: Triton
-#                 kernels compile and run on the GPU, not in the interpreter
-#   4. e2e bench  benchmarks/test_bench_e2e.py (DiT-XL/2 sizes), its own JSON, so that a later
-#                 stage running out of time cannot lose it
-#   5. op benches the other benchmarks/ suites (GPU sizes); JSON rows carry device and versions
-#   6. render     results.md + e2e.png; the table (and the goals) printed last
-#   7. cpu tests  the rest of tests/, if time is left (CI already runs them on CPU)
-# Knobs: PYTHON (default: python3), FLEXIKERN_BENCH_STEPS (timed steps of the e2e benchmark,
-# default 25; images/s is extrapolated to 250 steps), FLEXIKERN_GPU_CHECK_BUDGET, and for a dry
-# run of this script on a CPU machine FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 (results go to
-# benchmarks/results/cpu) with FLEXIKERN_GPU_CHECK_SKIP_BUILD=1 (keep the installed build).
-# Exit status: 0 when every stage that ran passed, 1 otherwise.
+# Stages, each under `timeout` against one deadline (FLEXIKERN_GPU_CHECK_BUDGET seconds, default
+# 360 on a GPU; each stage's limit also keeps the minimum of the stages after it):
+#   preflight  (<15 s) python, torch, triton, CUDA, the GPU; CUDA_HOME found from nvcc (which may
+#              be a wrapper script); which optional packages are present. Fails fast when a
+#              required one (pytest, pytest-benchmark) is missing.
+#   build      pip install --no-build-isolation --no-deps -e . for this card's arch only, then
+#              python -m flexikern.info (versions, backends and why not)
+#   gpu tests  pytest -m gpu: the tests marked as needing a GPU (Triton kernels compiled for the
+#              card, the extension's CUDA kernels, CUDA graphs, sync-free steps), in parallel
+#              when pytest-xdist is there; nothing CI already did (CPU tests, compile-only checks)
+#   e2e bench  benchmarks/test_bench_e2e.py (DiT-XL/2 shapes): rows appended to e2e.jsonl as
+#              each benchmark finishes (FLEXIKERN_BENCH_ROWS), so a timeout loses one row at most
+#   op benches the other suites, rows to ops.jsonl the same way
+#   render     results.md + e2e.png from the rows; the short table is printed last
+# Everything lands in benchmarks/results/<device-name>/: gpu_check.log (this output), build.log,
+# gpu_tests.log, e2e.jsonl, ops.jsonl, results.md, e2e.png. Commit that folder.
+#
+# Knobs: PYTHON (default python3), FLEXIKERN_GPU_CHECK_BUDGET, FLEXIKERN_BENCH_STEPS (e2e).
+# CPU rehearsal (CI runs it): FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 runs the same stages shrunk on a
+# machine without CUDA: Triton in its interpreter, the GPU tests collected (with diffusers,
+# flash-attn and xformers hidden, as on the GPU machine) and skipped, the benchmarks at CPU sizes,
+# results in benchmarks/results/cpu/; its default budget is 540 s.
+# Exit status: 0 when every stage passed, 1 when one failed or timed out, 2 when preflight failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-BUDGET=${FLEXIKERN_GPU_CHECK_BUDGET:-530}
 START=$SECONDS
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1   # no internet: never wait on an index
 export PYTHONUNBUFFERED=1
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  if [[ ${FLEXIKERN_GPU_CHECK_ALLOW_CPU:-0} != 1 ]]; then
-    echo "gpu_check: torch.cuda.is_available() is False with $PY; this script is for a GPU machine" \
-         "(FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 dry-runs it on CPU)" >&2
-    exit 2
-  fi
-fi
-read -r ARCH SLUG DEVICE < <("$PY" - <<'EOF'
-import re, torch
-if torch.cuda.is_available():
-    major, minor = torch.cuda.get_device_capability()
-    name = torch.cuda.get_device_name()
-    print(f"{major}{minor}{'a' if major >= 9 else ''}", re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name)
-else:
-    print("none cpu cpu")
-EOF
-)
-if [[ $SLUG == cpu ]]; then
-  export TRITON_INTERPRET=1   # a dry run: on CPU tensors Triton runs only in its interpreter
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  GPU=1
+  SCALE=100                              # stage limits in % of the GPU ones
+  BUDGET=${FLEXIKERN_GPU_CHECK_BUDGET:-360}
+  unset TRITON_INTERPRET                 # compiled kernels, never the interpreter
+elif [[ ${FLEXIKERN_GPU_CHECK_ALLOW_CPU:-0} == 1 ]]; then
+  GPU=0
+  SCALE=150
+  BUDGET=${FLEXIKERN_GPU_CHECK_BUDGET:-540}
+  export TRITON_INTERPRET=1              # on CPU tensors Triton runs only in its interpreter
+  export FLEXIKERN_HIDE_MODULES=${FLEXIKERN_HIDE_MODULES-diffusers,flash_attn,xformers}
 else
-  unset TRITON_INTERPRET      # on the GPU: compiled kernels, never the interpreter
+  echo "gpu_check: torch.cuda.is_available() is False with $PY; this script is for a GPU machine" \
+       "(FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 rehearses it on CPU)" >&2
+  exit 2
 fi
+SLUG=$("$PY" -c "import re, torch
+print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-') if torch.cuda.is_available() else 'cpu')")
 OUT=benchmarks/results/$SLUG
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT/results.md" "$OUT/e2e.png"   # never render a previous run's rows
-echo "gpu_check: $DEVICE (arch $ARCH), $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'), results in $OUT"
+rm -f "$OUT"/*.jsonl "$OUT"/*.json "$OUT"/*.log "$OUT/results.md" "$OUT/e2e.png"   # never mix runs
+exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 declare -a SUMMARY=()
 FAILED=0
-# run_stage NAME CAP RESERVE CMD...: at most CAP seconds, leaving RESERVE seconds for later stages.
+# run_stage NAME CAP RESERVE CMD...: at most CAP seconds, leaving RESERVE seconds for later stages
+# (both GPU figures, scaled by SCALE% in the rehearsal).
 run_stage() {
-  local name=$1 cap=$2 reserve=$3; shift 3
+  local name=$1 cap=$(($2 * SCALE / 100)) reserve=$(($3 * SCALE / 100)); shift 3
   local left=$((BUDGET - (SECONDS - START) - reserve))
   local limit=$((cap < left ? cap : left))
-  if ((limit < 15)); then
-    SUMMARY+=("$(printf '%-11s skipped (budget spent)' "$name")")
+  if ((limit < 10)); then
+    SUMMARY+=("$(printf '%-11s skipped: budget spent' "$name")")
     echo "== $name: skipped, ${left}s of the budget left"
-    [[ $name == "cpu tests" ]] || FAILED=1   # CI runs the CPU tests; every other stage must run
+    FAILED=1
     return 0
   fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS rc
-  timeout --kill-after=10 "$limit" "$@"
+  timeout --kill-after=5 "$limit" "$@"
   rc=$?
   local status="ok"
   if ((rc == 124 || rc == 137)); then status="TIMED OUT"; FAILED=1
@@ -80,37 +82,92 @@ run_stage() {
   echo "== $name: $status in $((SECONDS - t0))s"
 }
 
-# 1. The extension, for this card only (one arch keeps nvcc short). pip writes an editable install
-#    into the machine's site-packages; the compiled module lands in flexikern/ as in development.
+# --- preflight: what this machine has, before anything long -------------------------------
+source benchmarks/cuda_home.sh
+if ! CUDA_HOME=$(find_cuda_home); then
+  if ((GPU)); then echo "gpu_check: preflight failed: no CUDA toolkit for the build" >&2; exit 2; fi
+  CUDA_HOME=""
+fi
+export CUDA_HOME
+[[ -n $CUDA_HOME ]] && export PATH="$CUDA_HOME/bin:$PATH"
+ARCH=$(CUDA_HOME=$CUDA_HOME timeout 15 "$PY" - <<'EOF'
+import importlib.util, os, platform, shutil, subprocess, sys
+import torch
+def have(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "absent"
+print(f"python {platform.python_version()} ({sys.executable})", file=sys.stderr)
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}", file=sys.stderr)
+home = os.environ.get("CUDA_HOME")
+if home:
+    nvcc = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    print(f"nvcc: {shutil.which('nvcc')}, CUDA_HOME={home} ({nvcc.stdout.strip().splitlines()[-1]})",
+          file=sys.stderr)
+else:
+    print("nvcc: none (no CUDA build)", file=sys.stderr)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.1f} GiB", file=sys.stderr)
+    print(f"{p.major}{p.minor}{'a' if p.major == 9 else ''}")   # the build's arch
+else:
+    print("GPU: none (CPU rehearsal)", file=sys.stderr)
+    print("none")
+required = ["pytest", "pytest_benchmark"]
+optional = ["xdist", "diffusers", "flash_attn", "xformers", "timm", "scipy", "matplotlib", "hypothesis",
+            "safetensors", "ninja"]
+hidden = set(filter(None, os.environ.get("FLEXIKERN_HIDE_MODULES", "").split(",")))
+print("packages: " + ", ".join(f"{n} {'hidden' if n in hidden else 'yes' if have(n) else 'no'}"
+                               for n in required + optional), file=sys.stderr)
+missing = [n for n in required if not have(n)]
+if missing:
+    sys.exit(f"gpu_check: preflight failed: {missing} missing; the GPU stages need them")
+EOF
+) || { echo "gpu_check: preflight failed" >&2; exit 2; }
+echo "gpu_check: preflight done in $((SECONDS - START))s; budget ${BUDGET}s; results in $OUT"
+
+# --- the stages -------------------------------------------------------------------------------
+# `timeout` runs programs, not shell functions: exported functions run through `bash -c`.
 build() {
-  if [[ ${FLEXIKERN_GPU_CHECK_SKIP_BUILD:-0} != 1 ]]; then
+  if ((GPU)); then
     FLEXIKERN_CUDA_ARCHS=$ARCH "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
       || { tail -30 "$OUT/build.log"; return 1; }
+  else   # the rehearsal: the same install, CPU extension only (incremental, seconds)
+    "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+      || { tail -30 "$OUT/build.log"; return 1; }
   fi
-  # On a GPU the extension must have its CUDA kernels, or the GPU tests would silently skip them.
+  # The extension must have its CUDA kernels on a GPU, or the GPU tests would test the fallbacks.
   "$PY" -c "import sys, torch, flexikern._ext as e; print('extension:', e.build_info());
-sys.exit(0 if e.cuda_built() or not torch.cuda.is_available() else 1)"
+sys.exit(0 if e.cuda_built() or not torch.cuda.is_available() else 'flexikern._C has no CUDA kernels')" \
+    && "$PY" -m flexikern.info
 }
-export PY ARCH OUT
-export -f build   # `timeout` runs programs, not shell functions: it runs this through bash -c
-run_stage build 150 330 bash -c build
+export PY ARCH OUT GPU
+export -f build
+run_stage build 110 230 bash -c build
 
-run_stage info 20 310 "$PY" -m flexikern.info
-GPU_TESTS=$(grep -l -i "cuda" tests/test_*.py | tr '\n' ' ')
-run_stage "gpu tests" 180 130 "$PY" -m pytest $GPU_TESTS -q -rs -p no:cacheprovider --durations=10
+PARALLEL=()
+if ((GPU)) && "$PY" -c "import xdist" 2>/dev/null; then
+  PARALLEL=(-n 8)   # Triton compiles dominate: 8 processes share the 16 cores and the one GPU
+fi
+run_stage "gpu tests" 90 140 "$PY" -m pytest tests -m gpu "${PARALLEL[@]}" -v -rs -p no:cacheprovider \
+  --durations=10 -o console_output_style=classic --junitxml="$OUT/gpu_tests.xml"
 
-BENCH_ARGS=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
-run_stage "e2e bench" 200 20 "$PY" -m pytest benchmarks/test_bench_e2e.py "${BENCH_ARGS[@]}" \
-  --benchmark-json "$OUT/e2e.json"
-run_stage "op benches" 150 20 "$PY" -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py "${BENCH_ARGS[@]}" \
-  --benchmark-json "$OUT/ops.json"
-run_stage render 20 0 "$PY" benchmarks/render.py "$OUT"
-
-CPU_TESTS=$(ls tests/test_*.py | grep -v -x -F -f <(printf '%s\n' $GPU_TESTS) | tr '\n' ' ')
-run_stage "cpu tests" 300 0 "$PY" -m pytest $CPU_TESTS -q -p no:cacheprovider
+BENCH=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
+FLEXIKERN_BENCH_ROWS="$OUT/e2e.jsonl" \
+  run_stage "e2e bench" 120 50 "$PY" -m pytest benchmarks/test_bench_e2e.py "${BENCH[@]}"
+FLEXIKERN_BENCH_ROWS="$OUT/ops.jsonl" \
+  run_stage "op benches" 80 10 "$PY" -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py "${BENCH[@]}"
+run_stage render 10 0 "$PY" benchmarks/render.py "$OUT"
 
 echo
-echo "gpu_check on $DEVICE: $((SECONDS - START))s in all (budget ${BUDGET}s); results in $OUT"
+echo "gpu_check on $SLUG: $((SECONDS - START))s in all (budget ${BUDGET}s); results in $OUT"
 printf '  %s\n' "${SUMMARY[@]}"
 # The short table last: throughput and goals (results.md also lists every other benchmark).
 [[ -f $OUT/results.md ]] && { echo; sed '/^## Other benchmarks/,$d' "$OUT/results.md"; }

@@ -1,32 +1,38 @@
-"""End-to-end sampling throughput (images/s): plain-PyTorch DiT vs flexikern, eager vs CUDA graphs.
+"""End-to-end sampling throughput (images/s): the plain-PyTorch DiT vs flexikern, eager vs CUDA graphs.
 
-    pytest benchmarks/test_bench_e2e.py --benchmark-json out.json && python benchmarks/render.py out.json
+    FLEXIKERN_BENCH_ROWS=e2e.jsonl pytest benchmarks/test_bench_e2e.py && python benchmarks/render.py e2e.jsonl
 
-Providers (all through `fk.sample`: the same DDPM loop, noise and guidance for everyone):
-* reference: the independent plain-PyTorch DiT (`tests/reference_dit.DiT`), static p=2, eager,
-  behind a thin adapter that gives it FlexiDiT's sampling interface;
+Providers (all through `fk.sample(..., progress=False)`: the same DDPM loop, noise and guidance):
+* reference: the independent plain-PyTorch DiT (`tests/reference_dit.DiT`, SDPA attention), static
+  p=2, eager, behind a thin adapter that gives it FlexiDiT's sampling interface;
 * static: FlexiDiT with the SAME weights (`FlexiDiT.from_dit`), static p=2, flexikern's kernels;
-* flexi_0.6: FlexiDiT with `Schedule.for_budget(model, steps, 0.6)` (weak p=4 first);
-* static+graphs, flexi_0.6+graphs: the same with `cuda_graphs=True` (one graph per phase), and
-  flexi_0.6+graphs+device_noise with `noise_device="model"` (CUDA only).
+* flexi_0.6: FlexiDiT with `Schedule.for_budget(model, steps, 0.6)` (weak p=4 guidance first),
+  eager, the two branches of a mixed step as two forwards (`packed=False`);
+* flexi_0.6+packed: the same, the two branches as ONE packed forward (`packed=True`, varlen attention);
+* flexi_0.6+graphs, static+graphs: `cuda_graphs=` a GraphRunner (one graph per phase; inside a
+  graph the branches run as two forwards). CUDA only.
 Guidance: `Guidance(1.5, "flexi")` on every step (at equal patch sizes that is DiT's CFG, one
 batched forward of 2N).
 
-Sizes. CUDA: DiT-XL/2-shaped random weights (28 blocks, width 1152, 16 heads, 1000 classes,
-learn_sigma), bf16, 256px = 4x32x32 latents, batch 1, 8 and 32. DiT samples with 250 DDPM steps;
-to fit a GPU check of a few minutes the timed runs use FLEXIKERN_BENCH_STEPS (default 25) steps
-of the same kind of schedule (`for_budget` at that step count: the same weak/powerful proportions,
-its relative FLOPs recorded next to the 250-step one) and images/s is extrapolated as per-step
-throughput: `images_per_s = batch / (seconds_per_step * 250)`. Set FLEXIKERN_BENCH_STEPS=250 to
-time the full schedule. CPU (default without CUDA): a 2-block toy model, batch 2, 4 steps, fp32;
-graph rows skip. CPU figures are CPU figures; they say nothing about a GPU.
+Rows. CUDA: DiT-XL/2-shaped random weights (28 blocks, width 1152, 16 heads, 1000 classes,
+learn_sigma), bf16, 256px = 4x32x32 latents. Batch 32: reference, static, flexi_0.6+graphs,
+flexi_0.6, flexi_0.6+packed (the speed-up and GEMM-fraction goals); batch 1: static and
+static+graphs (the graphs goal). CPU: a 2-block toy model, fp32, batch 2 (and 1), graph rows skip;
+a smoke test that says nothing about a GPU.
 
-Each row's extra_info: provider, batch, steps, schedule, relative FLOPs, seconds per step,
-images/s, model TFLOP/s (analytic FLOPs of the run / its median time: `Schedule.flops`, the
-model's forward FLOPs, multiply-add = 2) and graph captures. `test_bench_matmul` measures the bf16
-GEMM of DiT-XL's MLP (fc1) at the largest batch's token count in the same session, the ceiling the
-model's TFLOP/s is compared with. `benchmarks/_results.goals` computes the issue's ratios from
-these rows; `benchmarks/render.py` prints them.
+Timing: whole sampling runs, host clock (perf_counter) with the device synchronised at the end of
+each run (runs last tenths of seconds to seconds). One untimed warm-up run first, in which graphed
+providers capture their graphs (`graph_captures`; `graph_captures_timed` must stay 0). DiT samples
+with 250 DDPM steps; to fit the GPU check the runs take FLEXIKERN_BENCH_STEPS steps (default 10 on
+CUDA, 4 on CPU) of the same kind of schedule (`for_budget` at that step count: the same
+weak/powerful proportions, its relative FLOPs recorded next to the 250-step one), and images/s is
+per-step throughput extrapolated: `images_per_s = batch / (seconds_per_step * 250)`. Set
+FLEXIKERN_BENCH_STEPS=250 to time the full schedule.
+
+Each row's extra_info: provider, batch, steps, schedule, relative FLOPs, seconds per step, images/s,
+model TFLOP/s (the run's analytic FLOPs, `Schedule.flops`, multiply-add = 2, / its median time) and
+`fraction_of_gemm` (/ the bf16 GEMM rate measured in this process, `_timing.gemm_rate`).
+`benchmarks/_results.goals` computes the issue's ratios from these rows; `render.py` prints them.
 """
 
 from __future__ import annotations
@@ -37,44 +43,40 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+import _timing
 from _results import TARGET_STEPS
+from _timing import CUDA, DEVICE
 from flexikern.diffusion import Guidance, Schedule, sample
 from flexikern.models import FlexiDiT
 from flexikern.runtime.graphs import GraphRunner
 from reference_dit import DiT
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 if CUDA:
     MODEL_NAME, DTYPE = "DiT-XL/2", torch.bfloat16
     CONFIG = dict(input_size=32, depth=28, hidden_size=1152, num_heads=16, num_classes=1000)
-    BATCHES, STEPS = (1, 8, 32), int(os.environ.get("FLEXIKERN_BENCH_STEPS", "25"))
-    ROUNDS = {1: 5, 8: 3, 32: 3}
-    MATMUL_REPEATS = 20
+    LARGE, STEPS = 32, int(os.environ.get("FLEXIKERN_BENCH_STEPS", "10"))
+    ROUNDS = {1: 5, 32: 3}
 else:
     MODEL_NAME, DTYPE = "toy (2 blocks, width 64)", torch.float32
     CONFIG = dict(input_size=16, depth=2, hidden_size=64, num_heads=4, num_classes=10)
-    BATCHES, STEPS = (2,), int(os.environ.get("FLEXIKERN_BENCH_STEPS", "4"))
-    ROUNDS = {2: 10}
-    MATMUL_REPEATS = 2
+    LARGE, STEPS = 2, int(os.environ.get("FLEXIKERN_BENCH_STEPS", "4"))
+    ROUNDS = {1: 3, 2: 5}
 GUIDANCE = Guidance(1.5, "flexi")
+BUDGET = 0.6
 
-# provider: (model, schedule, CUDA graphs, noise_device)
+# provider: (model, schedule, packed, CUDA graphs)
 PROVIDERS = {
-    "reference": ("reference", "static", False, "cpu"),
-    "static": ("flexi", "static", False, "cpu"),
-    "flexi_0.6": ("flexi", "budget", False, "cpu"),
-    "static+graphs": ("flexi", "static", True, "cpu"),
-    "flexi_0.6+graphs": ("flexi", "budget", True, "cpu"),
-    "flexi_0.6+graphs+device_noise": ("flexi", "budget", True, "model"),
+    "reference": ("reference", "static", False, False),
+    "static": ("flexi", "static", False, False),
+    "flexi_0.6": ("flexi", "budget", False, False),
+    "flexi_0.6+packed": ("flexi", "budget", True, False),
+    "static+graphs": ("flexi", "static", None, True),
+    "flexi_0.6+graphs": ("flexi", "budget", None, True),
 }
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
+# (batch, provider), most needed first: a stage that runs out of time loses the last rows only.
+CASES = [(LARGE, "reference"), (LARGE, "static"), (LARGE, "flexi_0.6+graphs"), (1, "static"),
+         (1, "static+graphs"), (LARGE, "flexi_0.6"), (LARGE, "flexi_0.6+packed")]
 
 
 class ReferenceForSampling(nn.Module):
@@ -133,62 +135,47 @@ def models() -> dict[str, nn.Module]:
 
 
 def _schedule(kind: str, flexi: FlexiDiT, steps: int) -> Schedule:
-    return Schedule.static(steps, 2) if kind == "static" else Schedule.for_budget(flexi, steps, 0.6)
+    return Schedule.static(steps, 2) if kind == "static" else Schedule.for_budget(flexi, steps, BUDGET)
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("batch,provider", CASES, ids=[f"{p}-batch{b}" for b, p in CASES])
 def test_bench_e2e(benchmark, models, batch, provider):
-    model_key, kind, graphs, noise_device = PROVIDERS[provider]
+    model_key, kind, packed, graphs = PROVIDERS[provider]
     if graphs and not CUDA:
         pytest.skip("CUDA graphs need a CUDA device; on CPU cuda_graphs=True runs eagerly")
-    if noise_device != "cpu" and not CUDA:
-        pytest.skip("noise on the device is a GPU throughput option")
     flexi, model = models["flexi"], models[model_key]
     schedule = _schedule(kind, flexi, STEPS)
+    relative = schedule.relative_flops(flexi)
+    assert kind == "static" or relative <= BUDGET, f"{schedule!r}: relative FLOPs {relative:.3f} > {BUDGET}"
     flops = schedule.flops(flexi, batch, guidance=True)
     labels = torch.arange(batch) % CONFIG["num_classes"]
     runner = GraphRunner() if graphs else False
 
     def run():
         out = sample(model, labels, schedule, GUIDANCE, seed=0, progress=False, cuda_graphs=runner,
-                     noise_device=noise_device)
-        _sync()
+                     packed=packed)
+        _timing.sync()
         return out
 
+    run()   # warm-up, untimed: compilation, cuBLAS/attention workspaces, graph captures
+    captured = runner.captures if graphs else 0
     benchmark.group = f"e2e {MODEL_NAME} batch={batch}"
-    benchmark.pedantic(run, rounds=ROUNDS[batch], warmup_rounds=1, iterations=1)
-    median = benchmark.stats.stats.median
-    per_step = median / STEPS
-    benchmark.extra_info.update(
-        suite="e2e", provider=provider, model=MODEL_NAME, device=torch.cuda.get_device_name() if CUDA else "cpu",
-        dtype=str(DTYPE).replace("torch.", ""), batch=batch, steps=STEPS, target_steps=TARGET_STEPS,
-        schedule=repr(schedule), relative_flops=schedule.relative_flops(flexi),
-        relative_flops_at_target=_schedule(kind, flexi, TARGET_STEPS).relative_flops(flexi),
-        seconds_per_step=per_step, images_per_s=batch / (per_step * TARGET_STEPS),
-        model_tflops=flops / median / 1e12, graph_captures=runner.captures if graphs else 0,
-        noise_device=noise_device)
+    benchmark.pedantic(run, rounds=ROUNDS[batch], warmup_rounds=0, iterations=1)
+    if benchmark.stats:
+        median = benchmark.stats.stats.median
+        per_step = median / STEPS
+        tflop_s = flops / median / 1e12
+        gemm = _timing.gemm_rate() / 1e12
+        benchmark.extra_info.update(
+            suite="e2e", provider=provider, model=MODEL_NAME, device=_timing.device_name(),
+            smoke=_timing.SMOKE, dtype=str(DTYPE).replace("torch.", ""), batch=batch, steps=STEPS,
+            target_steps=TARGET_STEPS, schedule=repr(schedule), relative_flops=relative,
+            relative_flops_at_target=_schedule(kind, flexi, TARGET_STEPS).relative_flops(flexi),
+            packed=packed, cuda_graphs=bool(graphs), seconds_per_step=per_step,
+            images_per_s=batch / (per_step * TARGET_STEPS), model_tflop_s=tflop_s,
+            gemm_tflop_s=gemm, fraction_of_gemm=tflop_s / gemm, graph_captures=captured,
+            graph_captures_timed=(runner.captures - captured) if graphs else 0,
+            timing="perf_counter around whole sampling runs, device synchronised; "
+                   "one untimed warm-up run")
     if graphs:
         runner.release()   # the next provider starts from free memory
-
-
-def test_bench_matmul(benchmark):
-    """The GEMM ceiling: DiT's fc1 (tokens x D) @ (D x 4D) in the model dtype, at the token count of
-    the largest batch's guided step (2 * batch * 256 tokens at p=2 on CUDA)."""
-    d = CONFIG["hidden_size"]
-    tokens = 2 * max(BATCHES) * (CONFIG["input_size"] // 2) ** 2
-    x = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE)
-    w = torch.randn(4 * d, d, device=DEVICE, dtype=DTYPE) * d ** -0.5
-
-    def run():
-        for _ in range(MATMUL_REPEATS):
-            F.linear(x, w)
-        _sync()
-
-    benchmark.group = f"matmul {MODEL_NAME} MLP"
-    benchmark.pedantic(run, rounds=10 if CUDA else 3, warmup_rounds=2, iterations=1)
-    flops = 2 * tokens * d * 4 * d * MATMUL_REPEATS
-    benchmark.extra_info.update(
-        suite="matmul", provider="matmul", model=MODEL_NAME, device=torch.cuda.get_device_name() if CUDA else "cpu",
-        dtype=str(DTYPE).replace("torch.", ""), shape=f"({tokens}, {d}) x ({d}, {4 * d})",
-        tflops=flops / benchmark.stats.stats.median / 1e12)

@@ -1,46 +1,57 @@
-"""patchify / unpatchify: the extension (flexikern._C) against the torch reference
-(reshape + permute + contiguous), as achieved bandwidth against a device-to-device copy.
+"""patchify / unpatchify (plain and packed): the extension (flexikern._C) against the torch reference
+(reshape + permute + contiguous), as bandwidth against the device copy.
 
-    pytest benchmarks/test_bench_patchify.py --benchmark-only
+    pytest benchmarks/test_bench_patchify.py
 
-On CUDA: DiT-XL/2's latent (batch 32 and 64, 4 x 32 x 32, p = 2 and 4) for patchify, its
-1152-wide model's de-embedded tokens (8 channels: learn_sigma) for unpatchify, and a video
-latent (4, 16, 16, 64, 64) with patches (1, 2, 2) and (2, 2, 2), bf16. On CPU: tiny shapes, fp32.
-Every row's extra_info holds bytes moved (read + written), achieved GB/s, the GB/s of
-`torch.empty_like(x).copy_(x)` on the same bytes, measured in the same run, and the fraction of it
-reached. No GPU number is recorded in this file.
+Timing and regimes: benchmarks/_timing.py (CUDA events, median of rounds of many calls).
+* past_l2: batch sized so that a call moves >= 8x the L2 cache (`_timing.past_l2_batch`): DiT's
+  4x32x32 latent at p=2 and p=4, a video latent 16x16x64x64 (C, F, H, W) at (1, 2, 2) and
+  (2, 2, 2), and FlexiDiT's packed guidance step (p=2 + p=4). These GB/s are DRAM bandwidth.
+* graph / eager: DiT-XL/2's batch of 32 latents at p=2 and p=4, captured in a CUDA graph of
+  `_timing.GRAPH_CALLS` calls (the per-call device time inside a graphed step; L2-resident) or
+  eager (per-call cost with dispatch and launch). The packed op's torch reference has no graph
+  row: it copies its cu_seqlens from the host on every call (a stream sync, part of its timed
+  cost), which a CUDA graph cannot capture; the extension computes them on the device.
+unpatchify runs on the de-embedded tokens of DiT's learn_sigma output (8 channels per pixel).
+bf16 on CUDA; on CPU fp32 at tiny sizes, a smoke test.
+
+Every row's extra_info: bytes moved per call (read + write), achieved GB/s, the copy's GB/s in the
+same run and `fraction_of_copy` (see `_timing.record`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import math
 
 import pytest
 import torch
 
+import _timing
 import flexikern.ops as ops
+from _timing import CUDA, DEVICE, REGIMES
 from flexikern import _ext
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+pytestmark = _timing.MARK
+
 if CUDA:
-    DTYPE, ROUNDS, WARMUP = torch.bfloat16, 50, 5
-    IMAGE_CASES = [((n, 4, 32, 32), (p, p)) for n in (32, 64) for p in (2, 4)]
-    VIDEO_CASES = [((4, 16, 16, 64, 64), (1, 2, 2)), ((4, 16, 16, 64, 64), (2, 2, 2))]
-    OUT_CHANNELS = 8
+    DTYPE, DIT_BATCH, IMAGE, VIDEO = torch.bfloat16, 32, (4, 32, 32), (16, 16, 64, 64)
 else:
-    DTYPE, ROUNDS, WARMUP = torch.float32, 10, 2
-    IMAGE_CASES = [((4, 4, 32, 32), (2, 2)), ((4, 4, 32, 32), (4, 4))]
-    VIDEO_CASES = [((1, 4, 4, 16, 16), (1, 2, 2))]
-    OUT_CHANNELS = 8
+    DTYPE, DIT_BATCH, IMAGE, VIDEO = torch.float32, 2, (4, 32, 32), (4, 4, 16, 16)
+OUT_CHANNELS = 8   # DiT's learn_sigma output: 2 x 4 channels
+ELEMENT = torch.finfo(DTYPE).bits // 8
 PROVIDERS = ["ext", "torch"]
-_COPY_CACHE: dict[tuple, float] = {}
+# (per-item shape (C, *size), patch, regime)
+CASES = ([(IMAGE, (p, p), regime) for p in (2, 4) for regime in REGIMES]
+         + [(VIDEO, patch, "past_l2") for patch in ((1, 2, 2), (2, 2, 2))])
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
+def _id(case) -> str:
+    item, patch, regime = case
+    return f"{regime}-{'x'.join(map(str, item))}-p{''.join(map(str, patch))}"
+
+
+def _batch(regime: str, bytes_per_item: int) -> int:
+    return _timing.past_l2_batch(bytes_per_item) if regime == "past_l2" else DIT_BATCH
 
 
 def _skip_unless_runnable(provider: str, op: str, **inputs) -> None:
@@ -50,76 +61,72 @@ def _skip_unless_runnable(provider: str, op: str, **inputs) -> None:
         pytest.skip(f"{provider}: {'; '.join(reasons)}")
 
 
-def copy_bandwidth(x: torch.Tensor) -> float:
-    """Bytes/s of a device-to-device copy of `x` (read + write), the roof for a permutation."""
-    key = (tuple(x.shape), x.dtype, x.device.type)
-    if key not in _COPY_CACHE:
-        out = torch.empty_like(x)
-        times = []
-        for i in range(WARMUP + ROUNDS):
-            _sync()
-            start = time.perf_counter()
-            out.copy_(x)
-            _sync()
-            if i >= WARMUP:
-                times.append(time.perf_counter() - start)
-        _COPY_CACHE[key] = 2 * x.numel() * x.element_size() / statistics.median(times)
-    return _COPY_CACHE[key]
+def _time(benchmark, provider: str, op: str, regime: str, call, moved: int, **info) -> None:
+    """Time `call` (one op call, forced to `provider`) in `regime` and record its bandwidth."""
+    benchmark.group = f"{op} {regime} {info['shape']} p={info['patch']}"
+    with torch.no_grad():
+        timing = _timing.run_regime(benchmark, regime, call)
+    _timing.record(benchmark, timing, bytes_moved=moved, suite="patchify", op=op, provider=provider,
+                   regime=regime, dtype=str(DTYPE).replace("torch.", ""),
+                   build=_ext.build_info().get("cuda_archs"), **info)
 
 
-def _run(benchmark, provider: str, op: str, fn, x: torch.Tensor, **info) -> None:
-    def step():
-        fn()
-        _sync()
-
-    with ops.use_backend(**{op: provider}):
-        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    moved = 2 * x.numel() * x.element_size()
-    median = benchmark.stats.stats.median
-    copy = copy_bandwidth(x)
-    benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE), op=op,
-        provider=provider, build=_ext.build_info().get("cuda_archs"), bytes_moved=moved,
-        achieved_gb_s=moved / median / 1e9, copy_gb_s=copy / 1e9,
-        fraction_of_copy=moved / median / copy, **info)
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The torch backend may return a view for trivial patches; a model needs dense tokens.
-    return t.contiguous()
-
-
-@pytest.mark.parametrize("shape,patch", IMAGE_CASES + VIDEO_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_id)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_bench_patchify(benchmark, provider, shape, patch):
-    x = torch.randn(shape, device=DEVICE, dtype=DTYPE)
+def test_bench_patchify(benchmark, provider, case):
+    item, patch, regime = case
+    n = _batch(regime, 2 * math.prod(item) * ELEMENT)   # read the latent, write its tokens
+    x = torch.randn(n, *item, device=DEVICE, dtype=DTYPE)
     _skip_unless_runnable(provider, "patchify", x=x, patch_size=patch)
-    benchmark.group = f"patchify {shape} p={patch}"
-    _run(benchmark, provider, "patchify", lambda: _contiguous(ops.patchify(x, patch)), x,
-         shape=str(shape), patch=str(patch))
+
+    def call():
+        with ops.use_backend(patchify=provider):
+            # The torch backend may return a view for trivial patches; a model needs dense tokens.
+            return ops.patchify(x, patch).contiguous()
+
+    _time(benchmark, provider, "patchify", regime, call, 2 * x.numel() * ELEMENT,
+          shape=str((n, *item)), patch=str(patch), batch=n)
 
 
-@pytest.mark.parametrize("shape,patch", IMAGE_CASES + VIDEO_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_id)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_bench_unpatchify(benchmark, provider, shape, patch):
-    # The de-embedded output: OUT_CHANNELS per pixel (DiT's learn_sigma doubles 4 -> 8).
-    n, _, *size = shape
-    image_shape = (n, OUT_CHANNELS, *size)
-    tokens = ops.patchify(torch.randn(image_shape, device=DEVICE, dtype=DTYPE), patch).contiguous()
-    _skip_unless_runnable(provider, "unpatchify", tokens=tokens, patch_size=patch, size=size)
-    benchmark.group = f"unpatchify {tuple(tokens.shape)} p={patch}"
-    _run(benchmark, provider, "unpatchify",
-         lambda: _contiguous(ops.unpatchify(tokens, patch, tuple(size))), tokens,
-         shape=str(image_shape), patch=str(patch))
+def test_bench_unpatchify(benchmark, provider, case):
+    (_, *size), patch, regime = case
+    image = (OUT_CHANNELS, *size)
+    n = _batch(regime, 2 * math.prod(image) * ELEMENT)
+    tokens = ops.patchify(torch.randn(n, *image, device=DEVICE, dtype=DTYPE), patch).contiguous()
+    _skip_unless_runnable(provider, "unpatchify", tokens=tokens, patch_size=patch, size=tuple(size))
+
+    def call():
+        with ops.use_backend(unpatchify=provider):
+            return ops.unpatchify(tokens, patch, tuple(size)).contiguous()
+
+    _time(benchmark, provider, "unpatchify", regime, call, 2 * tokens.numel() * ELEMENT,
+          shape=str((n, *image)), patch=str(patch), batch=n)
 
 
+@pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_bench_patchify_packed(benchmark, provider):
-    # FlexiDiT's guidance step: conditional at p=2 and guidance at p=4, packed together.
-    n = IMAGE_CASES[0][0][0]
-    xs = [torch.randn(n, 4, 32, 32, device=DEVICE, dtype=DTYPE) for _ in range(2)]
+def test_bench_patchify_packed(benchmark, provider, regime):
+    # FlexiDiT's guidance step: N latents at p=2 (conditional) and the same N at p=4 (guidance),
+    # packed into one token buffer (rows of the p=2 group zero-padded to the p=4 width).
+    if regime == "graph" and provider == "torch":
+        pytest.skip("the torch reference copies cu_seqlens from the host (torch.tensor) on every "
+                    "call, which a CUDA graph capture forbids")
     patches = [(2, 2), (4, 4)]
+
+    def moved(xs, out) -> int:
+        tokens, cu_seqlens = out
+        return sum(x.numel() for x in xs) * ELEMENT + tokens.numel() * ELEMENT + cu_seqlens.numel() * 4
+
+    probe = [torch.zeros(1, *IMAGE, device=DEVICE, dtype=DTYPE)] * 2
+    n = _batch(regime, moved(probe, ops.patchify_packed(probe, patches)))
+    xs = [torch.randn(n, *IMAGE, device=DEVICE, dtype=DTYPE) for _ in range(2)]
     _skip_unless_runnable(provider, "patchify_packed", xs=xs, patch_sizes=patches)
-    benchmark.group = f"patchify_packed 2x{tuple(xs[0].shape)} p=2+4"
-    _run(benchmark, provider, "patchify_packed", lambda: ops.patchify_packed(xs, patches),
-         torch.cat(xs), shape=str(tuple(xs[0].shape)), patch="2+4")
+
+    def call():
+        with ops.use_backend(patchify_packed=provider):
+            return ops.patchify_packed(xs, patches)
+
+    _time(benchmark, provider, "patchify_packed", regime, call, moved(xs, call()),
+          shape=f"2x{(n, *IMAGE)}", patch="2+4", batch=n)

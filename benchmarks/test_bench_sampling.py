@@ -19,11 +19,11 @@ import time
 import pytest
 import torch
 
+import _timing
+from _timing import CUDA, DEVICE
 from flexikern.diffusion import Guidance, Schedule, sample
 from flexikern.models import FlexiDiT
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 STEPS, BATCH = (50, 8) if CUDA else (10, 2)
 TIMER = time.perf_counter if CUDA else time.process_time
 GUIDANCE = Guidance(1.5, "flexi")
@@ -52,8 +52,7 @@ def model():
 def _run(model, schedule, walls):
     start = time.perf_counter()
     out = sample(model, list(range(BATCH)), schedule, GUIDANCE, seed=0, progress=False)
-    if CUDA:
-        torch.cuda.synchronize()
+    _timing.sync()
     walls.append(time.perf_counter() - start)
     return out
 
@@ -70,9 +69,10 @@ def test_sampling_time(benchmark, model, name):
     benchmark.pedantic(_run, args=(model, schedule, walls), rounds=2, iterations=1, warmup_rounds=0)
     best = benchmark.stats.stats.min
     RESULTS[name] = (best, min(walls))
-    benchmark.extra_info.update(schedule=repr(schedule), relative_flops=relative, steps=STEPS, batch=BATCH,
+    benchmark.extra_info.update(suite="sampling", smoke=_timing.SMOKE, schedule=repr(schedule),
+                                relative_flops=relative, steps=STEPS, batch=BATCH,
                                 timer="wall" if CUDA else "process CPU time, 1 thread", wall_min_s=min(walls),
-                                device=torch.cuda.get_device_name() if CUDA else "cpu")
+                                device=_timing.device_name())
     timer = "wall" if CUDA else "CPU"
     print(f"\n{name}: {schedule!r}, relative FLOPs {relative:.3f}, {timer} time {best:.3f} s, "
           f"wall {min(walls):.3f} s")

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["load", "unavailable_reason", "build_info"]
+__all__ = ["load", "unavailable_reason", "build_info", "cuda_built", "kernels_by_device"]
 
 _LOCK = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "module": None, "error": None}
@@ -75,6 +75,20 @@ def cuda_built() -> bool:
     """True when the loaded extension has its CUDA kernels."""
     module = load()
     return bool(module is not None and module.cuda_built)
+
+
+def kernels_by_device() -> dict[str, dict[str, bool]]:
+    """Every `flexikern::` op the loaded extension registers -> {"CPU": has a kernel, "CUDA": ...}.
+
+    Read from the dispatcher, so it needs no GPU: a CUDA build on a CPU machine lists CUDA kernels
+    too. Empty when the extension does not load.
+    """
+    import torch
+    if load() is None:
+        return {}
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("flexikern::"))
+    return {n: {key: torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for key in ("CPU", "CUDA")}
+            for n in names}
 
 
 # ---- fake implementations and autograd (registered once, when the library loads) ----------

@@ -290,16 +290,11 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
 
 def _distributed() -> tuple[int, int, Any]:
     """(rank, world size, torch.distributed or None); joins the torchrun job if there is one."""
-    import torch
     import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, None
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dist
+
+    from flexikern.train.trainer import init_distributed
+    rank, world = init_distributed()
+    return rank, world, (dist if world > 1 else None)
 
 
 def _gather(arrays: dict[str, Any], batches: list[list[int]], rank: int, world: int, dist: Any,

@@ -26,9 +26,9 @@ their dtype. Under the Triton interpreter, 16-bit operands are upcast to fp32 be
 (triton 3.9's interpreter gets bf16 dots wrong).
 
 Tiling is one config per shape (`*_meta`, no autotune: the interpreter cannot autotune, and the
-ops are memory-bound at DiT sizes), chosen so the DiT-XL/2 launches compile for sm_90 with no
-register spills, or a few dozen bytes (checked with `cuobjdump -res-usage` on the cubins; the
-tests compile them).
+ops are memory-bound at DiT sizes), chosen so that the DiT-XL/2 launches compile for sm_90 with
+no register spills and at least two blocks per SM (`benchmarks/sm90_compile.py` compiles them
+and tabulates registers and occupancy: benchmarks/README.md, "sm_90 compile table").
 """
 
 from __future__ import annotations
@@ -318,15 +318,15 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 
 def _num_warps(*tile_elements: int) -> int:
-    # Past ~8K live fp32 tile elements (the stored rows and the resize tile included) 4 warps
-    # spill (ptxas -res-usage, sm_90); use 8.
-    return 8 if sum(tile_elements) > 8192 else 4
+    # From 8K live tile elements (the stored rows and the resize tile included) 4 warps need
+    # ~255 registers or spill on sm_90 (benchmarks/sm90_compile.py); use 8.
+    return 8 if sum(tile_elements) >= 8192 else 4
 
 
-def _block_m(m: int, other_blocks: int) -> int:
-    """64 tokens per program, fewer (down to tl.dot's 16) until the grid has >= 512 programs:
-    these ops are memory-bound, so every SM needs several programs in flight."""
-    block_m = 64
+def _block_m(m: int, other_blocks: int, largest: int = 64) -> int:
+    """`largest` tokens per program, fewer (down to tl.dot's 16) until the grid has >= 512
+    programs: these ops are memory-bound, so every SM needs several programs in flight."""
+    block_m = largest
     while block_m > _MIN_DOT and triton.cdiv(m, block_m) * other_blocks < 512:
         block_m //= 2
     return block_m
@@ -338,9 +338,12 @@ def image_to_tokens_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) ->
     block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64)
     block_k = block_c * pp_pad
     block_d = min(128, max(_MIN_DOT, _next_pow2(weight.features)))
-    if weight.resize is not None and block_c * ki_pad > 64:
+    # 3xTF32 dots (the resize always, the GEMM for fp32) keep both operands in registers twice
+    # (high and low parts): 64 features and, for fp32, 32 tokens keep a block under ~128
+    # registers, two blocks per SM (128 features or 64 tokens: ~200 registers, or spills).
+    if weight.resize is not None or _fp32_dot(dtype):
         block_d = min(block_d, 64)
-    block_m = _block_m(m, triton.cdiv(weight.features, block_d))
+    block_m = _block_m(m, triton.cdiv(weight.features, block_d), 32 if _fp32_dot(dtype) else 64)
     resize = block_c * ki_pad * (block_d + block_k) if weight.resize is not None else 0
     return dict(FP32_DOT=_fp32_dot(dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
                 KI_PAD=ki_pad, PP_PAD=pp_pad,
@@ -349,11 +352,15 @@ def image_to_tokens_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) ->
 
 def tokens_to_image_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) -> dict:
     """Block sizes and warps of `_tokens_to_image_kernel` for M tokens."""
-    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=128)
+    # The resize tile kron(I, P^T) grows as BLOCK_C**2 and, like every 3xTF32 operand, lives
+    # in registers twice: resizing or fp32 takes 32 features per step and a resize at most 64
+    # stored rows per K-tile (twice that: 1 block per SM at ~225 registers).
+    resizing = weight.resize is not None
+    block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64 if resizing else 128)
     block_m = _block_m(m, triton.cdiv(weight.channels, block_c))
     block_k = block_c * pp_pad
-    block_d = 64 if weight.resize is None or block_c * ki_pad <= 64 else 32
-    resize = block_c * ki_pad * (block_d + block_k) if weight.resize is not None else 0
+    block_d = 32 if resizing or _fp32_dot(dtype) else 64
+    resize = block_c * ki_pad * (block_d + block_k) if resizing else 0
     return dict(FP32_DOT=_fp32_dot(dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
                 KI_PAD=ki_pad, PP_PAD=pp_pad,
                 num_warps=_num_warps(block_m * block_k, block_m * block_d, block_k * block_d, resize))

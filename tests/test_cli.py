@@ -120,7 +120,7 @@ def test_to_uint8():
 
 
 def test_vae_decodes(model_dir, tmp_path, capsys):
-    from diffusers import AutoencoderKL
+    AutoencoderKL = pytest.importorskip("diffusers", reason="the test VAE is diffusers' AutoencoderKL").AutoencoderKL
     AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                   block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                   sample_size=8).save_pretrained(tmp_path / "vae")
@@ -137,7 +137,8 @@ def _free_port():
 
 
 def test_torchrun_shards_give_the_single_process_samples(model_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}   # same kernels in every process
+    # Same kernels in every process; CPU processes (gloo) even on a GPU machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
     args = ["-m", "flexikern", "sample", "--model", model_dir, "--classes", "0-4", "--num-samples", "5",
             "--batch-size", "2", "--steps", "3", "--schedule", "weak_first:1", "--no-progress"]
     one = tmp_path / "one.npz"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-
 from flexikern.diffusion import (DDIMSampler, DDPMSampler, FlowEulerSampler, GaussianDiffusion, linear_betas,
                                  make_sampler, space_timesteps)
 
 C, H = 4, 5   # odd spatial size on purpose
+
+
+def _diffusers():
+    """diffusers, whose schedulers are the reference; a test that needs it skips without it."""
+    return pytest.importorskip("diffusers", reason="the reference schedulers come from diffusers")
 
 
 def _close(a, b, rtol=1e-5, atol=1e-5):
@@ -27,7 +30,7 @@ def _inputs(seed, out_channels=C):
 
 def test_linear_betas_match_diffusers():
     ours = linear_betas(1000)
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").betas
+    ref = _diffusers().DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").betas
     _close(ours.float(), ref, rtol=1e-6, atol=1e-9)
     assert ours[0].item() == pytest.approx(1e-4) and ours[-1].item() == pytest.approx(0.02)
     # ADM scales both ends by 1000 / T for other lengths.
@@ -38,14 +41,14 @@ def test_linear_betas_match_diffusers():
 def test_dit_spacing_is_diffusers_linspace(steps):
     kept = space_timesteps(1000, str(steps))
     assert len(kept) == steps and kept[0] == 0 and kept[-1] == 999
-    sched = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
+    sched = _diffusers().DDPMScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
     sched.set_timesteps(steps)
     assert sorted(sched.timesteps.tolist()) == kept
 
 
 def test_spacing_forms():
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
-    ref = DDIMScheduler(num_train_timesteps=1000)
+    ref = _diffusers().DDIMScheduler(num_train_timesteps=1000)
     ref.set_timesteps(50)
     assert sorted(ref.timesteps.tolist()) == space_timesteps(1000, "ddim50")
     # ADM's sections: "10,15" = 10 steps over the first half, 15 over the second.
@@ -69,7 +72,7 @@ def test_respacing_keeps_alphas_cumprod():
 
 
 def _diffusers_ddpm(kept, variance_type):
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+    sched = _diffusers().DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           variance_type=variance_type, clip_sample=False)
     sched.set_timesteps(timesteps=sorted(kept, reverse=True))
     return sched
@@ -97,7 +100,7 @@ def test_ddpm_step_matches_diffusers(steps, learn_sigma):
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_ddim_step_matches_diffusers(eta):
     sampler = DDIMSampler("ddim20", eta=eta)
-    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+    ref = _diffusers().DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
     ref.set_timesteps(20)
     assert sampler.model_timesteps.long().tolist() == ref.timesteps.tolist()
     for k in range(20):

@@ -42,3 +42,19 @@ def test_build_record():
     assert {"cuda", "cuda_archs", "cxx", "built_at"} <= set(info)
     assert (info["cuda"] is not None) == _ext.cuda_built()
     assert _ext.load().max_patch == 8
+
+
+def test_every_op_has_a_cpu_kernel():
+    if REASON is not None:
+        pytest.skip(f"extension not built: {REASON}")
+    kernels = _ext.kernels_by_device()
+    assert len(kernels) == 8 and all(k["CPU"] for k in kernels.values()), kernels
+
+
+@pytest.mark.gpu
+def test_every_op_has_a_cuda_kernel():
+    # On a GPU machine a build without CUDA kernels must fail loudly: the other GPU tests would
+    # otherwise run the torch fallbacks and prove nothing about csrc/.
+    assert _ext.cuda_built(), f"flexikern._C was built without CUDA: {_ext.build_info()}"
+    missing = [name for name, k in _ext.kernels_by_device().items() if not k["CUDA"]]
+    assert not missing, f"ops without a CUDA kernel: {missing}"

@@ -21,8 +21,6 @@ from flexikern.models import FlexiDiT
 from flexikern.runtime import graphs
 from flexikern.runtime.graphs import GraphRunner, graph_key, plan_phases
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (none here)")
 
 
 def tiny(seed=0, device="cpu", dtype=torch.float32, learn_sigma=True):
@@ -231,7 +229,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=str)
 def test_cuda_graphed_equals_eager_and_no_recapture(dtype, tol):
     model = tiny(device="cuda", dtype=dtype)
@@ -261,7 +259,7 @@ def test_cuda_graphed_equals_eager_and_no_recapture(dtype, tol):
     assert len(runner) == 0
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_lru_bound_and_default_runner():
     model = tiny(device="cuda")
     kw = dict(schedule=Schedule.static(3, 2), guidance=Guidance(1.5, "cfg"), progress=False)
@@ -281,7 +279,7 @@ def test_cuda_lru_bound_and_default_runner():
     assert alive() is None and len(graphs._RUNNERS) == registered - 1
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_noise_on_device_graphed():
     model = tiny(device="cuda")
     kw = dict(schedule=Schedule.weak_first(6, 3, weak=4, powerful=2), guidance=Guidance(1.5, "flexi"),

@@ -203,7 +203,9 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    # CPU processes (gloo) even on a GPU machine: these tests check the CPU path, and two ranks
+    # on one GPU would fail.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
     return env
 

@@ -91,11 +91,21 @@ def _area(size: Size) -> int:
     return math.prod(size)   # pixels (or voxels, for video patches) per token
 
 
+def _cat(a: Any, b: Any) -> Any:
+    """Two conditions along the batch: label tensors, or text conditions (their `cat`)."""
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a.cat(b)
+
+
 class GuidedDenoiser:
     """The model's guided prediction for one step: the one place both branches are run and combined.
 
     `__call__(x, t, cond_size, guid_size)` returns the model output (N, out_channels, H, W) with the
     guided epsilon (or velocity) channels. `guid_size=None` runs the conditional branch alone.
+
+    Inside `fk.sample` a call never synchronises with the host: every concatenation of
+    conditions it needs is made here, once (a text condition's `cat` reads its mask), `prepare`
+    has the model build its per-size caches before the first step, and the model trusts the
+    conditions' values (`flexikern.models.base.conditions_checked`).
     """
 
     def __init__(self, model: Any, y: torch.Tensor, guidance: Guidance | None, packed: bool | None = None):
@@ -105,8 +115,8 @@ class GuidedDenoiser:
         # Labels: the null class id; other conditions (text): the model's own null condition.
         self.y_null = (model.null_condition(y) if hasattr(model, "null_condition")
                        else torch.full_like(y, int(model.num_classes)))
-        self.y_cfg = (torch.cat([y, self.y_null]) if isinstance(y, torch.Tensor)
-                      else y.cat(self.y_null))    # batched conditional + unconditional pass
+        self.y_cfg = _cat(y, self.y_null)   # conditional + unconditional rows: CFG's one batch or packed pass
+        self.y_weak = _cat(y, y)            # both rows conditional: weak-model guidance's packed pass
         params = next(iter(model.parameters()), None)
         self.dtype = params.dtype if params is not None else torch.float32
         # Branches of different sizes run as ONE packed forward where that pays: with a fused
@@ -130,14 +140,14 @@ class GuidedDenoiser:
             return "weak"
         return "cfg"
 
-    def two_pass(self, x: torch.Tensor, t: torch.Tensor, y_cond: torch.Tensor, y_guid: torch.Tensor,
+    def two_pass(self, x: torch.Tensor, t: torch.Tensor, y_guid: Any, y_both: Any,
                  cond_size: Size, guid_size: Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both branches at different sizes: one packed forward (`model.forward_packed`) or two."""
+        """Both branches at different sizes, conditioned on `self.y` and `y_guid`: one packed forward
+        (`model.forward_packed` with `y_both`, the two concatenated: `y_cfg` or `y_weak`) or two."""
         if not self.packed:
-            return self._forward(x, t, y_cond, cond_size), self._forward(x, t, y_guid, guid_size)
+            return self._forward(x, t, self.y, cond_size), self._forward(x, t, y_guid, guid_size)
         n = x.shape[0]
-        y = torch.cat([y_cond, y_guid]) if isinstance(y_cond, torch.Tensor) else y_cond.cat(y_guid)
-        out = self.model.forward_packed(list(x.to(self.dtype).unbind(0)) * 2, torch.cat([t, t]), y,
+        out = self.model.forward_packed(list(x.to(self.dtype).unbind(0)) * 2, torch.cat([t, t]), y_both,
                                         [cond_size] * n + [guid_size] * n)
         out = torch.stack(out).to(x.dtype)
         return out[:n], out[n:]
@@ -147,15 +157,30 @@ class GuidedDenoiser:
         if rule == "cond":
             return self._forward(x, t, self.y, cond_size)
         if rule == "weak":
-            cond, other = self.two_pass(x, t, self.y, self.y, cond_size, guid_size)
+            cond, other = self.two_pass(x, t, self.y, self.y_weak, cond_size, guid_size)
             return self.combine(cond, other, self.guidance.weak_scale, x.shape[1])
         if cond_size == guid_size:
             n = x.shape[0]
             both = self._forward(torch.cat([x, x]), torch.cat([t, t]), self.y_cfg, cond_size)
             cond, other = both[:n], both[n:]
         else:
-            cond, other = self.two_pass(x, t, self.y, self.y_null, cond_size, guid_size)
+            cond, other = self.two_pass(x, t, self.y_null, self.y_cfg, cond_size, guid_size)
         return self.combine(cond, other, self.guidance.scale, x.shape[1])
+
+    def prepare(self, x: torch.Tensor, phases: list[tuple[int, int, Size, Size | None]]) -> None:
+        """Have the model build now what the forwards of these phases build on first use
+        (`model.prepare`: positional tables, resized kernels, packings) for states like `x`, so
+        that no step copies between host and device. `phases`: `DenoisingLoop.phases`."""
+        prepare = getattr(self.model, "prepare", None)
+        if prepare is None:
+            return
+        size, n = tuple(x.shape[2:]), len(self.y)
+        for _, _, cond_size, guid_size in phases:
+            sizes = [cond_size] if self.rule(cond_size, guid_size) == "cond" else [cond_size, guid_size]
+            if self.packed and sizes[0] != sizes[-1]:   # `two_pass`'s packed forward
+                prepare([cond_size] * n + [guid_size] * n, size, x.device, packed=True)
+            else:
+                prepare(sizes, size, x.device)
 
     def combine(self, cond: torch.Tensor, other: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
         """`other + scale * (cond - other)` on the guided channels, in place in `cond`; the rest from cond."""

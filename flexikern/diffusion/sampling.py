@@ -10,6 +10,15 @@ Randomness: sample i draws its initial noise and every step's noise from its own
 `torch.Generator` seeded `seed + i` (or `seed[i]`), then moves it to the device. Samples therefore
 do not depend on the device, the batch they are in, or how a run is sharded across processes.
 (`noise_device="model"` trades that for speed: see `sample`.)
+
+Host synchronisation: after the first step, a step reads nothing back from the device and copies
+no host data to it, so the host queues the next step while the GPU runs this one (checked in
+tests/test_nosync.py). `sample` validates its conditions once and runs the steps inside
+`conditions_checked()` (forwards skip the value checks that would read them back); before the
+first step `GuidedDenoiser.prepare` has the model build its per-size caches (packings with their
+host boundaries, positional tables, resized kernels) for every phase. What is left: with the
+default `noise_device="cpu"` on CUDA, a step waits on an event for the previous step's noise copy
+before refilling the pinned buffer (`StepNoise`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
 from flexikern.diffusion.schedule import Schedule
+from flexikern.models.base import conditions_checked
 
 if TYPE_CHECKING:
     from flexikern.runtime.graphs import GraphRunner
@@ -70,6 +80,8 @@ class DenoisingLoop:
 
 
 def _labels(model: Any, y: Any, device: torch.device) -> torch.Tensor:
+    """Class labels as a long (N,) tensor on `device`, range-checked here, once (the steps'
+    forwards trust them)."""
     y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
     if y.numel() == 0:
         raise ValueError("y: expected at least one class label")
@@ -141,8 +153,9 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
     was_training = model.training
     model.eval()   # DiT's label embedder drops labels at random in training mode
     try:
-        with torch.inference_mode(), tqdm(total=sampler.num_steps, disable=not progress,
-                                          desc=f"sampling {schedule!r}", leave=False) as bar:
+        with torch.inference_mode(), conditions_checked(), tqdm(
+                total=sampler.num_steps, disable=not progress, desc=f"sampling {schedule!r}", leave=False) as bar:
+            loop.denoiser.prepare(x, loop.phases)
             if cuda_graphs is not False and cuda_graphs is not None:   # True or a GraphRunner
                 from flexikern.runtime.graphs import run_graphed
                 x = run_graphed(loop, x, step_noise.draw if sampler.stochastic else None,

@@ -3,9 +3,20 @@
 `FlexibleModel` resolves and checks patch sizes and images, caches packings per batch signature,
 and `add_adapters` turns a single-size model into a LoRA or shared flexible one. The families
 differ in blocks and conditioning, not in these.
+
+Host synchronisation: a forward reads nothing back from the device (and copies nothing to it)
+once its caches are built (`FlexibleModel.prepare` builds them ahead) and its conditions' values
+are trusted: checking class labels' range reads them on the host, so forwards skip it inside
+`conditions_checked()`, which `fk.sample` enters after validating its conditions once. (A text
+condition's 0/1 mask is checked once, when the `TextCondition` is built.) Shapes and dtypes (host
+metadata) are always checked.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -14,7 +25,31 @@ from flexikern.flexi.layers import LoRALinear, SizeLayerNorm, size_key
 from flexikern.flexi.resize import as_size
 from flexikern.runtime.packing import Packing
 
-__all__ = ["FlexibleModel", "add_adapters", "check_timesteps"]
+__all__ = ["FlexibleModel", "add_adapters", "check_timesteps", "conditions_checked",
+           "condition_values_trusted"]
+
+_CONDITIONS_CHECKED = contextvars.ContextVar("flexikern_conditions_checked", default=False)
+
+
+@contextlib.contextmanager
+def conditions_checked() -> Iterator[None]:
+    """Inside: model forwards trust the VALUES of their conditions (class labels in range) and
+    skip checking them, which would read the tensors back (a device sync per forward). For a
+    caller that validated its conditions itself: `fk.sample` does, once, and enters this around
+    its denoising loop. Shapes and dtypes are still checked. A context variable: it applies to
+    this thread (and asyncio task) only.
+    """
+    token = _CONDITIONS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CONDITIONS_CHECKED.reset(token)
+
+
+def condition_values_trusted(device: torch.device) -> bool:
+    """Whether a forward on `device` must skip reading its conditions' values: inside
+    `conditions_checked()`, or while capturing a CUDA graph (checked before capture)."""
+    return _CONDITIONS_CHECKED.get() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_timesteps(t, n: int, device) -> torch.Tensor:
@@ -25,7 +60,7 @@ def check_timesteps(t, n: int, device) -> torch.Tensor:
         t = t.expand(n)
     if t.shape != (n,):
         raise ValueError(f"t: expected shape ({n},) to match x's batch, got {tuple(t.shape)}")
-    return t.to(device)
+    return t if t.device == device else t.to(device)   # already there (a sampling step): no call
 
 
 def add_adapters(model: nn.Module, keys: list[str], original: str, embedders: list[nn.Module],
@@ -57,9 +92,28 @@ def add_adapters(model: nn.Module, keys: list[str], original: str, embedders: li
         embedders[0].size_embed[key].requires_grad_(True)
 
 
+def group_samples(samples: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """(runs, packed order) of samples' (patch size, resolution): the order sorts equal samples
+    together; a run is (patch size, resolution, [input indices]), embedded in one batched call."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i])
+    runs: list[tuple] = []
+    for i in order:
+        if runs and runs[-1][:2] == samples[i]:
+            runs[-1][2].append(i)
+        else:
+            runs.append((*samples[i], [i]))
+    return runs, order
+
+
 class FlexibleModel:
     """Mixin for 2-D flexible models: needs `original_patch_size`, `patch_sizes`, `in_channels`,
-    `x_embedder` (FlexiPatchEmbed), `pos_embed(size, patch)` and `final_layer.linear` (FlexiDeEmbed)."""
+    `x_embedder` (FlexiPatchEmbed), `pos_embed(size, patch)`, `t_embedder` (TimestepEmbedder) and
+    `final_layer.linear` (FlexiDeEmbed)."""
+
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        """The dtype tokens are embedded in (positional tables included): the model's weights'."""
+        return self.t_embedder.mlp[0].weight.dtype
 
     def _patch(self, patch_size) -> tuple[int, int]:
         if patch_size is None:
@@ -124,30 +178,43 @@ class FlexibleModel:
         return outputs
 
     def _packing(self, samples: list[tuple[tuple[int, int], tuple[int, int]]], device: torch.device):
-        """(groups, packed order, `Packing`) for samples' (patch size, resolution).
-
-        Groups are runs of samples with one (patch size, resolution), embedded in one batched call.
-        Cached per signature: after the first call nothing is copied from the host (so a CUDA
-        graph can capture it).
-        """
-        cache = self.__dict__.setdefault("_packings", {})
-        signature = (tuple(samples), device)
-        hit = cache.get(signature)
-        if hit is None:
-            order = sorted(range(len(samples)), key=lambda i: samples[i])
-            runs: list[tuple[tuple[int, int], tuple[int, int], list[int]]] = []
-            for i in order:
-                if runs and runs[-1][:2] == samples[i]:
-                    runs[-1][2].append(i)
-                else:
-                    runs.append((*samples[i], [i]))
+        """(runs, packed order, `Packing`) for samples' (patch size, resolution) (runs: see
+        `group_samples`); cached."""
+        def build():
+            runs, order = group_samples(samples)
             lengths = [(s[0] // p[0]) * (s[1] // p[1]) for p, s in (samples[i] for i in order)]
             keys = [size_key(samples[i][0]) for i in order]
-            hit = (runs, torch.tensor(order, device=device), Packing.from_lengths(lengths, keys, device))
+            return runs, torch.tensor(order, device=device), Packing.from_lengths(lengths, keys, device)
+        return self._cached_packing((tuple(samples), device), build)
+
+    def _cached_packing(self, signature, build: Callable[[], tuple]):
+        """`build()`'s packed layout for a batch signature, cached (the 16 latest): after the first
+        call nothing is copied between host and device (so a step neither syncs nor breaks a
+        CUDA graph capture)."""
+        cache = self.__dict__.setdefault("_packings", {})
+        hit = cache.get(signature)
+        if hit is None:
+            hit = build()
             while len(cache) >= 16:
                 cache.pop(next(iter(cache)))
             cache[signature] = hit
         return hit
+
+    def prepare(self, patch_sizes: list, size: tuple[int, ...], device: torch.device,
+                packed: bool = False) -> None:
+        """Build now what forwards at `patch_sizes` on latents of spatial `size` build on first use:
+        positional tables and kernels resized to each patch size and, with `packed`, the packing
+        of one `forward_packed` call of one latent per patch size, in this order. Those forwards
+        then copy nothing between host and device; `fk.sample` calls this for every phase of its
+        schedule before the first step, under the grad mode of its steps (inference).
+        """
+        patches = [self._patch(p) for p in patch_sizes]
+        for patch in dict.fromkeys(patches):
+            self.pos_embed(tuple(size), patch, device=device, dtype=self.embed_dtype)
+            for layer in (self.x_embedder, self.final_layer.linear):
+                layer.weights(size_key(patch))
+        if packed:
+            self._packing([(p, tuple(size)) for p in patches], device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ from flexikern import ops
 from flexikern.flexi.layers import FlexiDeEmbed, FlexiPatchEmbed, LoRALinear, SizeLayerNorm, size_key
 from flexikern.flexi.pos_embed import sincos_2d
 from flexikern.flexi.resize import as_size
-from flexikern.models.base import FlexibleModel, add_adapters, check_timesteps
+from flexikern.models.base import FlexibleModel, add_adapters, check_timesteps, condition_values_trusted
 from flexikern.runtime.packing import Packing
 
 __all__ = ["FlexiDiT", "DIT_CONFIGS", "ADAPTERS"]
@@ -105,7 +105,8 @@ class Attention(nn.Module):
         if packing is not None:  # (total, C): block-diagonal attention over the packed samples
             total, C = x.shape
             q, k, v = self.qkv(x, key).reshape(total, 3, self.num_heads, C // self.num_heads).unbind(1)
-            x = ops.varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen)
+            x = ops.varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen,
+                                     cu_seqlens_host=packing.cu_seqlens_host)
             return self.proj(x.reshape(total, C), key)
         B, N, C = x.shape
         qkv = self.qkv(x, key).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -258,7 +259,8 @@ class FlexiDiT(FlexibleModel, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_conditions(self, t, y, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, y) as (n,) tensors on `device`; labels range-checked (once per label tensor)."""
+        """(t, y) as (n,) tensors on `device`; labels range-checked once per label tensor, and not
+        at all where their values are trusted (`base.conditions_checked`, e.g. in `fk.sample`)."""
         t = check_timesteps(t, n, device)
         if not isinstance(y, torch.Tensor):
             y = torch.as_tensor(y, device=device)
@@ -266,15 +268,14 @@ class FlexiDiT(FlexibleModel, nn.Module):
             raise ValueError(f"y: expected integer class labels of shape ({n},), got "
                              f"{y.dtype} {tuple(y.shape)}")
         rows = self.y_embedder.embedding_table.num_embeddings
-        capturing = y.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and not self._labels_checked(y):
+        if not condition_values_trusted(y.device) and not self._labels_checked(y):
             lo, hi = int(y.min()), int(y.max())   # a device sync on CUDA: done once per label tensor
             if lo < 0 or hi >= rows:
                 null = f" ({self.num_classes} = the null class)" if rows > self.num_classes else ""
                 raise ValueError(f"y: labels must be in [0, {rows - 1}]{null}; got values in [{lo}, {hi}]")
             if not y.is_inference():
                 self._checked_labels = [*self._checked_labels[-3:], (weakref.ref(y), y._version)]
-        return t, y.to(device)
+        return t, (y if y.device == device else y.to(device))
 
     def _labels_checked(self, y: torch.Tensor) -> bool:
         """Whether this very label tensor, unmodified, was validated before (a sampler reuses it)."""
@@ -304,8 +305,7 @@ class FlexiDiT(FlexibleModel, nn.Module):
         self._check_x(x, patch)
         t, y = self._check_conditions(t, y, x.shape[0], x.device)
         key, size = size_key(patch), tuple(x.shape[2:])
-        weight = self.t_embedder.mlp[0].weight
-        pos = self.pos_embed(size, patch, device=x.device, dtype=weight.dtype)
+        pos = self.pos_embed(size, patch, device=x.device, dtype=self.embed_dtype)
         h = self.x_embedder(x, key, pos)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -332,7 +332,7 @@ class FlexiDiT(FlexibleModel, nn.Module):
         """
         patches = self._check_packed(xs, patch_sizes)
         t, y = self._check_conditions(t, y, len(xs), xs[0].device)
-        runs, order, packing, h = self._embed_packed(xs, patches, self.t_embedder.mlp[0].weight.dtype)
+        runs, order, packing, h = self._embed_packed(xs, patches, self.embed_dtype)
         t, y = t[order], y[order]
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:

@@ -99,7 +99,10 @@ class TextCondition:
         return TextCondition(embeds, None if self.mask is None else self.mask.to(embeds.device))
 
     def cat(self, *others: "TextCondition") -> "TextCondition":
-        """Concatenate along the batch; shorter texts are padded with masked-out zero tokens."""
+        """Concatenate along the batch; shorter texts are padded with masked-out zero tokens.
+
+        Reads the mask back (is every token real?): a device sync, so sampling concatenates its
+        conditions once (`GuidedDenoiser`), never per step."""
         items = (self, *others)
         length = max(c.embeds.shape[1] for c in items)
         embeds, masks = [], []
@@ -163,8 +166,8 @@ class CrossAttention(nn.Module):
 
     Unpacked, `x` is (B, T, D) and the text batch divides B: `repeats = B / len(text)` consecutive
     sequences share one text (Latte's frames). Packed, `x` is (total, D) and `bounds[i]` is the
-    token range of text i: one attention per text (keys differ per sample, so the block-diagonal
-    varlen kernel does not apply; see docs/T2I_VIDEO.md).
+    token range of text i, on the host (a packing's `sample_bounds`): one attention per text (keys
+    differ per sample, so the block-diagonal varlen kernel does not apply; see docs/T2I_VIDEO.md).
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -175,7 +178,7 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, bias: torch.Tensor | None,
-                bounds: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                bounds: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
         n_text, length, dim = text.shape
         heads, hd = self.num_heads, dim // self.num_heads
         k, v = self.kv_linear(text).reshape(n_text, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
@@ -214,14 +217,15 @@ class PixArtBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)
 
     def forward(self, x: torch.Tensor, t6: torch.Tensor, key, text: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, packing: Packing | None = None,
-                bounds: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """t6: (B, 6D) shared adaLN-single output, one row per sequence (per sample when packed)."""
+                bias: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
+        """t6: (B, 6D) shared adaLN-single output, one row per sequence (per sample when packed).
+
+        Packed, each sample's tokens cross-attend to its own text (`packing.sample_bounds`)."""
         mod = per_token(self.scale_shift_table.reshape(1, -1) + t6, packing)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x, key), shift_msa, scale_msa), key, packing)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(x, text, bias, bounds)
+            x = x + self.cross_attn(x, text, bias, None if packing is None else packing.sample_bounds)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x, key), shift_mlp, scale_mlp), key)
         return x
 
@@ -263,7 +267,7 @@ class TextConditioned(FlexibleModel):
                              f"caption_channels={self.caption_channels}")
         if cond.embeds.shape[1] < 1:
             raise ValueError("y: expected at least one text token (L >= 1)")
-        return cond.to(device) if device is not None else cond
+        return cond.to(device) if device is not None and cond.device != torch.device(device) else cond
 
     def _conditioning(self, t: torch.Tensor, cond: TextCondition):
         """(timestep embedding (N, D), adaLN-single output (N, 6D), text tokens (N, L, D), mask bias)."""
@@ -398,8 +402,7 @@ class FlexiPixArt(TextConditioned, nn.Module):
         t = check_timesteps(t, x.shape[0], x.device)
         cond = self.check_condition(y, x.shape[0], x.device)
         key, size = size_key(patch), tuple(x.shape[2:])
-        dtype = self.t_block[1].weight.dtype
-        h = self.x_embedder(x, key, self.pos_embed(size, patch, device=x.device, dtype=dtype))
+        h = self.x_embedder(x, key, self.pos_embed(size, patch, device=x.device, dtype=self.embed_dtype))
         t_emb, t6, text, bias = self._conditioning(t, cond)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -424,12 +427,10 @@ class FlexiPixArt(TextConditioned, nn.Module):
         patches = self._check_packed(xs, patch_sizes)
         t = check_timesteps(t, len(xs), xs[0].device)
         cond = self.check_condition(y, len(xs), xs[0].device)
-        runs, order, packing, h = self._embed_packed(xs, patches, self.t_block[1].weight.dtype)
-        cond = cond[order]
-        t_emb, t6, text, bias = self._conditioning(t[order], cond)
-        bounds = list(zip(packing.cu_seqlens[:-1].tolist(), packing.cu_seqlens[1:].tolist()))
+        runs, order, packing, h = self._embed_packed(xs, patches, self.embed_dtype)
+        t_emb, t6, text, bias = self._conditioning(t[order], cond[order])
         for block in self.blocks:
-            h = block(h, t6, packing.groups, text, bias, packing, bounds)
+            h = block(h, t6, packing.groups, text, bias, packing)
         return self._unpack(self.final_layer.modulated(h, t_emb, packing.groups, packing), runs)
 
     # ------------------------------------------------------------------ accounting

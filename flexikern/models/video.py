@@ -36,7 +36,7 @@ from flexikern import ops
 from flexikern.flexi.pos_embed import sincos_2d_scaled, sincos_frames
 from flexikern.flexi.resize import lift_deembed, lift_embed
 from flexikern.models.dit import TimestepEmbedder
-from flexikern.models.base import add_adapters, check_timesteps
+from flexikern.models.base import add_adapters, check_timesteps, group_samples
 from flexikern.models.pixart import (CaptionEmbedder, PixArtBlock, PixArtFinalLayer, TextConditioned,
                                      text_model_flops)
 from flexikern.runtime.packing import Packing
@@ -273,7 +273,7 @@ class FlexiLatte(TextConditioned, nn.Module):
         n, _, f, hgt, wid = x.shape
         t = check_timesteps(t, n, x.device)
         cond = self.check_condition(y, n, x.device)
-        key, dtype = video_key(patch), self.t_block[1].weight.dtype
+        key, dtype = video_key(patch), self.embed_dtype
         h = self.x_embedder(x, key, patch, self.spatial_pos_embed((hgt, wid), patch, x.device, dtype))
         frames, spatial, d = h.shape[1:]
         t_emb, t6, text, bias = self._conditioning(t, cond)
@@ -305,52 +305,25 @@ class FlexiLatte(TextConditioned, nn.Module):
                 raise ValueError(f"xs[{i}]: expected (C, F, H, W), got "
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
             self._check_x(x[None], p, f"xs[{i}]")
-        device, dtype = xs[0].device, self.t_block[1].weight.dtype
+        device, dtype = xs[0].device, self.embed_dtype
         t = check_timesteps(t, len(xs), device)
         cond = self.check_condition(y, len(xs), device)
-        order = sorted(range(len(xs)), key=lambda i: (patches[i], tuple(xs[i].shape[1:])))
-        runs: list[tuple[Patch3, tuple[int, int, int], list[int]]] = []
-        for i in order:
-            p, size = patches[i], tuple(xs[i].shape[1:])
-            if runs and runs[-1][:2] == (p, size):
-                runs[-1][2].append(i)
-            else:
-                runs.append((p, size, [i]))
-        tokens, groups, spatial_lens, temporal_lens, perm, temporal_pos, sample_ids = [], [], [], [], [], [], []
-        offset, sample = 0, 0
+        runs, order, spatial_packing, temporal_packing, perm, inverse = self._packed_layout(
+            [(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], device)
+        tokens, temporal_pos = [], []
         for p, size, members in runs:
-            key = video_key(p)
-            h = self.x_embedder(torch.stack([xs[i] for i in members]), key, p,
+            h = self.x_embedder(torch.stack([xs[i] for i in members]), video_key(p), p,
                                 self.spatial_pos_embed(size[1:], p, device, dtype))
             m, frames, spatial, d = h.shape
             tokens.append(h.reshape(-1, d))
-            groups.append((key, offset, offset + h.numel() // d))
-            table = self.temporal_pos_embed(size[0], p, device, dtype) if frames > 1 else None
-            local = (torch.arange(frames, device=device)[None, :] * spatial
-                     + torch.arange(spatial, device=device)[:, None]).reshape(-1)     # (position, frame) order
-            for _ in members:
-                spatial_lens += [spatial] * frames
-                temporal_lens += [frames] * spatial
-                perm.append(local + offset)
-                temporal_pos.append(table.repeat(spatial, 1) if table is not None
-                                    else torch.zeros(frames * spatial, d, device=device, dtype=dtype))
-                sample_ids.append(torch.full((frames * spatial,), sample, device=device))
-                offset += frames * spatial
-                sample += 1
-        segment_ids = torch.cat(sample_ids)
-        perm_t = torch.cat(perm)
-        inverse = torch.empty_like(perm_t)
-        inverse[perm_t] = torch.arange(len(perm_t), device=device)
-        spatial_packing = _packing(spatial_lens, segment_ids, groups, device)
-        temporal_packing = _packing(temporal_lens, segment_ids[perm_t], groups, device)
-        bounds = [(int(a), int(b)) for a, b in zip(*_bounds(segment_ids))]
-        order_t = torch.tensor(order, device=device)
-        t_emb, t6, text, bias = self._conditioning(t[order_t], cond[order_t])
-        h = torch.cat(tokens)
-        pos_t = torch.cat(temporal_pos)
+            # In temporal order (position-major, frame-minor); none for one frame group, as unpacked.
+            table = self.temporal_pos_embed(size[0], p, device, dtype)
+            temporal_pos.append((table if frames > 1 else torch.zeros_like(table)).repeat(m * spatial, 1))
+        t_emb, t6, text, bias = self._conditioning(t[order], cond[order])
+        h, pos_t, groups = torch.cat(tokens), torch.cat(temporal_pos), spatial_packing.groups
         for i, (block, temporal) in enumerate(zip(self.blocks, self.temporal_blocks)):
-            h = block(h, t6, groups, text, bias, spatial_packing, bounds)
-            h = h[perm_t]
+            h = block(h, t6, groups, text, bias, spatial_packing)
+            h = h[perm]
             if i == 0:
                 h = h + pos_t
             h = temporal(h, t6, groups, packing=temporal_packing)[inverse]
@@ -365,6 +338,48 @@ class FlexiLatte(TextConditioned, nn.Module):
                 outputs[i] = out[j]
             start += count
         return outputs
+
+    def _packed_layout(self, samples: list[tuple[Patch3, tuple[int, int, int]]], device: torch.device):
+        """(runs, packed order, spatial `Packing`, temporal `Packing`, perm, inverse) for videos'
+        (patch size, (F, H, W)); cached per signature, so a step builds and copies nothing.
+
+        Spatial: one sequence per (sample, frame group), tokens in embedding order (frame-major);
+        temporal: one per (sample, position) after `h[perm]` (position-major); `h[inverse]` undoes
+        it. Both give each token its SAMPLE's adaLN row and cross-attention text.
+        """
+        def build():
+            runs, order = group_samples(samples)
+            lengths, keys, frame_groups, positions, perm, offset = [], [], [], [], [], 0
+            for p, size, members in runs:
+                frames, spatial = size[0] // p[0], (size[1] // p[1]) * (size[2] // p[2])
+                local = (torch.arange(frames)[None, :] * spatial + torch.arange(spatial)[:, None]).reshape(-1)
+                for _ in members:
+                    perm.append(local + offset)
+                    offset += frames * spatial
+                    lengths.append(frames * spatial)
+                    keys.append(video_key(p))
+                    frame_groups.append(frames)
+                    positions.append(spatial)
+            perm = torch.cat(perm)
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(len(perm))
+            return (runs, torch.tensor(order, device=device),
+                    Packing.from_lengths(lengths, keys, device, sequences=frame_groups),
+                    Packing.from_lengths(lengths, keys, device, sequences=positions),
+                    perm.to(device), inverse.to(device))
+        return self._cached_packing((tuple(samples), device), build)
+
+    def prepare(self, patch_sizes: list, size: tuple[int, int, int], device: torch.device,
+                packed: bool = False) -> None:
+        """`FlexibleModel.prepare` for videos of `size` (F, H, W): the spatial and temporal
+        positional tables of each patch size (3-D kernels are not resized) and, with `packed`,
+        the packed layout of one `forward_packed` call of one video per patch size, in order."""
+        patches = [self._patch(p) for p in patch_sizes]
+        for patch in dict.fromkeys(patches):
+            self.spatial_pos_embed(tuple(size[1:]), patch, device, self.embed_dtype)
+            self.temporal_pos_embed(size[0], patch, device, self.embed_dtype)
+        if packed:
+            self._packed_layout([(p, tuple(size)) for p in patches], device)
 
     # ------------------------------------------------------------------ accounting
     def flops(self, patch_size: Patch3 | None = None, batch: int = 1, num_frames: int | None = None,
@@ -385,21 +400,3 @@ class FlexiLatte(TextConditioned, nn.Module):
         from flexikern.models.convert import latte_from_diffusers
         return latte_from_diffusers(cls, model_or_dir, patch_sizes=patch_sizes, adapter=adapter,
                                     lora_rank=lora_rank, null_caption=null_caption)
-
-
-def _bounds(segment_ids: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Start and end of each sample's (contiguous) token range."""
-    counts = torch.bincount(segment_ids).tolist()
-    starts = [0]
-    for c in counts[:-1]:
-        starts.append(starts[-1] + c)
-    return starts, [s + c for s, c in zip(starts, counts)]
-
-
-def _packing(lengths: list[int], segment_ids: torch.Tensor, groups, device) -> Packing:
-    """Varlen sequences of `lengths`, with per-token SAMPLE ids for the adaLN rows (not sequence ids)."""
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
-    return Packing(segment_ids=segment_ids, cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
-                   max_seqlen=max(lengths), groups=groups)

@@ -15,8 +15,8 @@ Backends, in priority order (the first that supports the inputs runs):
    only because a separately installed flash-attn is the user's deliberate (and usually newer)
    choice. Same limits: CUDA sm80+, fp16/bf16, head_dim <= 256, a multiple of 8.
 3. `xformers` — `memory_efficient_attention` with a `BlockDiagonalMask`: dispatches inside to its
-   own FA2/FA3 or CUTLASS kernels, so it also covers fp32 on CUDA, but builds a mask object from
-   host lengths on every call.
+   own FA2/FA3 or CUTLASS kernels, so it also covers fp32 on CUDA, but needs a mask object built
+   from host lengths (cached per packing).
 4. `triton` — ours (flexikern.kernels.varlen_attention): FA2 forward and backward in Triton,
    any CUDA GPU Triton supports, fp32/fp16/bf16, head_dim a multiple of 8 up to 128 (72 is padded
    to 128 inside, as FlexAttention also does). Untuned tile shapes, so below the hand-tuned
@@ -30,8 +30,14 @@ Backends, in priority order (the first that supports the inputs runs):
 6. `torch` — the reference (SDPA per sequence, a Python loop over sequences): runs everywhere,
    the ground truth in tests, and the automatic choice on CPU.
 
-`xformers`, `flex` and `torch` read cu_seqlens' values on the host, so they decline inside a
-CUDA graph capture; `flash_attn`, `torch_varlen` and `triton` take cu_seqlens on the device.
+`xformers`, `flex` and `torch` need the boundaries on the host, so they decline inside a CUDA
+graph capture; `flash_attn`, `torch_varlen` and `triton` take cu_seqlens on the device.
+
+Host synchronisation: without `cu_seqlens_host`, every call reads cu_seqlens back once to
+validate it (and the host-side backends read it again), a device sync per attention layer. A
+caller that keeps the boundaries on the host too (a cached `flexikern.runtime.packing.Packing`
+does) passes them as `cu_seqlens_host`, like xformers' `seqstart_py`: then validation and the
+backends read the tuple and the call never synchronises.
 
 This order is reasoned from the libraries' published characteristics, not measured here (no GPU
 was available when it was written); `pytest benchmarks/test_bench_attention.py` on a GPU is what
@@ -52,10 +58,10 @@ from flexikern.ops._dispatch import Backend, dispatch, register, triton_interpre
 __all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens"]
 
 
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None):
-    """The plain-torch ground truth: SDPA per sequence."""
+def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
+    """The plain-torch ground truth: SDPA per sequence (bounds from `cu_seqlens_host` when given)."""
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if cu_seqlens_host is None else cu_seqlens_host
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
@@ -65,25 +71,43 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None):
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
-                     device: torch.device) -> None:
-    """Reject malformed boundaries with a message naming what is wrong."""
+                     device: torch.device, cu_seqlens_host=None) -> None:
+    """Reject malformed boundaries with a message naming what is wrong.
+
+    The values checked are `cu_seqlens_host` when given (no device read; that it equals
+    cu_seqlens is the caller's promise), else cu_seqlens' own, read back (a device sync; skipped
+    during a CUDA graph capture, where they were checked before).
+    """
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens: on {cu_seqlens.device}, but q is on {device}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected length B+1 >= 2, got {cu_seqlens.numel()}")
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if cu_seqlens_host is not None:
+        name, bounds = "cu_seqlens_host", cu_seqlens_host
+        if not isinstance(bounds, (tuple, list)):
+            raise TypeError(f"cu_seqlens_host: expected a tuple of ints (cu_seqlens' values on the "
+                            f"host), got {type(bounds).__name__}")
+        wrong = [b for b in bounds if not isinstance(b, int) or isinstance(b, bool)]
+        if wrong:
+            raise TypeError(f"cu_seqlens_host: expected a tuple of ints, got the entry {wrong[0]!r} "
+                            f"({type(wrong[0]).__name__})")
+        if len(bounds) != cu_seqlens.numel():
+            raise ValueError(f"cu_seqlens_host: {len(bounds)} entries, but cu_seqlens has "
+                             f"{cu_seqlens.numel()}; it must hold the same boundaries")
+    elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # reading values would synchronise; they were checked before capture
-    bounds = cu_seqlens.tolist()
+    else:
+        name, bounds = "cu_seqlens", cu_seqlens.tolist()
     if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens: must start at 0, starts at {bounds[0]}")
+        raise ValueError(f"{name}: must start at 0, starts at {bounds[0]}")
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     bad = [i for i, n in enumerate(lengths) if n < 0]
     if bad:
-        raise ValueError(f"cu_seqlens: must be non-decreasing; decreases at index {bad[0] + 1} "
+        raise ValueError(f"{name}: must be non-decreasing; decreases at index {bad[0] + 1} "
                          f"({bounds[bad[0]]} -> {bounds[bad[0] + 1]})")
     if bounds[-1] != total:
-        raise ValueError(f"cu_seqlens: last entry {bounds[-1]} must equal the number of packed "
+        raise ValueError(f"{name}: last entry {bounds[-1]} must equal the number of packed "
                          f"tokens, q.shape[0] = {total}")
     if max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence "
@@ -91,7 +115,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+                     max_seqlen: int, scale: float | None = None, *,
+                     cu_seqlens_host: tuple[int, ...] | None = None) -> torch.Tensor:
     """Attention within each packed sequence.
 
     Args:
@@ -99,6 +124,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         cu_seqlens: int32 (B+1,): 0, then the running total of the sequence lengths.
         max_seqlen: the longest sequence length (an int).
         scale: the softmax scale; default 1/sqrt(head_dim).
+        cu_seqlens_host: the same boundaries on the host, a tuple of B+1 ints (xformers'
+            `seqstart_py`); it must equal cu_seqlens. When given, validation (start 0,
+            non-decreasing, last = total, lengths <= max_seqlen) and the backends that need host
+            values read it, so the call never synchronises; without it cu_seqlens is read back.
     Returns:
         (total, heads, head_dim), like q.
     """
@@ -112,9 +141,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              "(total, heads, head_dim must match)")
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen={max_seqlen!r}: expected a positive int")
-    check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
+    check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device, cu_seqlens_host)
     return dispatch("varlen_attention", q=q, k=k, v=v, cu_seqlens=cu_seqlens,
-                    max_seqlen=max_seqlen, scale=scale)
+                    max_seqlen=max_seqlen, scale=scale, cu_seqlens_host=cu_seqlens_host)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,14 +151,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 class _VarlenBackend(Backend):
-    """A varlen_attention backend with declared limits, checked on q (k and v match it)."""
+    """A varlen_attention backend with declared limits, checked on q (k and v match it).
+
+    Called as `backend(q=, k=, v=, cu_seqlens=, max_seqlen=, scale=, cu_seqlens_host=)`; the
+    host boundaries may be None (then a backend that needs them reads cu_seqlens back).
+    """
 
     op = "varlen_attention"
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
     min_cuda_capability: tuple[int, int] | None = None
-    # Backends that read cu_seqlens' values on the host (.tolist()) cannot be captured in a
-    # CUDA graph; the kernels that take cu_seqlens on the device can.
+    # Backends that need the boundaries on the host (cu_seqlens_host, or cu_seqlens.tolist())
+    # are not captured in a CUDA graph; the kernels that take cu_seqlens on the device can be.
     reads_cu_seqlens_on_host: bool = False
 
     def not_supported_reasons(self, **inputs) -> list[str]:
@@ -159,9 +192,9 @@ class _VarlenBackend(Backend):
         return reasons
 
 
-def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
-    bounds = cu_seqlens.tolist()
-    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+def _host_bounds(cu_seqlens: torch.Tensor, cu_seqlens_host: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The boundaries on the host: `cu_seqlens_host`, or cu_seqlens read back (a device sync)."""
+    return tuple(cu_seqlens.tolist()) if cu_seqlens_host is None else tuple(cu_seqlens_host)
 
 
 @register
@@ -174,7 +207,7 @@ class FlashAttnVarlenAttention(_VarlenBackend):
     dtypes = (torch.float16, torch.bfloat16)
     max_head_dim, head_dim_multiple, min_cuda_capability = 256, 8, (8, 0)
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
         from flash_attn import flash_attn_varlen_func
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       dropout_p=0.0, softmax_scale=scale, causal=False)
@@ -196,7 +229,7 @@ class TorchVarlenAttention(_VarlenBackend):
             reasons.append("this torch build has no flash attention kernels")
         return reasons
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
         from torch.nn.attention.varlen import varlen_attn
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
 
@@ -211,14 +244,21 @@ class XformersVarlenAttention(_VarlenBackend):
     devices = ("cuda",)
     reads_cu_seqlens_on_host = True  # the mask is built from host lengths
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
         from xformers.ops import memory_efficient_attention
-        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
-        # Empty sequences hold no tokens, and the mask expects positive lengths.
-        mask = BlockDiagonalMask.from_seqlens([n for n in _seqlens(cu_seqlens) if n > 0])
+        mask = _block_diagonal_mask(_host_bounds(cu_seqlens, cu_seqlens_host))
         # xformers wants (batch, tokens, heads, head_dim): the packed tokens are one batch row.
         return memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask,
                                           scale=scale)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _block_diagonal_mask(bounds: tuple[int, ...]):
+    """xformers' mask for one packing (cached: its seqstart tensor is built from host lengths,
+    so a sampling loop does not rebuild and copy it in every layer and step)."""
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+    # Empty sequences hold no tokens, and the mask expects positive lengths.
+    return BlockDiagonalMask.from_seqlens([b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
 
 
 @register
@@ -236,7 +276,7 @@ class TritonVarlenAttention(_VarlenBackend):
             return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
         return super().not_supported_reasons(**inputs)
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
         from flexikern.kernels.varlen_attention import varlen_attention as varlen_attention_triton
         return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
 
@@ -283,8 +323,8 @@ class FlexVarlenAttention(_VarlenBackend):
                 reasons.append(f"compiling FlexAttention on CUDA needs triton ({e})")
         return reasons
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None):
-        mask = _document_block_mask(tuple(cu_seqlens.tolist()), q.device)
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
+        mask = _document_block_mask(_host_bounds(cu_seqlens, cu_seqlens_host), q.device)
         # FlexAttention takes (batch, heads, tokens, head_dim): one batch row of packed tokens.
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
         if q.device.type == "cuda":

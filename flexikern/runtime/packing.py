@@ -8,6 +8,7 @@ modulation through `segment_ids`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,32 +18,49 @@ __all__ = ["Packing"]
 
 @dataclass(frozen=True)
 class Packing:
-    """Where each sample's tokens sit in the packed sequence.
+    """Where each sample's tokens sit in the packed sequence, on the device and on the host.
 
-    segment_ids: (total,) long, the (packed-order) sample index of each token.
-    cu_seqlens: (B+1,) int32 sequence boundaries, for varlen attention.
+    segment_ids: (total,) long, the (packed-order) sample index of each token (its adaLN row).
+    cu_seqlens: (S+1,) int32 boundaries of the S attention sequences, for varlen attention.
+    cu_seqlens_host: the same boundaries as Python ints, for what must not read the device
+        (`varlen_attention(..., cu_seqlens_host=)`'s validation and host-side backends).
     max_seqlen: the longest sequence.
     groups: (key, start, end) token ranges sharing a patch-size key, for per-size layers.
+    sample_bounds: (start, end) token range of each sample, on the host (per-sample
+        cross-attention).
+
+    Built once per batch signature and cached by the models, so a step never rebuilds one.
     """
 
     segment_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     groups: list[tuple[str, int, int]]
+    cu_seqlens_host: tuple[int, ...]
+    sample_bounds: tuple[tuple[int, int], ...]
 
     @classmethod
-    def from_lengths(cls, lengths: list[int], keys: list[str], device: torch.device) -> "Packing":
-        """Samples in packed order with their token counts and patch-size keys."""
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
+    def from_lengths(cls, lengths: list[int], keys: list[str], device: torch.device,
+                     sequences: list[int] | None = None) -> "Packing":
+        """Samples in packed order with their token counts and patch-size keys.
+
+        Each sample is one attention sequence or, with `sequences`, sample i is split into
+        `sequences[i]` sequences of equal length (a video's frames, or its positions across frames).
+        """
+        counts = sequences if sequences is not None else [1] * len(lengths)
+        if any(n % c for n, c in zip(lengths, counts)):
+            raise ValueError(f"lengths {lengths} do not split into {counts} equal sequences")
+        starts = list(itertools.accumulate(lengths, initial=0))
         groups: list[tuple[str, int, int]] = []
-        for key, start, end in zip(keys, bounds[:-1], bounds[1:]):
+        for key, start, end in zip(keys, starts[:-1], starts[1:]):
             if groups and groups[-1][0] == key and groups[-1][2] == start:
                 groups[-1] = (key, groups[-1][1], end)
             else:
                 groups.append((key, start, end))
+        seqlens = [n // c for n, c in zip(lengths, counts) for _ in range(c)]
+        bounds = tuple(itertools.accumulate(seqlens, initial=0))
         segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
         return cls(segment_ids=segment_ids.to(device),
                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
-                   max_seqlen=max(lengths), groups=groups)
+                   max_seqlen=max(seqlens), groups=groups, cu_seqlens_host=bounds,
+                   sample_bounds=tuple(zip(starts[:-1], starts[1:])))

@@ -152,11 +152,17 @@ def _world() -> tuple[int, int]:
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    """(rank, world size): joins the process group when launched by torchrun (gloo on CPU, NCCL
+    on CUDA, one GPU per local rank)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise RuntimeError(f"LOCAL_RANK={local_rank}, but this machine has {gpus} GPU(s): run "
+                                   f"torchrun with --nproc_per_node <= {gpus}, or CUDA_VISIBLE_DEVICES= "
+                                   "for CPU processes (gloo)")
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     return _world()
 
