@@ -21,7 +21,8 @@
 # Everything lands in benchmarks/results/<device-name>/: gpu_check.log (this output), build.log,
 # gpu_tests.log, e2e.jsonl, ops.jsonl, results.md, e2e.png. Commit that folder.
 #
-# Knobs: PYTHON (default python3), FLEXIKERN_GPU_CHECK_BUDGET, FLEXIKERN_BENCH_STEPS (e2e).
+# Knobs: PYTHON (default python3), FLEXIKERN_GPU_CHECK_BUDGET, FLEXIKERN_BENCH_STEPS (timed steps
+# per e2e run, default 10 on a GPU; see benchmarks/README.md).
 # CPU rehearsal (CI runs it): FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 runs the same stages shrunk on a
 # machine without CUDA: Triton in its interpreter, the GPU tests collected (with diffusers,
 # flash-attn and xformers hidden, as on the GPU machine) and skipped, the benchmarks at CPU sizes,
@@ -150,20 +151,20 @@ sys.exit(0 if e.cuda_built() or not torch.cuda.is_available() else 'flexikern._C
 }
 export PY ARCH OUT GPU
 export -f build
-run_stage build 110 230 bash -c build
+run_stage build 100 230 bash -c build
 
 PARALLEL=()
 if ((GPU)) && "$PY" -c "import xdist" 2>/dev/null; then
-  PARALLEL=(-n 8)   # Triton compiles dominate: 8 processes share the 16 cores and the one GPU
+  PARALLEL=(-n 12)   # Triton compiles dominate: 12 processes share the 16 cores and the one GPU
 fi
-run_stage "gpu tests" 90 140 "$PY" -m pytest tests -m gpu "${PARALLEL[@]}" -v -rs -p no:cacheprovider \
+run_stage "gpu tests" 80 150 "$PY" -m pytest tests -m gpu "${PARALLEL[@]}" -v -rs -p no:cacheprovider \
   --durations=10 -o console_output_style=classic --junitxml="$OUT/gpu_tests.xml"
 
 BENCH=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
 FLEXIKERN_BENCH_ROWS="$OUT/e2e.jsonl" \
-  run_stage "e2e bench" 120 50 "$PY" -m pytest benchmarks/test_bench_e2e.py "${BENCH[@]}"
+  run_stage "e2e bench" 100 70 "$PY" -m pytest benchmarks/test_bench_e2e.py "${BENCH[@]}"
 FLEXIKERN_BENCH_ROWS="$OUT/ops.jsonl" \
-  run_stage "op benches" 80 10 "$PY" -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py "${BENCH[@]}"
+  run_stage "op benches" 100 10 "$PY" -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py "${BENCH[@]}"
 run_stage render 10 0 "$PY" benchmarks/render.py "$OUT"
 
 echo

@@ -246,11 +246,12 @@ def check_extension() -> list[str]:
     print(f"extension: {extension.__file__}")
     if not extension.cuda_built:
         return ["flexikern._C was built without CUDA"]
-    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("flexikern::"))
-    if not names:
+    from flexikern import _ext
+    kernels = _ext.kernels_by_device()
+    if not kernels:
         return ["flexikern._C registered no ops in the flexikern namespace"]
-    missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
-    print(f"extension: {len(names) - len(missing)} of {len(names)} flexikern ops have a CUDA "
+    missing = [n for n, devices in kernels.items() if not devices["CUDA"]]
+    print(f"extension: {len(kernels) - len(missing)} of {len(kernels)} flexikern ops have a CUDA "
           "kernel")
     return [f"{n} has no CUDA kernel" for n in missing]
 

@@ -54,3 +54,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel_device(request):
+    """Where a Triton test module's kernels run: CPU tensors under the interpreter (CI), or
+    compiled on the GPU (`-m gpu`). A process is one or the other (TRITON_INTERPRET is read when
+    the kernels are defined), and the module's DEVICE says which: the other parameter skips.
+    Use it as `pytestmark = pytest.mark.usefixtures("kernel_device")`."""
+    device = torch.device(request.module.DEVICE).type
+    if request.param != device:
+        mode = "in the Triton interpreter on CPU" if device == "cpu" else "compiled on the GPU"
+        pytest.skip(f"the kernels run {mode} in this process (TRITON_INTERPRET="
+                    f"{os.environ.get('TRITON_INTERPRET', 'unset')})")
+    return device

@@ -33,6 +33,8 @@ else:
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from flexikern.kernels import _common  # noqa: E402
+# Every test twice: in the interpreter (CI) and compiled on a GPU (`pytest -m gpu`); one skips.
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 

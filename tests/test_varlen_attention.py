@@ -30,6 +30,8 @@ LENGTHS = (5, 1, 0, 17, 3) if not CUDA else (5, 1, 0, 17, 3, 150)
 # (The interpreter rounds fp32 -> bf16 toward zero, a full ulp, where a GPU rounds to nearest.)
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 BACKEND_NAMES = [b.name for b in ops.backends("varlen_attention")]
+# Every test twice: in the interpreter (CI) and compiled on a GPU (`pytest -m gpu`); one skips.
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 
 def _cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
@@ -220,11 +222,20 @@ def test_cpu_dispatch_chooses_the_reference():
                       max_seqlen=max_seqlen, scale=None).name == "torch"
 
 
+def _backend_to_test(name: str):
+    if name == "flex" and CUDA:
+        # torch.compile of FlexAttention (forward and backward) takes 20-60 s, more than the GPU
+        # check can spend on one backend whose kernels are torch's; the attention benchmark
+        # still runs it on the GPU, last.
+        pytest.skip("flex on CUDA: its torch.compile does not fit the GPU check's budget")
+    return ops.backends("varlen_attention")[BACKEND_NAMES.index(name)]
+
+
 @pytest.mark.parametrize("name", BACKEND_NAMES)
 def test_backend_matches_reference(name):
     """Each backend that can run here, forward and (where it supports it) backward. Absent or
     unsupported ones skip with the backend's own reasons."""
-    backend = ops.backends("varlen_attention")[BACKEND_NAMES.index(name)]
+    backend = _backend_to_test(name)
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, k, v, cu_seqlens, max_seqlen = _packed((7, 1, 0, 20), 2, 72, dtype, seed=11)
     inputs = dict(q=q, k=k, v=v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=None)
@@ -253,7 +264,7 @@ def test_host_boundaries_give_the_same_output(name, monkeypatch):
     """`cu_seqlens_host` changes nothing but where the boundaries are read: the same output on
     every backend that runs here, and the host-side backends (with validation) then never read
     cu_seqlens back (the device sync it removes)."""
-    backend = ops.backends("varlen_attention")[BACKEND_NAMES.index(name)]
+    backend = _backend_to_test(name)
     dtype = torch.bfloat16 if CUDA else torch.float32
     q, k, v, cu_seqlens, max_seqlen = _packed((7, 1, 0, 20), 2, 16, dtype, seed=5)
     host = tuple(cu_seqlens.tolist())
