@@ -86,6 +86,22 @@ def _skip_unless_triton_runs(q) -> None:
         pytest.skip(f"triton backend: {'; '.join(reasons)}")
 
 
+def _check_triton_op(q, k, v, cu_seqlens, max_seqlen, dtype, scale=None, tolerance=None):
+    """The public op forced to `triton`, forward and autograd backward, against the reference
+    (relative tolerances by dtype, or `tolerance` for assert_close)."""
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with ops.use_backend(varlen_attention="triton"):
+        out = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected, expected_grads = _reference(q, k, v, cu_seqlens, max_seqlen, scale=scale, dout=dout)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected, *expected_grads)):
+        if tolerance is None:
+            _assert_close(got, want, dtype, name)
+        else:
+            torch.testing.assert_close(got.detach().cpu(), want.cpu(), **tolerance)
+
+
 # --- our Triton kernel -------------------------------------------------------------------------
 
 
@@ -119,15 +135,7 @@ def test_triton_autograd_through_the_op(head_dim, dtype):
     """The public op forced to `triton`: output and autograd grads match the reference."""
     q, k, v, cu_seqlens, max_seqlen = _packed(LENGTHS, 3, head_dim, dtype, seed=7)
     _skip_unless_triton_runs(q)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with ops.use_backend(varlen_attention="triton"):
-        out = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=0.2)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    expected, expected_grads = _reference(q, k, v, cu_seqlens, max_seqlen, scale=0.2, dout=dout)
-    _assert_close(out, expected, dtype, "out")
-    for name, grad, want in zip(("dq", "dk", "dv"), grads, expected_grads):
-        _assert_close(grad, want, dtype, name)
+    _check_triton_op(q, k, v, cu_seqlens, max_seqlen, dtype, scale=0.2)
 
 
 def test_triton_many_tiles_large_scores_and_strided_inputs():
@@ -140,17 +148,9 @@ def test_triton_many_tiles_large_scores_and_strided_inputs():
     q, k = qkv[:, 0], qkv[:, 1]  # token stride 3 * heads * head_dim
     v = torch.randn(total, head_dim, heads, generator=generator).to(DEVICE).transpose(1, 2)
     _skip_unless_triton_runs(q)
-    cu_seqlens = _cu_seqlens(lengths)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with ops.use_backend(varlen_attention="triton"):
-        out = ops.varlen_attention(q, k, v, cu_seqlens, 40)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    expected, expected_grads = _reference(q, k, v, cu_seqlens, 40, dout=dout)
-    tolerance = dict(atol=2e-4, rtol=1e-4)  # fp32, but scores ~100 amplify rounding
-    torch.testing.assert_close(out.detach().cpu(), expected.cpu(), **tolerance)
-    for grad, want in zip(grads, expected_grads):
-        torch.testing.assert_close(grad.cpu(), want.cpu(), **tolerance)
+    # fp32, but scores ~100 amplify rounding
+    _check_triton_op(q, k, v, _cu_seqlens(lengths), 40, torch.float32,
+                     tolerance=dict(atol=2e-4, rtol=1e-4))
 
 
 def test_triton_head_dim_split():
@@ -173,15 +173,7 @@ def test_triton_strides_that_are_not_multiples_of_8():
     k, v = (torch.randn(q.shape, generator=generator).to(DEVICE) for _ in range(2))
     _skip_unless_triton_runs(q)
     cu_seqlens = _cu_seqlens(lengths)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    with ops.use_backend(varlen_attention="triton"):
-        out = ops.varlen_attention(q, k, v, cu_seqlens, 17)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    expected, expected_grads = _reference(q, k, v, cu_seqlens, 17, dout=dout)
-    _assert_close(out, expected, torch.float32, "out")
-    for name, grad, want in zip(("dq", "dk", "dv"), grads, expected_grads):
-        _assert_close(grad, want, torch.float32, name)
+    _check_triton_op(q, k, v, cu_seqlens, 17, torch.float32)
     with pytest.raises(ValueError, match="multiples of 8"):
         varlen_attention_forward(k.detach(), k.detach(), v.detach(), cu_seqlens, 17,
                                  out=_nan_like(wide)[..., :head_dim])
