@@ -122,11 +122,17 @@ def models() -> dict[str, nn.Module]:
     flexi = flexi.to(DEVICE).eval()
     dit = dit.eval()
     # Both providers must compute the same function, or the comparison means nothing: checked in
-    # fp32 (TF32 convolutions on a GPU allow ~1e-3), before the cast to the benchmark dtype.
+    # fp32 with TF32 off (the reference's convolution would use it on a GPU), before the cast to
+    # the benchmark dtype.
     x = torch.randn(2, 4, CONFIG["input_size"], CONFIG["input_size"], device=DEVICE)
     t, y = torch.tensor([10, 900], device=DEVICE), torch.tensor([1, 3], device=DEVICE)
-    with torch.inference_mode():
-        expected, actual = dit(x, t, y), flexi(x, t, y)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            expected, actual = dit(x, t, y), flexi(x, t, y)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     error = ((actual - expected).abs().max() / expected.abs().max()).item()
     assert error < (1e-2 if CUDA else 1e-4), f"FlexiDiT vs reference DiT: relative error {error:.2e}"
     flexi, dit = flexi.to(DTYPE), dit.to(DTYPE)

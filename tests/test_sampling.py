@@ -255,3 +255,18 @@ def test_packed_branches_equal_two_passes(mode):
     with pytest.raises(ValueError, match="forward_packed"):
         GuidedDenoiser(SimpleNamespace(num_classes=10, parameters=lambda: iter([])), torch.tensor([1]),
                        Guidance(2.0, mode), packed=True)
+
+
+def test_a_model_without_null_class_fails_before_sampling():
+    """Without class dropout DiT has no null-class row: label `num_classes` and CFG are refused
+    with a message, before any step (inside `sample` the forwards trust the labels)."""
+    torch.manual_seed(0)
+    bare = FlexiDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                    num_classes=10, class_dropout_prob=0.0).eval()
+    assert not bare.has_null_class and tiny().has_null_class
+    s = Schedule.static(2, 2)
+    with pytest.raises(ValueError, match=r"labels \[10\] out of range; expected 0..9 \(this model has no null"):
+        sample(bare, [1, 10], s, progress=False)
+    with pytest.raises(ValueError, match="classifier-free guidance needs the null class"):
+        sample(bare, [1], s, Guidance(1.5, "cfg"), progress=False)
+    assert sample(bare, [1, 9], s, progress=False).shape == (2, 4, 8, 8)

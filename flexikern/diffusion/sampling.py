@@ -64,6 +64,11 @@ class DenoisingLoop:
         self.denoiser = GuidedDenoiser(model, y, self.guidance, packed)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
+        if (not getattr(model, "has_null_class", True)
+                and any(self.denoiser.rule(c, g) == "cfg" for _, _, c, g in self.phases)):
+            raise ValueError(f"guidance={self.guidance.mode!r}: classifier-free guidance needs the null class, "
+                             f"which this model does not have (trained without class dropout); sample "
+                             f"with Guidance(mode='none')")
 
     def step(self, x: torch.Tensor, k: int | torch.Tensor, noise: torch.Tensor | None,
              cond_size: tuple[int, int], guid_size: tuple[int, int] | None) -> torch.Tensor:
@@ -85,10 +90,12 @@ def _labels(model: Any, y: Any, device: torch.device) -> torch.Tensor:
     y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
     if y.numel() == 0:
         raise ValueError("y: expected at least one class label")
-    bad = y[(y < 0) | (y > model.num_classes)]
+    null = getattr(model, "has_null_class", True)
+    bad = y[(y < 0) | (y > model.num_classes - (not null))]
     if bad.numel():
-        raise ValueError(f"y: labels {bad.tolist()} out of range; expected 0..{model.num_classes - 1} "
-                         f"(or {model.num_classes} = the null class for unconditional samples)")
+        raise ValueError(f"y: labels {bad.tolist()} out of range; expected 0..{model.num_classes - 1}"
+                         + (f" (or {model.num_classes} = the null class for unconditional samples)" if null
+                            else " (this model has no null class)"))
     return y.to(device)
 
 

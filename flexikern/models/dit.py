@@ -257,6 +257,12 @@ class FlexiDiT(FlexibleModel, nn.Module):
                      [self.x_embedder, self.final_layer.linear], adapter, lora_rank)
         return self
 
+    @property
+    def has_null_class(self) -> bool:
+        """Whether label `num_classes` exists: the null class of classifier-free guidance (DiT
+        trains it with class dropout, `class_dropout_prob > 0`)."""
+        return self.y_embedder.embedding_table.num_embeddings > self.num_classes
+
     # ------------------------------------------------------------------ forward
     def _check_conditions(self, t, y, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, y) as (n,) tensors on `device`; labels range-checked once per label tensor, and not
