@@ -49,6 +49,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _results import device_name
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 SMOKE = not CUDA                          # CPU rows are smoke tests, not speeds
@@ -245,10 +247,6 @@ def gemm_rate() -> float:
     """FLOP/s of the reference GEMM (GEMM_SHAPE, GEMM_DTYPE): the roof for the model and attention."""
     fn, flops = gemm_case()
     return flops / measure(fn)
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if CUDA else "cpu"
 
 
 def record(benchmark, timing: Timing | None, *, bytes_moved: int | None = None,

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 import _timing
-from _results import TARGET_STEPS
+from _results import TARGET_STEPS, device_name
 from _timing import CUDA, DEVICE
 from flexikern.diffusion import Guidance, Schedule, sample
 from flexikern.models import FlexiDiT
@@ -173,7 +173,7 @@ def test_bench_e2e(benchmark, models, batch, provider):
         tflop_s = flops / median / 1e12
         gemm = _timing.gemm_rate() / 1e12
         benchmark.extra_info.update(
-            suite="e2e", provider=provider, model=MODEL_NAME, device=_timing.device_name(),
+            suite="e2e", provider=provider, model=MODEL_NAME, device=device_name(),
             smoke=_timing.SMOKE, dtype=str(DTYPE).replace("torch.", ""), batch=batch, steps=STEPS,
             target_steps=TARGET_STEPS, schedule=repr(schedule), relative_flops=relative,
             relative_flops_at_target=_schedule(kind, flexi, TARGET_STEPS).relative_flops(flexi),

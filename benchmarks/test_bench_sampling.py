@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import _timing
+from _results import device_name
 from _timing import CUDA, DEVICE
 from flexikern.diffusion import Guidance, Schedule, sample
 from flexikern.models import FlexiDiT
@@ -72,7 +73,7 @@ def test_sampling_time(benchmark, model, name):
     benchmark.extra_info.update(suite="sampling", smoke=_timing.SMOKE, schedule=repr(schedule),
                                 relative_flops=relative, steps=STEPS, batch=BATCH,
                                 timer="wall" if CUDA else "process CPU time, 1 thread", wall_min_s=min(walls),
-                                device=_timing.device_name())
+                                device=device_name())
     timer = "wall" if CUDA else "CPU"
     print(f"\n{name}: {schedule!r}, relative FLOPs {relative:.3f}, {timer} time {best:.3f} s, "
           f"wall {min(walls):.3f} s")

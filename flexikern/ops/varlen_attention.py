@@ -18,8 +18,8 @@ Backends, in priority order (the first that supports the inputs runs):
    own FA2/FA3 or CUTLASS kernels, so it also covers fp32 on CUDA, but needs a mask object built
    from host lengths (cached per packing).
 4. `triton` — ours (flexikern.kernels.varlen_attention): FA2 forward and backward in Triton,
-   any CUDA GPU Triton supports, fp32/fp16/bf16, head_dim a multiple of 8 up to 128 (72 is padded
-   to 128 inside, as FlexAttention also does). Untuned tile shapes, so below the hand-tuned
+   any CUDA GPU Triton supports, fp32/fp16/bf16, head_dim a multiple of 8 up to 128 (72 runs as a
+   64-wide part and a 16-wide tail, where FlexAttention pads it to 128). Untuned tile shapes, so below the hand-tuned
    CUDA kernels; first for fp32 only where xformers is absent. CPU only when forced, under the
    interpreter (`auto_on_cpu=False`).
 5. `flex` — FlexAttention with a document mask: compiled on CUDA (Triton underneath), it works
@@ -61,7 +61,7 @@ __all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens"]
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
     """The plain-torch ground truth: SDPA per sequence (bounds from `cu_seqlens_host` when given)."""
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist() if cu_seqlens_host is None else cu_seqlens_host
+    bounds = _host_bounds(cu_seqlens, cu_seqlens_host)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
@@ -84,21 +84,28 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens: expected length B+1 >= 2, got {cu_seqlens.numel()}")
     if cu_seqlens_host is not None:
-        name, bounds = "cu_seqlens_host", cu_seqlens_host
-        if not isinstance(bounds, (tuple, list)):
+        if not isinstance(cu_seqlens_host, (tuple, list)):
             raise TypeError(f"cu_seqlens_host: expected a tuple of ints (cu_seqlens' values on the "
-                            f"host), got {type(bounds).__name__}")
-        wrong = [b for b in bounds if not isinstance(b, int) or isinstance(b, bool)]
+                            f"host), got {type(cu_seqlens_host).__name__}")
+        if len(cu_seqlens_host) != cu_seqlens.numel():
+            raise ValueError(f"cu_seqlens_host: {len(cu_seqlens_host)} entries, but cu_seqlens has "
+                             f"{cu_seqlens.numel()}; it must hold the same boundaries")
+        wrong = [b for b in cu_seqlens_host if not isinstance(b, int) or isinstance(b, bool)]
         if wrong:
             raise TypeError(f"cu_seqlens_host: expected a tuple of ints, got the entry {wrong[0]!r} "
                             f"({type(wrong[0]).__name__})")
-        if len(bounds) != cu_seqlens.numel():
-            raise ValueError(f"cu_seqlens_host: {len(bounds)} entries, but cu_seqlens has "
-                             f"{cu_seqlens.numel()}; it must hold the same boundaries")
+        # Cached: a sampling step passes its packing's tuple to every attention layer.
+        _check_bounds("cu_seqlens_host", tuple(cu_seqlens_host), total, max_seqlen)
     elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # reading values would synchronise; they were checked before capture
     else:
-        name, bounds = "cu_seqlens", cu_seqlens.tolist()
+        _check_bounds("cu_seqlens", tuple(cu_seqlens.tolist()), total, max_seqlen)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_bounds(name: str, bounds: tuple, total: int, max_seqlen: int) -> None:
+    """The values of boundaries `bounds` (ints, named `name` in errors): from 0, non-decreasing, to
+    `total`, no sequence longer than `max_seqlen`."""
     if bounds[0] != 0:
         raise ValueError(f"{name}: must start at 0, starts at {bounds[0]}")
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
