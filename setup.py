@@ -1,7 +1,8 @@
-"""Build flexikern: the Python package, the Triton kernels (installed as flexikern.kernels)
-and the C++/CUDA extension flexikern._C.
+"""Build flexikern's C++/CUDA extension flexikern._C, and map kernels/ to flexikern.kernels.
 
-Use `pip install --no-build-isolation -e .` (the isolated build environment has no torch).
+The metadata (name, version, dependencies, extras, entry point) is in pyproject.toml. Install with
+`pip install --no-build-isolation .` (`-e .` for development): the extension is compiled against
+the installed torch, which an isolated build environment would not have.
 
 The extension (csrc/) is always built for CPU; its CUDA kernels are added when torch has CUDA
 and nvcc is found. Knobs (environment):
@@ -18,20 +19,9 @@ import subprocess
 import sysconfig
 import time
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-PACKAGES = [
-    "flexikern",
-    "flexikern.models",
-    "flexikern.flexi",
-    "flexikern.diffusion",
-    "flexikern.ops",
-    "flexikern.runtime",
-    "flexikern.train",
-    "flexikern.kernels",
-]
 
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/patchify_cpu.cpp", "csrc/python_module.cpp"]
 CUDA_SOURCES = ["csrc/ops_cuda.cpp", "csrc/patchify_cuda.cu"]
@@ -145,19 +135,11 @@ def _extension_build():
 EXT_MODULES, CMDCLASS = _extension_build()
 
 setup(
-    name="flexikern",
-    version="0.1.0",
-    description="FlexiDiT: sample Diffusion Transformers with less compute, with fast GPU kernels",
-    python_requires=">=3.10",
-    packages=PACKAGES,
+    # Every folder under flexikern/ (the asset folders too, as setuptools counts any folder a
+    # package), plus the Triton kernels, which live in kernels/ at the top.
+    packages=(find_namespace_packages(include=["flexikern", "flexikern.*"], exclude=["*.__pycache__"])
+              + ["flexikern.kernels"]),
     package_dir={"flexikern.kernels": "kernels"},
-    package_data={"flexikern": ["assets/*", "_build_info.json"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "pillow"],
-    extras_require={
-        "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "matplotlib"],
-    },
-    entry_points={"console_scripts": ["flexikern=flexikern.cli:main"]},
 )

@@ -7,13 +7,15 @@ flexikern installed from the tree with its extension built for sm_90a:
 
 1. extension: `flexikern._C` was built with CUDA and every op it registers in the `flexikern`
    namespace (csrc/ops.cpp) has a CUDA kernel in the dispatcher;
-2. Triton kernels: the host functions (`patch_embed_triton`, `de_embed_triton`, the varlen
-   attention forward and backward) run on CPU tensors at DiT-XL/2 shapes with every kernel launch
-   intercepted. Each launch is compiled ahead of time for GPUTarget("cuda", 90, 32) with the JIT's
-   own specialisation of its arguments (dtypes, 16-byte alignment, integers equal to 1) and the
-   block sizes and warps that the host function chose, i.e. the cubin a GPU would run. `ptxas -v`
-   (triton's own, with triton's flags) on its PTX gives registers and spills. Each launch is
-   also compiled for sm_80 (A100), which must compile and fit an A100 block's shared memory.
+2. Triton kernels: the Triton backends' entry points (`patch_embed_triton`, `de_embed_triton`
+   of flexikern.ops, forward and backward through their autograd Functions) and the varlen
+   attention launches (forward and backward) run on CPU tensors at DiT-XL/2 shapes with every
+   kernel launch intercepted. Each launch is compiled ahead of time for GPUTarget("cuda", 90, 32)
+   with the JIT's own specialisation of its arguments (dtypes, 16-byte alignment, integers equal
+   to 1) and the block sizes and warps that the host function chose, i.e. the cubin a GPU would
+   run. `ptxas -v` (triton's own, with triton's flags) on its PTX gives registers and spills.
+   Each launch is also compiled for sm_80 (A100), which must compile and fit an A100 block's
+   shared memory.
 
 Writes benchmarks/results/sm90-compile.json (one entry per launch) and prints a table. Exits 1 when
 an op lacks its CUDA kernel, a kernel does not compile or is never launched, a kernel needs more
@@ -47,8 +49,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 import flexikern  # noqa: E402
 from flexikern.kernels import _common, varlen_attention  # noqa: E402
-from flexikern.kernels.de_embed import de_embed_triton  # noqa: E402
-from flexikern.kernels.patch_embed import patch_embed_triton  # noqa: E402
+from flexikern.ops.de_embed import de_embed_triton  # noqa: E402
+from flexikern.ops.patch_embed import patch_embed_triton  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sm90-compile.json"
 SM90, SM80 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
@@ -174,10 +176,11 @@ def _attention_launches(recorder: Recorder, dtype_name: str, dtype: torch.dtype)
     recorder.shape = dict(sequences=f"{BATCH} x (256 + 64)", total_tokens=total, heads=HEADS,
                           head_dim=HEAD_DIM)
     recorder.case = f"varlen_attention fwd {dtype_name}"
-    out, lse = varlen_attention.varlen_attention_forward(q, k, v, cu_seqlens, max(lengths))
+    out, lse = varlen_attention.varlen_attention_forward(q, k, v, cu_seqlens, max(lengths),
+                                                         interpret=False)
     recorder.case = f"varlen_attention bwd {dtype_name}"
     varlen_attention.varlen_attention_backward(torch.empty_like(out), q, k, v, out, lse,
-                                               cu_seqlens, max(lengths))
+                                               cu_seqlens, max(lengths), interpret=False)
 
 
 def compile_launch(launch: Launch, target: GPUTarget):

@@ -4,12 +4,12 @@
     python benchmarks/t2i_video_examples.py video [--pretrain-min 6 --distill-min 3 --out runs/video]
     python benchmarks/t2i_video_examples.py t2i --eval-only       # re-evaluate the shipped asset
 
-Data are generated (`flexikern.data.captioned`: captioned shapes, captioned clips of moving shapes,
-a fixed random "text encoder"). Steps: pre-train the static model (DiT's diffusion loss, 10% of
+Data are generated (`_captioned.py` beside this script: captioned shapes, captioned clips of moving
+shapes, a fixed random "text encoder"). Steps: pre-train the static model (DiT's diffusion loss, 10% of
 captions replaced by the learned null caption), flexify with the paper's LoRA recipe, distil the
 weak sizes from the frozen original, save under `flexikern/assets/{t2i,video}/`, then sample with
 static and weak-first schedules at several FLOPs budgets and write FD (in the feature space of
-`flexikern.evaluate`'s shapes classifier, per frame for video) and, for video, a temporal
+`flexikern.metrics`' shapes classifier, per frame for video) and, for video, a temporal
 consistency measure to `benchmarks/results/cpu/{t2i,video}/`.
 
 The loop here is small on purpose: `flexikern.train.train` takes class labels and image-shaped
@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexikern.data.captioned import TinyTextEncoder, captioned_shapes, moving_shapes
 from flexikern.diffusion import GaussianDiffusion, Guidance, Schedule, sample
-from flexikern.models.pixart import FlexiPixArt, TextCondition
+from flexikern.models import FlexiLatte, FlexiPixArt, TextCondition
 from flexikern.train.losses import diffusion_loss, distillation_loss
 from flexikern.train.trainer import EMA
+
+from _captioned import TinyTextEncoder, captioned_shapes, moving_shapes   # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = dict(channels=32, text_len=8)
@@ -41,7 +42,6 @@ def build(kind: str):
                   text_len=TEXT["text_len"], learn_sigma=False)
     if kind == "t2i":
         return FlexiPixArt(patch_size=2, depth=3, **common)
-    from flexikern.models.video import FlexiLatte
     return FlexiLatte(patch_size=(1, 2, 2), num_frames=4, depth=3, **common)
 
 
@@ -135,7 +135,7 @@ def fit(model, x, cond, minutes: float, recipe: str, lr: float, batch: int, log:
 def classifier(out: Path):
     """The shapes feature classifier: the shipped one if present, else trained once and cached."""
     from flexikern.datasets import make_shapes
-    from flexikern.evaluate import ASSETS, ShapesClassifier, train_classifier
+    from flexikern.metrics import ASSETS, ShapesClassifier, train_classifier
     shipped = ASSETS / "shapes_classifier.safetensors"
     if shipped.exists():
         return ShapesClassifier.load(shipped)
@@ -157,14 +157,14 @@ def frames(x: torch.Tensor) -> torch.Tensor:
 
 def temporal_consistency(clf, x: torch.Tensor) -> float:
     """Mean feature distance between consecutive frames (lower = smoother; compare with real clips)."""
-    from flexikern.evaluate import classify
+    from flexikern.metrics import classify
     n, c, f, h, w = x.shape
     feats = torch.from_numpy(classify(clf, frames(x))[0]).reshape(n, f, -1)
     return float((feats[:, 1:] - feats[:, :-1]).norm(dim=-1).mean())
 
 
 def evaluate(kind: str, model, out: Path, n: int, steps: int, seeds, scale: float) -> list[dict]:
-    from flexikern.evaluate import classify, feature_stats, frechet_distance
+    from flexikern.metrics import classify, feature_stats, frechet_distance
     clf = classifier(out)
     real, _, _, _ = dataset(kind, 2000, seed=1)
     mu_r, s_r = feature_stats(classify(clf, frames(real))[0])
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "runs" / args.kind)
     out.mkdir(parents=True, exist_ok=True)
     asset = ROOT / "flexikern" / "assets" / args.kind
-    cls = type(build("t2i")) if args.kind == "t2i" else __import__("flexikern.models.video", fromlist=["x"]).FlexiLatte
+    cls = FlexiPixArt if args.kind == "t2i" else FlexiLatte
     meta = {"steps": args.steps, "guidance_scale": args.guidance_scale, "num_samples": args.samples,
             "seeds": args.seeds, "device": "cpu", "torch": torch.__version__}
     if args.eval_only:

@@ -1,17 +1,15 @@
-"""patchify / unpatchify (plain and packed): the extension (flexikern._C) against the torch reference
+"""patchify / unpatchify: the extension (flexikern._C) against the torch reference
 (reshape + permute + contiguous), as bandwidth against the device copy.
 
     pytest benchmarks/test_bench_patchify.py
 
 Timing and regimes: benchmarks/_timing.py (CUDA events, median of rounds of many calls).
 * past_l2: batch sized so that a call moves >= 8x the L2 cache (`_timing.past_l2_batch`): DiT's
-  4x32x32 latent at p=2 and p=4, a video latent 16x16x64x64 (C, F, H, W) at (1, 2, 2) and
-  (2, 2, 2), and FlexiDiT's packed guidance step (p=2 + p=4). These GB/s are DRAM bandwidth.
+  4x32x32 latent at p=2 and p=4, and a video latent 16x16x64x64 (C, F, H, W) at (1, 2, 2) and
+  (2, 2, 2). These GB/s are DRAM bandwidth.
 * graph / eager: DiT-XL/2's batch of 32 latents at p=2 and p=4, captured in a CUDA graph of
   `_timing.GRAPH_CALLS` calls (the per-call device time inside a graphed step; L2-resident) or
-  eager (per-call cost with dispatch and launch). The packed op's torch reference has no graph
-  row: it copies its cu_seqlens from the host on every call (a stream sync, part of its timed
-  cost), which a CUDA graph cannot capture; the extension computes them on the device.
+  eager (per-call cost with dispatch and launch).
 unpatchify runs on the de-embedded tokens of DiT's learn_sigma output (8 channels per pixel).
 bf16 on CUDA; on CPU fp32 at tiny sizes, a smoke test.
 
@@ -104,29 +102,3 @@ def test_bench_unpatchify(benchmark, provider, case):
     _time(benchmark, provider, "unpatchify", regime, call, 2 * tokens.numel() * ELEMENT,
           shape=str((n, *image)), patch=str(patch), batch=n)
 
-
-@pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_bench_patchify_packed(benchmark, provider, regime):
-    # FlexiDiT's guidance step: N latents at p=2 (conditional) and the same N at p=4 (guidance),
-    # packed into one token buffer (rows of the p=2 group zero-padded to the p=4 width).
-    if regime == "graph" and provider == "torch":
-        pytest.skip("the torch reference copies cu_seqlens from the host (torch.tensor) on every "
-                    "call, which a CUDA graph capture forbids")
-    patches = [(2, 2), (4, 4)]
-
-    def moved(xs, out) -> int:
-        tokens, cu_seqlens = out
-        return sum(x.numel() for x in xs) * ELEMENT + tokens.numel() * ELEMENT + cu_seqlens.numel() * 4
-
-    probe = [torch.zeros(1, *IMAGE, device=DEVICE, dtype=DTYPE)] * 2
-    n = _batch(regime, moved(probe, ops.patchify_packed(probe, patches)))
-    xs = [torch.randn(n, *IMAGE, device=DEVICE, dtype=DTYPE) for _ in range(2)]
-    _skip_unless_runnable(provider, "patchify_packed", xs=xs, patch_sizes=patches)
-
-    def call():
-        with ops.use_backend(patchify_packed=provider):
-            return ops.patchify_packed(xs, patches)
-
-    _time(benchmark, provider, "patchify_packed", regime, call, moved(xs, call()),
-          shape=f"2x{(n, *IMAGE)}", patch="2+4", batch=n)

@@ -2,13 +2,14 @@
 // unit test. Plain C++17 (no torch, no CUDA headers): every function is __host__ __device__
 // under nvcc and an ordinary inline function elsewhere.
 //
-// Layout (DESIGN.md). A 2-D image (N, C, H, W) is treated as a video with F = 1 and pt = 1, so
-// one geometry covers both:
+// Layout: DiT's (the inverse of its `unpatchify`: tokens on a row-major grid of patches,
+// features ordered (ph, pw, C), channel fastest), with videos' frame axis outermost. A 2-D
+// image (N, C, H, W) is treated as a video with F = 1 and pt = 1, so one geometry covers both:
 //   image  x[n][c][f][h][w], contiguous (N, C, F, H, W)
 //   tokens tok[n][t][d] with t = (fg * GH + hg) * GW + wg   (a row-major grid of patches)
 //                        and d = ((ip * ph + jp) * pw + kp) * C + c   (features (pt, ph, pw, C))
 //   where f = fg * pt + ip, h = hg * ph + jp, w = wg * pw + kp.
-// The token buffer may be a strided view (rows of a packed buffer wider than D): element
+// The token buffer may be a strided view (a slice of token rows wider than D): element
 // (n, t, d) lives at n * token_batch_stride + t * token_row_stride + d.
 #pragma once
 

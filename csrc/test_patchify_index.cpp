@@ -46,7 +46,7 @@ static void check_hand_example() {
          (long long)v.token_offset_of_pixel(0, 0, 3, 1, 1));
 }
 
-// `extra` widens each token row (a packed buffer): row stride D + extra.
+// `extra` widens each token row (a slice of wider rows): row stride D + extra.
 static void check_geometry(const PatchGeometry& g0, int64_t extra) {
   const PatchGeometry g = flexikern::make_geometry(g0.n, g0.c, g0.f, g0.h, g0.w, g0.pt, g0.ph,
                                                    g0.pw, 0, g0.features() + extra);

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"   # the one place: pyproject.toml reads it from here
 
 _LAZY = {
     "FlexiDiT": "flexikern.models",
@@ -19,6 +19,8 @@ _LAZY = {
     "Schedule": "flexikern.diffusion",
     "Guidance": "flexikern.diffusion",
     "sample": "flexikern.diffusion",
+    "FlexibleDenoiser": "flexikern.diffusion",
+    "PatchSize": "flexikern.ops",
     "ops": None,
     "flexi": None,
     "models": None,

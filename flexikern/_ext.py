@@ -2,10 +2,9 @@
 
 `load()` imports it, or returns None when it is not built or does not load; then flexikern runs
 on its torch paths and `unavailable_reason()` says why. Loading the library registers the ops
-`torch.ops.flexikern.{patchify, unpatchify, patchify_packed, unpatchify_packed}` and their
-`_out` forms with the dispatcher (csrc/ops.cpp); this module adds what torch.compile and
-autograd need: fake (meta) implementations and the backward of each op, which is its adjoint
-(patchify <-> unpatchify).
+`torch.ops.flexikern.{patchify, unpatchify}` and their `_out` forms with the dispatcher
+(csrc/ops.cpp); this module adds what torch.compile and autograd need: fake (meta)
+implementations and the backward of each op, which is its adjoint (patchify <-> unpatchify).
 """
 
 from __future__ import annotations
@@ -98,10 +97,6 @@ def _grid_and_volume(sizes, patch) -> tuple[Any, int]:
     return math.prod([s // p for s, p in zip(sizes, patch)]), math.prod(patch)
 
 
-def _groups(flat: list[int], width: int) -> list[list[int]]:
-    return [list(flat[i:i + width]) for i in range(0, len(flat), width)]
-
-
 def _register_fake_and_autograd() -> None:
     import torch
 
@@ -126,30 +121,6 @@ def _register_fake_and_autograd() -> None:
     def _unpatchify_out_fake(tokens, patch_size, out):
         return None
 
-    @torch.library.register_fake("flexikern::patchify_packed")
-    def _patchify_packed_fake(xs, patch_sizes):
-        k = xs[0].dim() - 2
-        patches = _groups(patch_sizes, k)
-        rows = sum(x.shape[0] * _grid_and_volume(x.shape[2:], p)[0] for x, p in zip(xs, patches))
-        width = xs[0].shape[1] * max([math.prod(p) for p in patches])
-        sequences = sum(x.shape[0] for x in xs)
-        return (xs[0].new_empty((rows, width)),
-                xs[0].new_empty((sequences + 1,), dtype=torch.int32))
-
-    @torch.library.register_fake("flexikern::patchify_packed_out")
-    def _patchify_packed_out_fake(xs, patch_sizes, tokens, cu_seqlens):
-        return None
-
-    @torch.library.register_fake("flexikern::unpatchify_packed")
-    def _unpatchify_packed_fake(tokens, patch_sizes, shapes):
-        # G groups give G * (k + 2) shape entries and G * k patch entries, k = 2 or 3.
-        rank = 4 if len(shapes) * 2 == len(patch_sizes) * 4 else 5
-        return [tokens.new_empty(tuple(s)) for s in _groups(shapes, rank)]
-
-    @torch.library.register_fake("flexikern::unpatchify_packed_out")
-    def _unpatchify_packed_out_fake(tokens, patch_sizes, out):
-        return None
-
     # patchify and unpatchify are permutations, so each one's backward is the other.
     def _patchify_setup(ctx, inputs, output):
         x, patch_size = inputs
@@ -164,30 +135,7 @@ def _register_fake_and_autograd() -> None:
     def _unpatchify_backward(ctx, grad):
         return ops.patchify(grad, ctx.patch_size), None, None
 
-    def _patchify_packed_setup(ctx, inputs, output):
-        xs, patch_sizes = inputs
-        ctx.patch_sizes = list(patch_sizes)
-        ctx.shapes = [s for x in xs for s in x.shape]
-
-    def _patchify_packed_backward(ctx, grad_tokens, grad_cu_seqlens):
-        # The padding columns are constants: their gradient is dropped.
-        return list(ops.unpatchify_packed(grad_tokens, ctx.patch_sizes, ctx.shapes)), None
-
-    def _unpatchify_packed_setup(ctx, inputs, output):
-        tokens, patch_sizes, shapes = inputs
-        ctx.patch_sizes, ctx.shapes = list(patch_sizes), [tuple(o.shape) for o in output]
-        ctx.dtype, ctx.device = tokens.dtype, tokens.device
-
-    def _unpatchify_packed_backward(ctx, grads):
-        grads = [g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device) for g, s in zip(grads, ctx.shapes)]
-        # Padding columns never reach an output: their gradient is zero, as patchify_packed writes.
-        return ops.patchify_packed(grads, ctx.patch_sizes)[0], None, None
-
     torch.library.register_autograd("flexikern::patchify", _patchify_backward,
                                     setup_context=_patchify_setup)
     torch.library.register_autograd("flexikern::unpatchify", _unpatchify_backward,
                                     setup_context=_unpatchify_setup)
-    torch.library.register_autograd("flexikern::patchify_packed", _patchify_packed_backward,
-                                    setup_context=_patchify_packed_setup)
-    torch.library.register_autograd("flexikern::unpatchify_packed", _unpatchify_packed_backward,
-                                    setup_context=_unpatchify_packed_setup)

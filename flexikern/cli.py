@@ -20,90 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from flexikern.arguments import (classes_arg, fraction_arg, interval_arg, patch_size_arg, patch_sizes_arg,
+                                 positive_int, schedule_arg)
+from flexikern.images import save_grid, to_uint8
+
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_args", "load_model"]
-
-
-# ----------------------------------------------------------------------------- argument types
-
-def patch_size_arg(text: str) -> tuple[int, int]:
-    """"4" -> (4, 4); "2x4" -> (2, 4)."""
-    parts = text.lower().split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a patch size; write e.g. 4 or 2x4")
-    return sizes[0], sizes[1]
-
-
-def patch_sizes_arg(text: str) -> tuple[tuple[int, int], ...]:
-    """"2,4" -> ((2, 2), (4, 4))."""
-    return tuple(patch_size_arg(p) for p in text.split(",") if p.strip())
-
-
-def classes_arg(text: str) -> list[int]:
-    """"1,2,3" or ranges "0-9,20" -> a list of class ids."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected class ids like 1,2,3 or a range like 0-999") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one class id")
-    return out
-
-
-def schedule_arg(text: str) -> tuple[str, tuple[int, ...]]:
-    """"static", "weak_first:N[,M]", "weak_last:N[,M]" or the paper's "x/y"."""
-    hint = ("write static, weak_first:N (the first N steps weak), weak_first:N,M (M guidance steps "
-            "weak), weak_last:N, or the paper's x/y (powerful for the last x conditional / y guidance steps)")
-    kind, _, numbers = text.partition(":")
-    try:
-        if text == "static":
-            return "static", ()
-        if "/" in text and not numbers:
-            return "notation", tuple(int(v) for v in text.split("/", 1))
-        if kind in ("weak_first", "weak_last") and numbers:
-            counts = tuple(int(v) for v in numbers.split(","))
-            if len(counts) in (1, 2) and min(counts) >= 0:
-                return kind, counts
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
-
-
-def interval_arg(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI in model timesteps, e.g. 0,700") from None
-    return lo, hi
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
-
-
-def fraction_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive fraction of the static schedule's "
-                                         f"FLOPs, e.g. 0.6")
-    return value
 
 
 # ----------------------------------------------------------------------------- shared: the model
@@ -162,45 +83,6 @@ def pick_device(args: argparse.Namespace) -> Any:
     if args.device:
         return torch.device(args.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ----------------------------------------------------------------------------- images
-
-def to_uint8(x: Any) -> tuple[Any, str | None]:
-    """(N, C, H, W) samples -> (N, H, W, 3) uint8 numpy, and a note when they are not images.
-
-    3 channels are images in [-1, 1] (DiT's `sample_ddp.py` quantisation); other channel counts
-    (latents without a VAE) show their first 3 channels, each normalised to its own range per image.
-    """
-    import torch
-    x = x.detach().float().cpu()
-    if x.shape[1] == 3:
-        return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), None
-    v = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-    lo = v.amin(dim=(2, 3), keepdim=True)
-    hi = v.amax(dim=(2, 3), keepdim=True)
-    v = (v - lo) / (hi - lo).clamp_min(1e-12)
-    note = (f"the samples are {x.shape[1]}-channel latents and no --vae was given: the images show "
-            f"their first 3 channels, each normalised to its own min/max")
-    return (v * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), note
-
-
-def save_grid(images: Any, path: str | Path, columns: int) -> None:
-    """Tile (N, H, W, 3) uint8 images into a PNG, enlarged (nearest) to at least 128 px a side."""
-    import numpy as np
-    from PIL import Image
-    n, h, w, _ = images.shape
-    zoom = max(1, 128 // max(h, w))
-    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
-    h, w, pad = h * zoom, w * zoom, 2
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
 
 
 # ----------------------------------------------------------------------------- sample
@@ -262,12 +144,9 @@ def add_sample_parser(subparsers: Any) -> None:
 
 def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: argparse.ArgumentParser) -> Any:
     from flexikern.diffusion import Schedule
-    from flexikern.flexi.resize import as_size
 
     powerful = args.powerful or model.original_patch_size
-    larger = sorted((as_size(s) for s in model.patch_sizes if s[0] * s[1] > powerful[0] * powerful[1]),
-                    key=lambda s: s[0] * s[1])
-    weak = args.weak or (larger[0] if larger else None)
+    weak = args.weak or powerful.next_larger(model.patch_sizes)
     try:
         if args.budget is not None:
             return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak,

@@ -8,7 +8,7 @@ a random two-colour gradient background with a little pixel noise:
     7 checkerboard  8 diagonal stripes  9 diagonal cross (X)
 
 The class is carried by geometry only (colours are random), so a model has to get shapes right,
-at the size of a few pixels, to be scored well by the classifier of `flexikern.evaluate`.
+at the size of a few pixels, to be scored well by the classifier of `flexikern.metrics`.
 Shapes are rendered at 4x resolution and box-filtered down (anti-aliased edges).
 
 `make_shapes(n, size=16, seed=0)` is deterministic in (n, size, seed) and vectorised with numpy:

@@ -33,7 +33,7 @@ def _probe_inputs(op: str, device: torch.device, dtype: torch.dtype) -> dict:
         return dict(tokens=torch.empty(1, 16, 16, device=device, dtype=dtype), patch_size=(2, 2), size=(8, 8))
     if op == "patch_embed":
         return dict(x=x, weight=torch.empty(8, 4, 4, 4, device=device, dtype=dtype), bias=None,
-                    patch_size=(2, 2), pos_embed=None, size_embed=None, weight_delta=None)
+                    patch_size=(2, 2), pos_embed=None, size_embed=None)
     if op == "de_embed":
         return dict(x=torch.empty(1, 16, 8, device=device, dtype=dtype),
                     weight=torch.empty(64, 8, device=device, dtype=dtype), bias=None, kernel_size=(4, 4),

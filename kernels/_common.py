@@ -3,14 +3,15 @@
 Both ops multiply by an *effective* weight that is the stored (underlying) kernel resized to the
 patch size being run:
 
-    W_eff[d, c, j] = sum_i W[d, c, i] * P[i, j]  (+ delta[d, c, j])
+    W_eff[d, c, j] = sum_i W[d, c, i] * P[i, j]
 
 with `i` a pixel of the stored kh x kw kernel, `j` a pixel of the ph x pw patch and P the
-(kh*kw, ph*pw) resize matrix (`pi_resize_matrix` for the embedding, `resize_matrix^T` for the
-de-embedding). The resize is folded into the GEMM: per K-tile (a block of channels) the kernel
-loads the stored rows and multiplies them by a block-diagonal kron(I, P^T) tile in registers, so no
-resized weight ever exists in memory. Strides describe W, P and delta, so one kernel serves the
-embedding layout (D, C, kh, kw) and the de-embedding layout (kh*kw*C, D).
+(kh*kw, ph*pw) resize matrix, given by the caller (`flexikern.ops.resize.pi_resize_matrix` for
+the embedding, `resize_matrix^T` for the de-embedding). The resize is folded into the GEMM: per
+K-tile (a block of channels) the kernel loads the stored rows and multiplies them by a
+block-diagonal kron(I, P^T) tile in registers, so no resized weight ever exists in memory.
+Strides describe W and P, so one kernel serves the embedding layout (D, C, kh, kw) and the
+de-embedding layout (kh*kw*C, D).
 
 * `image_to_tokens`: out[n, t, d] = sum_{c,j} image[n, c, patch t pixel j] * W_eff[d, c, j]
   (+ bias + pos_embed[t] + size_embed). The image is read in place through its strides (no
@@ -22,8 +23,8 @@ embedding layout (D, C, kh, kw) and the de-embedding layout (kh*kw*C, D).
 Accumulation is fp32 with one cast on store. fp32 products (the resize always, the GEMM for fp32
 inputs) use 3xTF32 (`input_precision="tf32x3"`): fp32-level accuracy on tensor cores, where plain
 TF32 would miss the 1e-5 tolerance and IEEE dots leave tensor cores. 16-bit inputs multiply in
-their dtype. Under the Triton interpreter, 16-bit operands are upcast to fp32 before `tl.dot`
-(triton 3.9's interpreter gets bf16 dots wrong).
+their dtype. Under the Triton interpreter (the launchers' `interpret=True`), 16-bit operands are
+upcast to fp32 before `tl.dot` (triton 3.9's interpreter gets bf16 dots wrong).
 
 Tiling is one config per shape (`*_meta`, no autotune: the interpreter cannot autotune, and the
 ops are memory-bound at DiT sizes), chosen so that the DiT-XL/2 launches compile for sm_90 with
@@ -38,8 +39,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from flexikern.ops._dispatch import triton_interpreting
 
 __all__ = ["EffectiveWeight", "image_to_tokens", "tokens_to_image", "new_output", "POISON_OUTPUTS"]
 
@@ -62,11 +61,11 @@ def new_output(shape, dtype: torch.dtype, device: torch.device,
 
 @dataclass
 class EffectiveWeight:
-    """W_eff[d, c, j] = sum_i weight[d, c, i] * resize[i, j] + delta[d, c, j], described by strides.
+    """W_eff[d, c, j] = sum_i weight[d, c, i] * resize[i, j], described by strides.
 
     `weight_strides` are the (d, c, i) strides of the stored kernel, with i the flattened
     (kh, kw) pixel; `resize` is (kh*kw, ph*pw) with any strides, or None when the stored size is
-    the patch size (then i = j); `delta` is optional with (d, c, j) strides.
+    the patch size (then i = j).
     """
 
     weight: torch.Tensor
@@ -76,17 +75,13 @@ class EffectiveWeight:
     kernel_size: tuple[int, int]
     patch_size: tuple[int, int]
     resize: torch.Tensor | None = None
-    delta: torch.Tensor | None = None
-    delta_strides: tuple[int, int, int] = (0, 0, 0)
 
     def kernel_args(self) -> tuple:
-        """(w, resize, delta pointers), then the (d, c, i), (i, j) and (d, c, j) strides."""
-        # Absent tensors get a dummy pointer: the RESIZE / HAS_DELTA branches never read it.
+        """(w, resize pointers), then the (d, c, i) and (i, j) strides."""
+        # Without a resize, a dummy pointer: the RESIZE branches never read it.
         resize = self.resize if self.resize is not None else self.weight
         resize_strides = (resize.stride(0), resize.stride(1)) if self.resize is not None else (0, 0)
-        delta = self.delta if self.delta is not None else self.weight
-        return ((self.weight, resize, delta),
-                (*self.weight_strides, *resize_strides, *self.delta_strides))
+        return (self.weight, resize), (*self.weight_strides, *resize_strides)
 
 
 def _next_pow2(n: int) -> int:
@@ -147,10 +142,9 @@ def _tile(ptr, rows, cols, mask_rows, mask_cols, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
+def _effective_weight_tile(w_ptr, p_ptr, c0, offs_d, C, D, KK, PP,
                            stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
-                           stride_ed, stride_ec, stride_ej,
-                           RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, TRANSPOSED: tl.constexpr,
+                           RESIZE: tl.constexpr, TRANSPOSED: tl.constexpr,
                            BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr):
     """W_eff for channels c0 .. c0+BLOCK_C and features offs_d: a (BLOCK_C*PP_PAD, BLOCK_D) fp32
     tile with rows ordered (c, j), or (BLOCK_D, BLOCK_C*PP_PAD) if TRANSPOSED (built that way
@@ -179,20 +173,17 @@ def _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
     else:
         weight = _tile(w_ptr, c_out * stride_wc + j * stride_wi, d_offsets, mask_out, mask_d,
                        TRANSPOSED)
-    if HAS_DELTA:
-        weight += _tile(delta_ptr, c_out * stride_ec + j * stride_ej, offs_d * stride_ed,
-                        mask_out, mask_d, TRANSPOSED)
     return weight
 
 
 @triton.jit
 def _image_to_tokens_kernel(
-    image_ptr, w_ptr, p_ptr, delta_ptr, bias_ptr, pos_ptr, size_ptr, out_ptr,
+    image_ptr, w_ptr, p_ptr, bias_ptr, pos_ptr, size_ptr, out_ptr,
     M, T, GW, C, D, KK, PP, PH, PW,
     stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_wd, stride_wc, stride_wi, stride_pi, stride_pj, stride_ed, stride_ec, stride_ej,
+    stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
     stride_pt, stride_pd, stride_on, stride_ot, stride_od,
-    RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    RESIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_SIZE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr,
 ):
@@ -220,10 +211,9 @@ def _image_to_tokens_kernel(
         patches = tl.load(image_ptr + patch_origin[:, None]
                           + (c.to(tl.int64) * stride_xc + pixel)[None, :],
                           mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        weight = _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
+        weight = _effective_weight_tile(w_ptr, p_ptr, c0, offs_d, C, D, KK, PP,
                                         stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
-                                        stride_ed, stride_ec, stride_ej, RESIZE, HAS_DELTA, False,
-                                        BLOCK_C, KI_PAD, PP_PAD)
+                                        RESIZE, False, BLOCK_C, KI_PAD, PP_PAD)
         if FP32_DOT:
             acc += tl.dot(patches.to(tl.float32), weight, input_precision="tf32x3")
         else:
@@ -242,12 +232,12 @@ def _image_to_tokens_kernel(
 
 @triton.jit
 def _tokens_to_image_kernel(
-    tokens_ptr, w_ptr, p_ptr, delta_ptr, bias_ptr, out_ptr,
+    tokens_ptr, w_ptr, p_ptr, bias_ptr, out_ptr,
     M, T, GW, C, D, KK, PP, PH, PW,
     stride_tn, stride_tt, stride_td,
-    stride_wd, stride_wc, stride_wi, stride_pi, stride_pj, stride_ed, stride_ec, stride_ej,
+    stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
     stride_bc, stride_bi, stride_on, stride_oc, stride_oh, stride_ow,
-    RESIZE: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RESIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, KI_PAD: tl.constexpr, PP_PAD: tl.constexpr,
 ):
@@ -272,10 +262,9 @@ def _tokens_to_image_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         tokens = tl.load(tokens_ptr + token_row[:, None] + offs_d[None, :] * stride_td,
                          mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)
-        weight = _effective_weight_tile(w_ptr, p_ptr, delta_ptr, c0, offs_d, C, D, KK, PP,
+        weight = _effective_weight_tile(w_ptr, p_ptr, c0, offs_d, C, D, KK, PP,
                                         stride_wd, stride_wc, stride_wi, stride_pi, stride_pj,
-                                        stride_ed, stride_ec, stride_ej, RESIZE, HAS_DELTA, True,
-                                        BLOCK_C, KI_PAD, PP_PAD)
+                                        RESIZE, True, BLOCK_C, KI_PAD, PP_PAD)
         if FP32_DOT:
             acc += tl.dot(tokens.to(tl.float32), weight, input_precision="tf32x3")
         else:
@@ -313,8 +302,8 @@ def _or(tensor: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else dummy
 
 
-def _fp32_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or triton_interpreting()
+def _fp32_dot(dtype: torch.dtype, interpret: bool) -> bool:
+    return dtype == torch.float32 or interpret
 
 
 def _num_warps(*tile_elements: int) -> int:
@@ -332,7 +321,8 @@ def _block_m(m: int, other_blocks: int, largest: int = 64) -> int:
     return block_m
 
 
-def image_to_tokens_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) -> dict:
+def image_to_tokens_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype,
+                        interpret: bool) -> dict:
     """Block sizes and warps of `_image_to_tokens_kernel` for M tokens (one config, no autotune:
     the interpreter cannot autotune, and the op is memory-bound at DiT sizes)."""
     block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64)
@@ -341,16 +331,18 @@ def image_to_tokens_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) ->
     # 3xTF32 dots (the resize always, the GEMM for fp32) keep both operands in registers twice
     # (high and low parts): 64 features and, for fp32, 32 tokens keep a block under ~128
     # registers, two blocks per SM (128 features or 64 tokens: ~200 registers, or spills).
-    if weight.resize is not None or _fp32_dot(dtype):
+    fp32_dot = _fp32_dot(dtype, interpret)
+    if weight.resize is not None or fp32_dot:
         block_d = min(block_d, 64)
-    block_m = _block_m(m, triton.cdiv(weight.features, block_d), 32 if _fp32_dot(dtype) else 64)
+    block_m = _block_m(m, triton.cdiv(weight.features, block_d), 32 if fp32_dot else 64)
     resize = block_c * ki_pad * (block_d + block_k) if weight.resize is not None else 0
-    return dict(FP32_DOT=_fp32_dot(dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
+    return dict(FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
                 KI_PAD=ki_pad, PP_PAD=pp_pad,
                 num_warps=_num_warps(block_m * block_d, block_m * block_k, block_k * block_d, resize))
 
 
-def tokens_to_image_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) -> dict:
+def tokens_to_image_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype,
+                         interpret: bool) -> dict:
     """Block sizes and warps of `_tokens_to_image_kernel` for M tokens."""
     # The resize tile kron(I, P^T) grows as BLOCK_C**2 and, like every 3xTF32 operand, lives
     # in registers twice: resizing or fp32 takes 32 features per step and a resize at most 64
@@ -359,19 +351,21 @@ def tokens_to_image_meta(weight: EffectiveWeight, m: int, dtype: torch.dtype) ->
     block_c, ki_pad, pp_pad = _channel_tiling(weight, max_tile=64 if resizing else 128)
     block_m = _block_m(m, triton.cdiv(weight.channels, block_c))
     block_k = block_c * pp_pad
-    block_d = 32 if resizing or _fp32_dot(dtype) else 64
+    fp32_dot = _fp32_dot(dtype, interpret)
+    block_d = 32 if resizing or fp32_dot else 64
     resize = block_c * ki_pad * (block_d + block_k) if resizing else 0
-    return dict(FP32_DOT=_fp32_dot(dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
+    return dict(FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_C=block_c,
                 KI_PAD=ki_pad, PP_PAD=pp_pad,
                 num_warps=_num_warps(block_m * block_k, block_m * block_d, block_k * block_d, resize))
 
 
 def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Tensor,
                     bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
-                    size_embed: torch.Tensor | None = None) -> torch.Tensor:
+                    size_embed: torch.Tensor | None = None, *, interpret: bool) -> torch.Tensor:
     """out (N, T, D) = patches of `image` (N, C, H, W) times W_eff, plus the optional adds.
 
     Any strides for `image`, `out` and `pos_embed`; `bias` and `size_embed` contiguous (D,).
+    `interpret`: the launch runs in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors).
     """
     n, c, h, w = image.shape
     ph, pw = weight.patch_size
@@ -382,7 +376,7 @@ def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Ten
     m = n * tokens
     if m == 0 or d == 0:
         return out
-    meta = image_to_tokens_meta(weight, m, image.dtype)
+    meta = image_to_tokens_meta(weight, m, image.dtype, interpret)
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))
     pointers, weight_strides = weight.kernel_args()
     pos_strides = pos_embed.stride() if pos_embed is not None else (0, 0)
@@ -390,8 +384,8 @@ def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Ten
         image, *pointers, _or(bias, out), _or(pos_embed, out), _or(size_embed, out), out,
         m, tokens, grid_w, c, d, kh * kw, ph * pw, ph, pw,
         *image.stride(), *weight_strides, *pos_strides, *out.stride(),
-        RESIZE=weight.resize is not None, HAS_DELTA=weight.delta is not None,
-        HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_SIZE=size_embed is not None,
+        RESIZE=weight.resize is not None, HAS_BIAS=bias is not None,
+        HAS_POS=pos_embed is not None, HAS_SIZE=size_embed is not None,
         **meta,
     )
     return out
@@ -399,11 +393,11 @@ def image_to_tokens(image: torch.Tensor, weight: EffectiveWeight, out: torch.Ten
 
 def tokens_to_image(tokens: torch.Tensor, weight: EffectiveWeight, out: torch.Tensor,
                     bias: torch.Tensor | None = None,
-                    bias_strides: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                    bias_strides: tuple[int, int] = (0, 0), *, interpret: bool) -> torch.Tensor:
     """out (N, C, H, W) = tokens (N, T, D) times W_eff, unpatchified, plus the resized bias.
 
     `bias` is the stored bias with (c, i) strides `bias_strides`; it is resized with W's matrix.
-    Any strides for `tokens` and `out`.
+    Any strides for `tokens` and `out`. `interpret`: as for `image_to_tokens`.
     """
     n, c, h, w = out.shape
     ph, pw = weight.patch_size
@@ -414,14 +408,13 @@ def tokens_to_image(tokens: torch.Tensor, weight: EffectiveWeight, out: torch.Te
     m = n * num_tokens
     if m == 0 or c == 0:
         return out
-    meta = tokens_to_image_meta(weight, m, tokens.dtype)
+    meta = tokens_to_image_meta(weight, m, tokens.dtype, interpret)
     grid = (triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(m, meta["BLOCK_M"]),)
     pointers, weight_strides = weight.kernel_args()
     _tokens_to_image_kernel[grid](
         tokens, *pointers, _or(bias, out), out,
         m, num_tokens, grid_w, c, d, kh * kw, ph * pw, ph, pw,
         *tokens.stride(), *weight_strides, *bias_strides, *out.stride(),
-        RESIZE=weight.resize is not None, HAS_DELTA=weight.delta is not None,
-        HAS_BIAS=bias is not None, **meta,
+        RESIZE=weight.resize is not None, HAS_BIAS=bias is not None, **meta,
     )
     return out

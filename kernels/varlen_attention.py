@@ -30,8 +30,10 @@ masked tail, two dots per product (72 = 64 + 16, where 128 would waste 44%: `_sp
 Token and head strides must be multiples of 8 elements, so that rows load as aligned 16-byte
 vectors; the host copies inputs whose strides are not. Dtypes fp32, fp16, bf16; every product is
 accumulated in fp32 and fp32 inputs use IEEE (not TF32) dots, so fp32 results match the
-reference to ~1e-5. Under TRITON_INTERPRET=1 (CPU), operands are upcast to fp32 before every dot
-because the interpreter's bf16 dot is wrong, and one small tile shape is used.
+reference to ~1e-5. Under TRITON_INTERPRET=1 (CPU tensors; the caller passes `interpret=True`),
+operands are upcast to fp32 before every dot because the interpreter's bf16 dot is wrong, and one
+small tile shape is used. The autograd Function around these launches is in
+`flexikern.ops.varlen_attention`.
 """
 
 from __future__ import annotations
@@ -43,10 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flexikern.ops._dispatch import triton_interpreting
-
-__all__ = ["varlen_attention", "varlen_attention_forward", "varlen_attention_backward",
-           "MAX_HEAD_DIM"]
+__all__ = ["varlen_attention_forward", "varlen_attention_backward", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -343,9 +342,9 @@ def _split_head_dim(head_dim: int) -> tuple[int, int]:
     return (main, tail) if main + tail < single else (single, 0)
 
 
-def _tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
+def _tiles(head_dim: int, dtype: torch.dtype, interpret: bool) -> _Tiles:
     block_d0, block_d1 = _split_head_dim(head_dim)
-    if triton_interpreting():
+    if interpret:
         # The interpreter runs blocks as numpy arrays: the smallest legal tiles keep tests
         # quick and still cover several tiles per sequence with short sequences.
         small = _Launch(16, 16, 1, 1)
@@ -383,8 +382,8 @@ def _check_buffers(*buffers: torch.Tensor) -> None:
 
 def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              cu_seqlens: torch.Tensor, max_seqlen: int,
-                             scale: float | None = None,
-                             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             scale: float | None = None, out: torch.Tensor | None = None, *,
+                             interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel. Inputs are assumed validated (`fk.ops.varlen_attention` does it).
 
     Args:
@@ -393,6 +392,7 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: softmax scale, default 1/sqrt(head_dim).
         out: where to write the output (tests pass a NaN-filled buffer), with strides like
             q's (`_strides_fit`); allocated if None.
+        interpret: launch in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors).
     Returns:
         (out (total, heads, head_dim), lse (heads, total): fp32 logsumexp of each query row's
         scaled scores, in base 2 (log2 of the softmax denominator), for the backward).
@@ -407,7 +407,7 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
     if total == 0:
         return out, lse
-    tiles = _tiles(head_dim, q.dtype)
+    tiles = _tiles(head_dim, q.dtype, interpret)
     launch = tiles.fwd
     n_m_tiles = triton.cdiv(max_seqlen, launch.block_m)
     grid = ((cu_seqlens.numel() - 1) * n_m_tiles, heads)
@@ -427,9 +427,9 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               cu_seqlens: torch.Tensor, max_seqlen: int,
                               scale: float | None = None,
                               grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              *, interpret: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv from the forward's `out` and `lse` (FA2). `grads` = (dq, dk, dv) buffers to
-    write into (tests pass NaN-filled ones); allocated if None."""
+    write into (tests pass NaN-filled ones); allocated if None. `interpret`: as for the forward."""
     total, heads, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
@@ -438,7 +438,7 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     _check_buffers(dq, dk, dv)
     if total == 0:
         return dq, dk, dv
-    tiles = _tiles(head_dim, q.dtype)
+    tiles = _tiles(head_dim, q.dtype, interpret)
     n_seqs = cu_seqlens.numel() - 1
 
     delta = torch.empty_like(lse)
@@ -470,27 +470,3 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         num_warps=launch.num_warps, num_stages=launch.num_stages)
     return dq, dk, dv
 
-
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens,
-                                               ctx.max_seqlen, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float | None = None) -> torch.Tensor:
-    """Block-diagonal attention over packed sequences, differentiable in q, k and v.
-
-    The Triton backend of `fk.ops.varlen_attention` (which validates the inputs first).
-    """
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale)

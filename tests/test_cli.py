@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flexikern.cli import _build_schedule, build_parser, load_model, main, to_uint8
+from flexikern.arguments import patch_size_arg
+from flexikern.cli import _build_schedule, build_parser, load_model, main
 from flexikern.diffusion import Schedule
+from flexikern.images import to_uint8
 
 from test_sampling import one_thread, tiny  # noqa: F401  (one_thread: autouse fixture)
 
@@ -109,6 +111,48 @@ def test_bad_flags_say_how_to_fix_them(model_dir, capsys):
     fails(["sample", "--model", "DiT-Q/2"], capsys, "DiT-S/2")
     fails(["sample", "--model", model_dir, "--guidance-interval", "5"], capsys, "LO,HI")
     fails([], capsys, "COMMAND")
+
+
+def test_patch_size_flags_use_the_one_parser(capsys):
+    import argparse
+
+    from flexikern.ops.patch_size import PatchSize
+    assert patch_size_arg("4") == (4, 4) and patch_size_arg("2x4") == (2, 4)
+    assert isinstance(patch_size_arg("4"), PatchSize)
+    for bad in ("1x2x2", "0", "a", "2x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="2x4"):
+            patch_size_arg(bad)
+    fails(["sample", "--model", "DiT-S/2", "--weak", "4y"], capsys, "--weak", "'4y'", "2x4")
+
+
+APPS = {"flexikern.cli", "flexikern.evaluate", "flexikern.__main__", "flexikern.train.commands"}
+
+
+def _module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_library_never_imports_the_commands():
+    """Layers are one-way: the commands import the library, no library module (even inside a
+    function) imports a command module."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(ROOT, "flexikern").rglob("*.py")):
+        module = _module_name(path)
+        if module in APPS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            offenders += [f"{module}:{node.lineno} imports {n}" for n in names if n in APPS]
+    assert not offenders, offenders
 
 
 def test_to_uint8():

@@ -1,8 +1,10 @@
-"""flexikern.evaluate: Fréchet distance, classifier, calibration, `flexikern eval --quick`, demo data."""
+"""flexikern.metrics (Fréchet distance, classifier), Schedule.calibrate, and the `eval` / `demo`
+commands of flexikern.evaluate."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ import torch
 
 from flexikern.datasets import CLASS_NAMES, make_shapes
 from flexikern.diffusion import Schedule
-from flexikern.evaluate import (ShapesClassifier, calibrate, feature_stats, frechet_distance, gap_profile,
-                                train_classifier)
+from flexikern.diffusion.calibrate import gap_profile
+from flexikern.metrics import ShapesClassifier, feature_stats, frechet_distance, load_shipped, train_classifier
 from flexikern.models import FlexiDiT
 
 
@@ -103,28 +105,28 @@ def test_calibrate_budget_picks_the_smallest_gaps():
     gaps = [0.1, 5.0, 0.2, 3.0, 0.05, 9.0]
     f2, f4 = model.flops(2), model.flops(4)
     budget = 1 - 2 * (f2 - f4) / (6 * f2)            # exactly two weak steps fit
-    sched = calibrate(model, 6, budget=budget + 1e-6, profile=gaps)
+    sched = Schedule.calibrate(model, 6, budget=budget + 1e-6, profile=gaps)
     assert [s[0] for s in sched.cond] == [4, 2, 2, 2, 4, 2]     # steps 4 and 0 (the smallest gaps)
     assert sched.guidance == sched.cond
     assert sched.relative_flops(model) <= budget + 1e-6
-    tighter = calibrate(model, 6, budget=budget - 1e-3, profile=gaps)   # one more weak step: step 2
+    tighter = Schedule.calibrate(model, 6, budget=budget - 1e-3, profile=gaps)   # one more weak step: step 2
     assert [s[0] for s in tighter.cond] == [4, 2, 4, 2, 4, 2]
-    assert calibrate(model, 6, budget=1.0, profile=gaps).cond == Schedule.static(6, 2).cond
+    assert Schedule.calibrate(model, 6, budget=1.0, profile=gaps).cond == Schedule.static(6, 2).cond
     with pytest.raises(ValueError, match="raise the budget"):
-        calibrate(model, 6, budget=0.01, profile=gaps)
+        Schedule.calibrate(model, 6, budget=0.01, profile=gaps)
 
 
 def test_calibrate_tolerance_and_arguments():
     model = tiny_flexible()
     gaps = [0.1, 5.0, 0.2, 3.0, 0.05, 10.0]
-    sched = calibrate(model, 6, tolerance=0.02, profile=gaps)
+    sched = Schedule.calibrate(model, 6, tolerance=0.02, profile=gaps)
     assert [s[0] for s in sched.cond] == [4, 2, 4, 2, 4, 2]     # gaps <= 2% of the largest
     with pytest.raises(ValueError, match="exactly one"):
-        calibrate(model, 6, profile=gaps)
+        Schedule.calibrate(model, 6, profile=gaps)
     with pytest.raises(ValueError, match="exactly one"):
-        calibrate(model, 6, budget=0.5, tolerance=0.1, profile=gaps)
+        Schedule.calibrate(model, 6, budget=0.5, tolerance=0.1, profile=gaps)
     with pytest.raises(ValueError, match="one per step"):
-        calibrate(model, 5, budget=0.8, profile=gaps)
+        Schedule.calibrate(model, 5, budget=0.8, profile=gaps)
 
 
 def test_gap_profile_on_a_real_model_and_schedule_calibrate():
@@ -171,10 +173,19 @@ def test_eval_quick_writes_the_files(tmp_path):
 
 def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     from flexikern.cli import main
-    from flexikern.evaluate import load_shipped
     model, _ = load_shipped()
     assert model.patch_sizes == ((2, 2), (4, 4)) and model.input_size == 16
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out), "--num-samples", "10", "--steps", "4"]) == 0
     text = capsys.readouterr().out
     assert out.stat().st_size > 0 and "relative FLOPs" in text and "FD" in text and "speed-up" in text
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_figures_without_matplotlib_say_which_extra(command, monkeypatch, capsys):
+    from flexikern.cli import main
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib raises ImportError
+    with pytest.raises(SystemExit) as e:
+        main([command, "--out", "unused"])
+    assert e.value.code == 2
+    assert 'pip install "flexikern[eval]"' in capsys.readouterr().err

@@ -180,6 +180,35 @@ def test_caching_logic_with_a_fake_capture(monkeypatch):
     assert len(runner) == 0 and runner.keys() == []
 
 
+def test_runner_inputs_are_the_declared_conditions_only(monkeypatch):
+    """The static inputs are the denoiser's declared `conditions`: a tensor attribute it does not
+    declare is neither a static buffer nor part of the key (a new value does not recapture)."""
+    def capture(entry, pool, warmup):
+        entry.graph = FakeGraph(entry._step)
+    monkeypatch.setattr(graphs._PhaseGraph, "capture", capture)
+    monkeypatch.setattr(GraphRunner, "_can_capture", lambda self, x: True)
+    monkeypatch.setattr(GraphRunner, "_new_pool", lambda self: "pool")
+    model = tiny(seed=2)
+    sched = Schedule.weak_first(4, 2, weak=4, powerful=2)
+    loop = DenoisingLoop(model, torch.tensor([1, 7]), sched, Guidance(1.5, "cfg"), make_sampler("ddim", 4))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = x
+        for start, stop, cond_size, guid_size in loop.phases:
+            for k in range(start, stop):
+                eager = loop.step(eager, k, None, cond_size, guid_size)
+    loop.denoiser.scratch = torch.zeros(3)   # undeclared: not an input of the graphs
+    runner = GraphRunner()
+    assert torch.equal(runner.run(loop, x, None), eager)
+    declared = ["y", "y_cfg", "y_null", "y_weak"]
+    assert sorted(loop.denoiser.conditions) == declared
+    assert all([name for name, _ in k.conditions] == declared for k in runner.keys())
+    assert all(sorted(entry.conditions) == declared for entry in runner._graphs.values())
+    loop.denoiser.scratch = torch.zeros(5)   # another shape: still the same graphs
+    assert torch.equal(runner.run(loop, x, None), eager)
+    assert runner.captures == 2 and runner.replays == 8
+
+
 def test_text_conditions_rebound_with_a_fake_capture(monkeypatch):
     """A text-conditioned model: the TextCondition's tensors are static buffers refilled per run,
     and their shapes are part of the key (a longer caption is another graph)."""

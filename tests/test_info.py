@@ -26,3 +26,22 @@ def test_forced_backend_errors_name_the_choices(monkeypatch):
             pass
     with fk.ops.use_backend(patchify="torch"):
         assert fk.ops.select("patchify", x=torch.randn(1, 2, 4, 4), patch_size=(2, 2)).name == "torch"
+
+
+def test_priority_lists_are_explicit_and_dispatch_imports_no_op():
+    # Each op's backends, in the order written in its module's priority list (not import order),
+    # and flexikern.ops._dispatch imports nothing of flexikern (no op module: no cycle).
+    import ast
+    from pathlib import Path
+
+    import flexikern.ops as ops
+    from flexikern.ops import _dispatch
+    assert {op: [b.name for b in entries] for op, entries in ops.backends().items()} == {
+        "patchify": ["ext", "torch"], "unpatchify": ["ext", "torch"],
+        "patch_embed": ["triton", "torch"], "de_embed": ["triton", "torch"],
+        "varlen_attention": ["flash_attn", "torch_varlen", "xformers", "triton", "flex", "torch"]}
+    tree = ast.parse(Path(_dispatch.__file__).read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not [m for m in modules if m.startswith("flexikern")], modules

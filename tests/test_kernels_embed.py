@@ -13,10 +13,15 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     # Triton reads this when `@triton.jit` decorates, so before flexikern.kernels is imported.
     os.environ["TRITON_INTERPRET"] = "1"
 
+import ast  # noqa: E402
+import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -80,8 +85,7 @@ def embed_inputs(kernel, patch, dtype=torch.float32, n=2, c=3, d=7, grid=(2, 3),
                   bias=randn(d, dtype=dtype, requires_grad=requires_grad), patch_size=patch)
     if extras:
         inputs.update(pos_embed=randn(tokens, d, dtype=dtype, requires_grad=requires_grad),
-                      size_embed=randn(d, dtype=dtype, requires_grad=requires_grad),
-                      weight_delta=randn(d, c, *patch, dtype=dtype, requires_grad=requires_grad))
+                      size_embed=randn(d, dtype=dtype, requires_grad=requires_grad))
     return inputs
 
 
@@ -187,10 +191,10 @@ def test_patch_embed_gradients_half_precision_channels_last(dtype):
 
 
 def test_patch_embed_gradients_only_some_inputs():
-    # A frozen base (LoRA): only x and weight_delta need gradients.
+    # A frozen embedding: only x and the size embedding need gradients.
     inputs = embed_inputs((4, 4), (2, 2))
     inputs["x"].requires_grad_(True)
-    inputs["weight_delta"].requires_grad_(True)
+    inputs["size_embed"].requires_grad_(True)
     check_grads("patch_embed", inputs, torch.float32)
 
 
@@ -238,6 +242,125 @@ def test_64_token_tiles(monkeypatch):
                 torch.float32)
 
 
+# ------------------------------------------------------------------------------ videos (3-D)
+# The fused kernels take images; video latents (N, C, F, H, W) run on the torch backend, as the
+# video model computed them: patchify + linear, and linear + unpatchify.
+
+VIDEO_CASES = [  # (latent (N, C, F, H, W), patch (pt, ph, pw), D)
+    ((2, 3, 4, 6, 10), (2, 2, 2), 7), ((1, 5, 3, 3, 5), (1, 3, 5), 9),
+    ((3, 4, 2, 4, 6), (1, 2, 2), 16), ((1, 1, 6, 2, 3), (3, 1, 1), 5),
+]
+
+
+def video_embed_inputs(shape, patch, d, dtype, requires_grad=False):
+    n, c, *size = shape
+    tokens = math.prod(s // p for s, p in zip(size, patch))
+    return dict(x=randn(*shape, dtype=dtype, requires_grad=requires_grad),
+                weight=randn(d, c, *patch, dtype=dtype, requires_grad=requires_grad),
+                bias=randn(d, dtype=dtype, requires_grad=requires_grad), patch_size=patch,
+                pos_embed=randn(tokens, d, dtype=dtype, requires_grad=requires_grad),
+                size_embed=randn(d, dtype=dtype, requires_grad=requires_grad))
+
+
+def video_deembed_inputs(shape, patch, d, dtype, requires_grad=False):
+    n, c, *size = shape
+    tokens = math.prod(s // p for s, p in zip(size, patch))
+    rows = math.prod(patch) * c
+    return dict(x=randn(n, tokens, d, dtype=dtype, requires_grad=requires_grad),
+                weight=randn(rows, d, dtype=dtype, requires_grad=requires_grad),
+                bias=randn(rows, dtype=dtype, requires_grad=requires_grad), kernel_size=patch,
+                patch_size=patch, size=tuple(size))
+
+
+def conv3d_embed(x, weight, bias, patch_size, pos_embed, size_embed):
+    """A video patch embedding as a strided conv3d: the ground truth the op is checked against."""
+    tokens = F.conv3d(x, weight, bias, stride=patch_size).flatten(2).transpose(1, 2)
+    return tokens + pos_embed + size_embed
+
+
+def conv_transpose3d_deembed(x, weight, bias, kernel_size, patch_size, size):
+    """A video de-embedding as a strided conv_transpose3d plus the per-pixel bias tiled."""
+    pt, ph, pw = patch_size
+    grid = [s // p for s, p in zip(size, patch_size)]
+    n, _, d = x.shape
+    c = weight.shape[0] // (pt * ph * pw)
+    kernel = weight.reshape(pt, ph, pw, c, d).permute(4, 3, 0, 1, 2)        # (D, C, pt, ph, pw)
+    image = F.conv_transpose3d(x.transpose(1, 2).reshape(n, d, *grid), kernel, stride=patch_size)
+    return image + bias.reshape(pt, ph, pw, c).permute(3, 0, 1, 2).repeat(1, *grid)
+
+
+VIDEO_REFERENCES = {"patch_embed": conv3d_embed, "de_embed": conv_transpose3d_deembed}
+
+
+def check_video(op, inputs, dtype):
+    """The op (automatic dispatch: torch) vs the conv reference in float64, output and grads."""
+    assert ops.select(op, **inputs).name == "torch"
+    ref_inputs = as_reference_leaves(inputs)
+    out = getattr(ops, op)(**inputs)
+    expected = VIDEO_REFERENCES[op](**ref_inputs)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, "output")
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(out.dtype))
+    expected.backward(grad)
+    for name, value in inputs.items():
+        if torch.is_tensor(value):
+            assert value.grad is not None and value.grad.dtype == value.dtype, name
+            assert_close(value.grad, ref_inputs[name].grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,patch,d", VIDEO_CASES, ids=str)
+def test_patch_embed_video(shape, patch, d, dtype):
+    check_video("patch_embed", video_embed_inputs(shape, patch, d, dtype, requires_grad=True),
+                dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,patch,d", VIDEO_CASES, ids=str)
+def test_de_embed_video(shape, patch, d, dtype):
+    check_video("de_embed", video_deembed_inputs(shape, patch, d, dtype, requires_grad=True),
+                dtype)
+
+
+@pytest.mark.parametrize("shape,patch,d", VIDEO_CASES[:2], ids=str)
+def test_video_numerics_are_the_video_models(shape, patch, d):
+    # Bit for bit what the video model computed before it called these ops.
+    embed = video_embed_inputs(shape, patch, d, torch.float32)
+    x, weight, bias = embed["x"], embed["weight"], embed["bias"]
+    before = F.linear(ops.patchify(x, patch), weight.permute(0, 2, 3, 4, 1).reshape(d, -1), bias)
+    assert torch.equal(ops.patch_embed(x, weight, bias, patch), before)
+    deembed = video_deembed_inputs(shape, patch, d, torch.float32)
+    x, weight, bias, size = deembed["x"], deembed["weight"], deembed["bias"], deembed["size"]
+    before = ops.unpatchify(F.linear(x, weight, bias), patch, size)
+    assert torch.equal(ops.de_embed(x, weight, bias, patch, patch, size), before)
+
+
+def test_video_kernels_are_not_resized():
+    embed = video_embed_inputs((1, 3, 4, 4, 4), (2, 2, 2), 5, torch.float32)
+    with pytest.raises(ValueError, match=r"video kernel \(2, 2, 2\) must equal patch_size "
+                                         r"\(1, 2, 2\); 3-D kernels are not resized"):
+        ops.patch_embed(embed["x"], embed["weight"], None, (1, 2, 2))
+    deembed = video_deembed_inputs((1, 3, 4, 4, 4), (2, 2, 2), 5, torch.float32)
+    with pytest.raises(ValueError, match=r"kernel_size=\(1, 2, 2\): a video de-embedding must be "
+                                         r"stored at patch_size \(2, 2, 2\)"):
+        ops.de_embed(deembed["x"], deembed["weight"], None, (1, 2, 2), (2, 2, 2), (4, 4, 4))
+    with pytest.raises(ValueError, match=r"patch_size=\(2, 2\): expected \(pt, ph, pw\)"):
+        ops.patch_embed(embed["x"], embed["weight"], None, (2, 2))
+
+
+@pytest.mark.parametrize("op", ["patch_embed", "de_embed"])
+def test_triton_declines_videos(op):
+    make = video_embed_inputs if op == "patch_embed" else video_deembed_inputs
+    inputs = make((1, 3, 2, 4, 4), (1, 2, 2), 5, torch.float32)
+    triton_backend = next(b for b in ops.backends(op) if b.name == "triton")
+    assert triton_backend.not_supported_reasons(**inputs) == [
+        "3-D (video) patches: the fused kernels take 2-D images; torch runs videos"]
+    with ops.use_backend(**{op: "triton"}):
+        with pytest.raises(RuntimeError, match="forced backend 'triton' cannot run.*3-D"):
+            getattr(ops, op)(**inputs)
+
+
 # ------------------------------------------------------------------------------------- dispatch
 
 
@@ -278,6 +401,47 @@ def test_importing_flexikern_does_not_import_triton():
             "assert 'triton' not in sys.modules, 'triton was imported'\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# The layers: models -> flexi -> ops -> kernels. Nothing under ops or kernels imports upward.
+UPPER_LAYERS = ("flexikern.flexi", "flexikern.models", "flexikern.diffusion", "flexikern.runtime",
+                "flexikern.train", "flexikern.evaluate", "flexikern.cli")
+
+
+def _flexikern_imports(folder: Path) -> dict[str, set[str]]:
+    """Every flexikern module imported anywhere (function bodies too) by each file of `folder`."""
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        found[path.name] = {name for name in names if name.startswith("flexikern")}
+    return found
+
+
+def test_kernels_and_ops_are_a_leaf_library():
+    import flexikern.kernels
+    kernels = Path(flexikern.kernels.__file__).parent
+    for name, imports in _flexikern_imports(kernels).items():
+        outside = {m for m in imports if not m.startswith("flexikern.kernels")}
+        assert not outside, f"kernels/{name} imports {outside}; pass what it needs as arguments"
+    for name, imports in _flexikern_imports(Path(ops.__file__).parent).items():
+        outside = {m for m in imports
+                   if not m.startswith(("flexikern.ops", "flexikern.kernels", "flexikern._ext"))
+                   and m not in ("flexikern", "flexikern._ext")}
+        assert not outside, f"flexikern/ops/{name} imports {outside}"
+    # And at run time: the ops, their backends and the kernels load no upper layer.
+    code = ("import sys, torch, flexikern.ops as ops, flexikern.kernels._common, "
+            "flexikern.kernels.patch_embed, flexikern.kernels.de_embed, "
+            "flexikern.kernels.varlen_attention\n"
+            "ops.patch_embed(torch.randn(1, 3, 4, 4), torch.randn(5, 3, 4, 4), None, 2)\n"
+            f"upper = [m for m in sys.modules if m.startswith({UPPER_LAYERS!r})]\n"
+            "assert not upper, upper\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import flexikern as fk
+from flexikern.ops.patch_size import PatchSize
 from flexikern.flexi import lift_deembed, lift_embed, pi_resize, resize_deembed, resize_matrix, sincos_2d
 from reference_dit import DiT, get_2d_sincos_pos_embed, randomize_
 
@@ -165,8 +166,8 @@ def test_weak_embedding_at_init_equals_pooled_original():
     x, _, _ = inputs()
     emb = model.x_embedder
     with torch.no_grad():
-        weak = emb(x, "4x4", None)
-        pooled = emb(F.avg_pool2d(x, 2), "2x2", None)
+        weak = emb(x, PatchSize.parse(4), None)
+        pooled = emb(F.avg_pool2d(x, 2), PatchSize.parse(2), None)
     assert rel_err(weak, pooled) <= 1e-6
 
 
@@ -174,8 +175,8 @@ def test_weak_deembedding_at_init_replicates_original():
     model = tiny_flexi("shared")
     tokens = torch.randn(2, 4, 32)
     with torch.no_grad():
-        weak = model.final_layer.linear(tokens, "4x4", (8, 8))          # 2x2 tokens of 4x4 patches
-        strong = model.final_layer.linear(tokens, "2x2", (4, 4))        # the same tokens at p=2
+        weak = model.final_layer.linear(tokens, PatchSize.parse(4), (8, 8))          # 2x2 tokens of 4x4 patches
+        strong = model.final_layer.linear(tokens, PatchSize.parse(2), (4, 4))        # the same tokens at p=2
     assert rel_err(weak, strong.repeat_interleave(2, 2).repeat_interleave(2, 3)) <= 1e-6
 
 
@@ -247,11 +248,11 @@ def test_forward_caches_resized_kernels_in_inference():
     x, t, y = inputs()
     with torch.no_grad():
         model(x, t, y, patch_size=2)                      # 2x2 is resized from the 4x4 kernel
-        first = model.x_embedder.weights("2x2")[0]
+        first = model.x_embedder.weights((2, 2))[0]
         model(x, t, y, patch_size=2)
-        assert model.x_embedder.weights("2x2")[0] is first
+        assert model.x_embedder.weights((2, 2))[0] is first
         model.x_embedder.weight["shared"].add_(1.0)       # an update invalidates the cache
-        assert model.x_embedder.weights("2x2")[0] is not first
+        assert model.x_embedder.weights((2, 2))[0] is not first
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -28,10 +28,9 @@ from torch.overrides import TorchFunctionMode
 
 import flexikern as fk
 from flexikern.diffusion import DenoisingLoop, Guidance, Schedule
-from flexikern.flexi import pos_embed, resize
-from flexikern.models import FlexiDiT
-from flexikern.models.pixart import FlexiPixArt, TextCondition
-from flexikern.models.video import FlexiLatte
+from flexikern.flexi import pos_embed
+from flexikern.models import FlexiDiT, FlexiLatte, FlexiPixArt, TextCondition
+from flexikern.ops import resize
 
 
 class HostSync(RuntimeError):

@@ -1,5 +1,4 @@
-"""patchify / unpatchify and the packed variants: the extension (flexikern._C) against the torch
-reference, bit for bit, every patch size 1..8, non-square and video patches, every dtype;
+"""patchify / unpatchify: the extension (flexikern._C) against the torch reference, bit for bit, every patch size 1..8, non-square and video patches, every dtype;
 outputs poisoned with NaN through the extension's out= entry points; gradients (gradcheck in
 float64); torch.library registration (opcheck); bad input.
 
@@ -19,8 +18,7 @@ from hypothesis import strategies as st
 
 import flexikern as fk
 from flexikern import _ext
-from flexikern.ops.patchify import (patchify_packed_reference, patchify_reference,
-                                    unpatchify_packed_reference, unpatchify_reference)
+from flexikern.ops.patchify import patchify_reference, unpatchify_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 EXT_REASON = _ext.unavailable_reason()
@@ -61,7 +59,7 @@ def _check_ext(x: torch.Tensor, patch: tuple[int, ...]) -> None:
     _assert_same(back, x)
 
 
-# ---- the reference is the layout DESIGN.md specifies ----------------------------------------
+# ---- the reference is DiT's layout (videos: frames outermost) -------------------------------
 
 
 def test_reference_is_dits_layout():
@@ -177,7 +175,7 @@ def test_poisoned_outputs(patch, dtype, device):
     torch.ops.flexikern.patchify_out(x, list(patch), out)
     _assert_same(out, expected)
 
-    # Into rows of a wider buffer (the packed layout): the extra columns stay NaN.
+    # Into a slice of wider token rows: the extra columns stay NaN.
     n, t, d = expected.shape
     wide = torch.full((n, t, d + 5), float("nan"), dtype=dtype, device=device)
     torch.ops.flexikern.patchify_out(x, list(patch), wide[:, :, 2:2 + d])
@@ -187,71 +185,6 @@ def test_poisoned_outputs(patch, dtype, device):
     image = torch.full_like(x, float("nan"))
     torch.ops.flexikern.unpatchify_out(expected, list(patch), image)
     _assert_same(image, x)
-
-
-# ---- packed ---------------------------------------------------------------------------------
-
-
-def _groups(dtype, device, video=False):
-    if video:
-        shapes = [(2, 3, 2, 4, 4), (1, 3, 4, 8, 4), (1, 3, 2, 4, 6)]
-        patches = [(1, 2, 2), (2, 4, 4), (1, 1, 3)]
-    else:
-        shapes = [(2, 4, 8, 8), (1, 4, 8, 16), (3, 4, 6, 6), (1, 4, 8, 8)]
-        patches = [(2, 2), (4, 4), (3, 1), (8, 8)]
-    xs = [_random(s, dtype, device, seed=i) for i, s in enumerate(shapes)]
-    return xs, patches
-
-
-@needs_ext
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
-def test_packed_matches_reference(video, dtype, device):
-    xs, patches = _groups(dtype, device, video)
-    with fk.ops.use_backend(patchify_packed="ext", unpatchify_packed="ext"):
-        tokens, cu_seqlens = fk.ops.patchify_packed(xs, patches)
-        back = fk.ops.unpatchify_packed(tokens, cu_seqlens, patches, [x.shape for x in xs])
-    ref_tokens, ref_cu = patchify_packed_reference(xs, patches)
-    _assert_same(tokens, ref_tokens)
-    _assert_same(cu_seqlens, ref_cu)
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.device == tokens.device
-    for got, ref, x in zip(back, unpatchify_packed_reference(tokens, patches,
-                                                             [x.shape for x in xs]), xs):
-        _assert_same(got, ref)
-        _assert_same(got, x)
-
-
-def test_packed_reference_layout():
-    xs, patches = _groups(torch.float32, "cpu")
-    tokens, cu_seqlens = patchify_packed_reference(xs, patches)
-    width = 4 * 64
-    assert tokens.shape == (2 * 16 + 8 + 3 * 12 + 1, width)
-    assert cu_seqlens.tolist() == [0, 16, 32, 40, 52, 64, 76, 77]
-    row = 0
-    for x, patch in zip(xs, patches):
-        dense = patchify_reference(x, patch).reshape(-1, 4 * math.prod(patch))
-        _assert_same(tokens[row:row + len(dense), :dense.shape[1]], dense)
-        assert (tokens[row:row + len(dense), dense.shape[1]:] == 0).all()  # padding is zero
-        row += len(dense)
-
-
-@needs_ext
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_packed_poisoned_outputs(dtype, device):
-    xs, patches = _groups(dtype, device)
-    flat = [p for patch in patches for p in patch]
-    ref_tokens, ref_cu = patchify_packed_reference(xs, patches)
-    tokens = torch.full_like(ref_tokens, float("nan"))
-    cu_seqlens = torch.full_like(ref_cu, -1)
-    torch.ops.flexikern.patchify_packed_out(xs, flat, tokens, cu_seqlens)
-    _assert_same(tokens, ref_tokens)
-    _assert_same(cu_seqlens, ref_cu)
-    outs = [torch.full_like(x, float("nan")) for x in xs]
-    torch.ops.flexikern.unpatchify_packed_out(ref_tokens, flat, outs)
-    for out, x in zip(outs, xs):
-        _assert_same(out, x)
 
 
 # ---- gradients ------------------------------------------------------------------------------
@@ -271,33 +204,6 @@ def test_gradcheck(backend, patch, shape):
         assert torch.autograd.gradgradcheck(lambda a: fk.ops.patchify(a, patch), (x,))
 
 
-@pytest.mark.parametrize("backend", ["ext", "torch"])
-def test_gradcheck_packed(backend):
-    if backend == "ext" and EXT_REASON:
-        pytest.skip(f"extension not built: {EXT_REASON}")
-    shapes, patches = [(2, 2, 4, 4), (1, 2, 4, 8)], [(2, 2), (4, 2)]
-    xs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
-    tokens, cu_seqlens = patchify_packed_reference([x.detach() for x in xs], patches)
-    tokens.requires_grad_()
-    with fk.ops.use_backend(patchify_packed=backend, unpatchify_packed=backend):
-        assert torch.autograd.gradcheck(lambda *a: fk.ops.patchify_packed(list(a), patches)[0],
-                                        tuple(xs))
-        assert torch.autograd.gradcheck(
-            lambda t: fk.ops.unpatchify_packed(t, cu_seqlens, patches, shapes), (tokens,))
-
-
-@needs_ext
-def test_gradient_of_one_packed_output_only():
-    shapes, patches = [(1, 2, 4, 4), (1, 2, 4, 4)], [(2, 2), (4, 4)]
-    tokens, cu_seqlens = patchify_packed_reference([torch.randn(s) for s in shapes], patches)
-    tokens.requires_grad_()
-    with fk.ops.use_backend(unpatchify_packed="ext"):
-        first, _ = fk.ops.unpatchify_packed(tokens, cu_seqlens, patches, shapes)
-    first.sum().backward()  # the second output gets no gradient: it counts as zero
-    assert (tokens.grad[:4, :8] == 1).all() and (tokens.grad[:4, 8:] == 0).all()
-    assert (tokens.grad[4:] == 0).all()
-
-
 # ---- torch.library registration -------------------------------------------------------------
 
 
@@ -305,15 +211,12 @@ def test_gradient_of_one_packed_output_only():
 def test_opcheck():
     ops = torch.ops.flexikern
     x = torch.randn(2, 3, 4, 6)
-    xs = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 8)]
     cases = [
         (ops.patchify.default, (x, [2, 3])),
         (ops.patchify.default, (torch.randn(1, 2, 2, 4, 6), [1, 2, 3])),
         (ops.unpatchify.default, (torch.randn(2, 4, 18), [2, 3], [4, 6])),
         (ops.patchify_out.default, (x, [2, 3], torch.empty(2, 4, 18))),
         (ops.unpatchify_out.default, (torch.randn(2, 4, 18), [2, 3], torch.empty(2, 3, 4, 6))),
-        (ops.patchify_packed.default, (xs, [2, 2, 4, 2])),
-        (ops.unpatchify_packed.default, (torch.randn(12, 24), [2, 2, 4, 2], [2, 3, 4, 4, 1, 3, 4, 8])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -329,17 +232,8 @@ def test_compiles_with_fullgraph():
     def image(a):
         return fk.ops.unpatchify(fk.ops.patchify(a, 2) * 2, 2, (8, 8))
 
-    def packed(a, b):
-        tokens, cu_seqlens = fk.ops.patchify_packed([a, b], [2, 4])
-        return fk.ops.unpatchify_packed(tokens * 2, cu_seqlens, [2, 4], [a.shape, b.shape])
-
-    with fk.ops.use_backend(patchify="ext", unpatchify="ext", patchify_packed="ext",
-                            unpatchify_packed="ext"):
+    with fk.ops.use_backend(patchify="ext", unpatchify="ext"):
         _assert_same(torch.compile(image, fullgraph=True, backend="aot_eager")(x), x * 2)
-        y = torch.randn(1, 4, 8, 8)
-        for got, want in zip(torch.compile(packed, fullgraph=True, backend="aot_eager")(x, y),
-                             (x * 2, y * 2)):
-            _assert_same(got, want)
 
 
 # ---- properties over shapes -----------------------------------------------------------------
@@ -358,29 +252,6 @@ def test_property_round_trip(video, data):
     _check_ext(x, patch)
 
 
-@needs_ext
-@settings(max_examples=15, deadline=None)
-@given(video=st.booleans(), data=st.data())
-def test_property_packed(video, data):
-    k = 3 if video else 2
-    c = data.draw(st.integers(1, 4))
-    xs, patches = [], []
-    for i in range(data.draw(st.integers(1, 3))):
-        patch = tuple(data.draw(st.integers(1, 4)) for _ in range(k))
-        grid = tuple(data.draw(st.integers(1, 3)) for _ in range(k))
-        shape = (data.draw(st.integers(1, 2)), c, *(g * p for g, p in zip(grid, patch)))
-        xs.append(_random(shape, torch.float32, "cpu", seed=i))
-        patches.append(patch)
-    with fk.ops.use_backend(patchify_packed="ext", unpatchify_packed="ext"):
-        tokens, cu_seqlens = fk.ops.patchify_packed(xs, patches)
-        back = fk.ops.unpatchify_packed(tokens, cu_seqlens, patches, [x.shape for x in xs])
-    ref_tokens, ref_cu = patchify_packed_reference(xs, patches)
-    _assert_same(tokens, ref_tokens)
-    _assert_same(cu_seqlens, ref_cu)
-    for got, x in zip(back, xs):
-        _assert_same(got, x)
-
-
 # ---- bad input ------------------------------------------------------------------------------
 
 
@@ -390,8 +261,10 @@ def test_rejects_bad_input():
         fk.ops.patchify(x, 3)
     with pytest.raises(ValueError, match="x: expected 4 or 5 dimensions"):
         fk.ops.patchify(torch.randn(3, 8, 8), 2)
-    with pytest.raises(ValueError, match=r"patch_size=\(0, 0\): expected an int or \(ph, pw\)"):
+    with pytest.raises(ValueError, match=r"patch_size=0: expected an int or \(ph, pw\)"):
         fk.ops.patchify(x, 0)
+    with pytest.raises(ValueError, match=r"patch_size=\(0, 0\): expected an int or \(ph, pw\)"):
+        fk.ops.patchify(x, (0, 0))
     with pytest.raises(ValueError, match=r"patch_size=\(2, 2\): expected \(pt, ph, pw\)"):
         fk.ops.patchify(torch.randn(1, 3, 2, 8, 8), (2, 2))
     with pytest.raises(TypeError, match="x: dtype torch.int64"):
@@ -400,30 +273,6 @@ def test_rejects_bad_input():
         fk.ops.unpatchify(torch.randn(1, 16, 11), 2, (8, 8))
     with pytest.raises(ValueError, match="size=8"):
         fk.ops.unpatchify(torch.randn(1, 16, 12), 2, 8)
-
-
-def test_rejects_bad_packed_input():
-    xs, patches = _groups(torch.float32, "cpu")
-    with pytest.raises(ValueError, match="xs: expected a non-empty list"):
-        fk.ops.patchify_packed([], [])
-    with pytest.raises(ValueError, match="patch_sizes=.*one patch size per group"):
-        fk.ops.patchify_packed(xs, patches[:-1])
-    with pytest.raises(ValueError, match=r"xs\[1\]: shape \(1, 3, 8, 8\).*channels"):
-        fk.ops.patchify_packed([xs[0], torch.randn(1, 3, 8, 8)], [2, 2])
-    with pytest.raises(TypeError, match=r"xs\[1\]: dtype torch.float16 differs"):
-        fk.ops.patchify_packed([xs[0], xs[1].half()], patches[:2])
-    with pytest.raises(ValueError, match=r"xs\[2\]: spatial size \(6, 6\) is not divisible"):
-        fk.ops.patchify_packed(xs[:3], [2, 4, 4])
-    tokens, cu = patchify_packed_reference(xs, patches)
-    sizes = [x.shape for x in xs]
-    with pytest.raises(ValueError, match="cu_seqlens=.*does not match"):
-        fk.ops.unpatchify_packed(tokens, cu.flip(0), patches, sizes)
-    with pytest.raises(ValueError, match="cu_seqlens: length 7, expected 8"):
-        fk.ops.unpatchify_packed(tokens, cu[:-1], patches, sizes)
-    with pytest.raises(TypeError, match="cu_seqlens: dtype torch.int64"):
-        fk.ops.unpatchify_packed(tokens, cu.long(), patches, sizes)
-    with pytest.raises(ValueError, match=r"tokens: shape \(76, 256\) does not fit"):
-        fk.ops.unpatchify_packed(tokens[1:], cu, patches, sizes)
 
 
 @needs_ext

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import flexikern as fk
 from flexikern.flexi.pos_embed import sincos_2d_scaled
-from flexikern.models.pixart import FlexiPixArt, TextCondition
+from flexikern.models import FlexiPixArt, TextCondition
 
 diffusers = pytest.importorskip("diffusers")
 

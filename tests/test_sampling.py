@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import flexikern as fk
-from flexikern.diffusion import DenoisingLoop, Guidance, GuidedDenoiser, Schedule, make_sampler, sample
-from flexikern.flexi.resize import as_size
+from flexikern.diffusion import (DenoisingLoop, FlexibleDenoiser, Guidance, GuidedDenoiser, Schedule, make_sampler,
+                                 sample)
 from flexikern.models import FlexiDiT
+from flexikern.ops.patch_size import PatchSize
 
 
 def tiny(patch_sizes=(2, 4), learn_sigma=True, seed=0):
@@ -47,11 +48,23 @@ def spy(model):
     forward = model.forward
 
     def recording(x, t, y, patch_size=None):
-        calls.append((x.shape[0], as_size(patch_size), y.tolist()))
+        calls.append((x.shape[0], PatchSize.parse(patch_size), y.tolist()))
         return forward(x, t, y, patch_size=patch_size)
 
     model.forward = recording
     return calls
+
+
+class Without:
+    """`model` without some members: a model that implements only part of the protocol."""
+
+    def __init__(self, model, *missing):
+        self._model, self._missing = model, missing
+
+    def __getattr__(self, name):
+        if name in self._missing:
+            raise AttributeError(name)
+        return getattr(self._model, name)
 
 
 def test_public_names():
@@ -125,14 +138,15 @@ def test_guided_prediction_formulas(model, learn_sigma):
         powerful, weak, uncond = m(x, t, y, 2), m(x, t, y, 4), m(x, t, null, 2)
     s = 3.0
     s2 = 1 - (1 - s) / 2.5
-    flexi = GuidedDenoiser(m, y, Guidance(s, "flexi"))(x, t, (2, 2), (4, 4))
+    p2, p4 = PatchSize.parse(2), PatchSize.parse(4)
+    flexi = GuidedDenoiser(m, y, Guidance(s, "flexi"))(x, t, p2, p4)
     torch.testing.assert_close(flexi[:, :4], weak[:, :4] + s2 * (powerful[:, :4] - weak[:, :4]))
     torch.testing.assert_close(flexi[:, 4:], powerful[:, 4:])   # variance: the conditional branch
-    cfg = GuidedDenoiser(m, y, Guidance(s, "cfg"))(x, t, (2, 2), (2, 2))
+    cfg = GuidedDenoiser(m, y, Guidance(s, "cfg"))(x, t, p2, p2)
     torch.testing.assert_close(cfg[:, :4], uncond[:, :4] + s * (powerful[:, :4] - uncond[:, :4]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cfg[:, 4:], powerful[:, 4:], rtol=1e-4, atol=1e-4)
     # DiT's forward_with_cfg guides the first 3 channels only.
-    dit = GuidedDenoiser(m, y, Guidance(s, "cfg", first_channels=3))(x, t, (2, 2), (2, 2))
+    dit = GuidedDenoiser(m, y, Guidance(s, "cfg", first_channels=3))(x, t, p2, p2)
     torch.testing.assert_close(dit[:, :3], cfg[:, :3])
     torch.testing.assert_close(dit[:, 3:], powerful[:, 3:], rtol=1e-4, atol=1e-4)
     assert Guidance(1.5).weak_scale == pytest.approx(1.2) and (1 - 4.0) / (1 - Guidance(4.0).weak_scale) == pytest.approx(2.5)
@@ -252,9 +266,8 @@ def test_packed_branches_equal_two_passes(mode):
     finally:
         del model.forward_packed
     assert torch.allclose(packed, two, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="forward_packed"):
-        GuidedDenoiser(SimpleNamespace(num_classes=10, parameters=lambda: iter([])), torch.tensor([1]),
-                       Guidance(2.0, mode), packed=True)
+    with pytest.raises(TypeError, match="forward_packed"):   # the protocol, checked by `sample`
+        sample(Without(model, "forward_packed"), [1], packed=True, **kwargs)
 
 
 def test_a_model_without_null_class_fails_before_sampling():
@@ -270,3 +283,20 @@ def test_a_model_without_null_class_fails_before_sampling():
     with pytest.raises(ValueError, match="classifier-free guidance needs the null class"):
         sample(bare, [1], s, Guidance(1.5, "cfg"), progress=False)
     assert sample(bare, [1, 9], s, progress=False).shape == (2, 4, 8, 8)
+
+
+def test_a_model_missing_part_of_the_protocol_fails_before_any_compute():
+    """`sample` checks the `FlexibleDenoiser` protocol at its boundary: a model that lacks a member
+    (e.g. a diffusers transformer not converted) fails there, naming what is missing, with no forward run."""
+    m = tiny()
+    assert isinstance(m, FlexibleDenoiser)
+    calls = spy(m)
+    partial = Without(m, "null_condition", "prepare")
+    assert not isinstance(partial, FlexibleDenoiser)
+    with pytest.raises(TypeError, match=r"Without is not a flexible denoiser: it lacks null_condition, prepare "
+                                        r"\(flexikern.diffusion.FlexibleDenoiser\).*FlexiDiT.from_diffusers"):
+        sample(partial, Y, Schedule.static(2, 2), Guidance(1.5, "cfg"), progress=False)
+    assert calls == []
+    with pytest.raises(TypeError, match="it lacks .*latent_shape"):
+        sample(SimpleNamespace(forward=m.forward), Y, Schedule.static(2, 2), progress=False)
+    assert calls == []

@@ -7,13 +7,15 @@ import itertools
 import pytest
 
 from flexikern.diffusion import Schedule
+from flexikern.ops.patch_size import PatchSize
 
 
 class CostModel:
     """Only what a schedule needs from a model: sizes and FLOPs (weak step = `ratio` of a powerful one)."""
 
     def __init__(self, ratio=0.245, patch_sizes=((2, 2), (4, 4)), base=1000):
-        self.patch_sizes, self.original_patch_size = patch_sizes, (2, 2)
+        self.patch_sizes = tuple(PatchSize.parse(p) for p in patch_sizes)
+        self.original_patch_size = PatchSize.parse(2)
         self.costs = {(2, 2): base, (4, 4): int(base * ratio), (8, 8): int(base * ratio / 4)}
 
     def flops(self, patch_size, batch=1):

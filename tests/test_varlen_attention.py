@@ -118,13 +118,15 @@ def test_triton_kernel_forward_and_backward(head_dim, dtype):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
     expected, expected_grads = _reference(q, k, v, cu_seqlens, max_seqlen, dout=dout)
 
-    out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, out=_nan_like(q))
+    out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, out=_nan_like(q),
+                                        interpret=triton_interpreting())
     _assert_close(out, expected, dtype, "out")
     # The saved logsumexp is fp32 whatever the input dtype (only the inputs are rounded).
     _assert_close(lse, _reference_lse2(q, k, cu_seqlens, scale), torch.float32, "lse")
 
     grads = varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
-                                      grads=tuple(_nan_like(t) for t in (q, k, v)))
+                                      grads=tuple(_nan_like(t) for t in (q, k, v)),
+                                      interpret=triton_interpreting())
     for name, grad, want in zip(("dq", "dk", "dv"), grads, expected_grads):
         _assert_close(grad, want, dtype, name)
 
@@ -176,7 +178,8 @@ def test_triton_strides_that_are_not_multiples_of_8():
     _check_triton_op(q, k, v, cu_seqlens, 17, torch.float32)
     with pytest.raises(ValueError, match="multiples of 8"):
         varlen_attention_forward(k.detach(), k.detach(), v.detach(), cu_seqlens, 17,
-                                 out=_nan_like(wide)[..., :head_dim])
+                                 out=_nan_like(wide)[..., :head_dim],
+                                 interpret=triton_interpreting())
 
 
 def test_triton_empty_batch():

@@ -24,17 +24,20 @@ the other steps run the conditional branch alone and cost no guidance FLOPs.
 
 from __future__ import annotations
 
-import math
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from flexikern.diffusion.protocol import FlexibleDenoiser
+from flexikern.diffusion.schedule import Phase
+from flexikern.ops.patch_size import PatchSize
+
 __all__ = ["Guidance", "GuidedDenoiser", "GUIDANCE_MODES"]
 
 GUIDANCE_MODES = ("none", "cfg", "flexi")
-
-Size = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,6 @@ class Guidance:
         return [lo <= v <= hi for v in t]
 
 
-def _area(size: Size) -> int:
-    return math.prod(size)   # pixels (or voxels, for video patches) per token
-
-
 def _cat(a: Any, b: Any) -> Any:
     """Two conditions along the batch: label tensors, or text conditions (their `cat`)."""
     return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a.cat(b)
@@ -102,46 +101,65 @@ class GuidedDenoiser:
     `__call__(x, t, cond_size, guid_size)` returns the model output (N, out_channels, H, W) with the
     guided epsilon (or velocity) channels. `guid_size=None` runs the conditional branch alone.
 
+    Its per-run inputs are its `conditions` (the labels or text conditions, and their
+    concatenations); the CUDA-graph runner makes them static buffers and refills them per run,
+    through `conditions` and `with_conditions` only.
+
     Inside `fk.sample` a call never synchronises with the host: every concatenation of
     conditions it needs is made here, once (a text condition's `cat` reads its mask), `prepare`
     has the model build its per-size caches before the first step, and the model trusts the
     conditions' values (`flexikern.models.base.conditions_checked`).
     """
 
-    def __init__(self, model: Any, y: torch.Tensor, guidance: Guidance | None, packed: bool | None = None):
+    def __init__(self, model: FlexibleDenoiser, y: Any, guidance: Guidance | None, packed: bool | None = None):
         self.model = model
         self.guidance = guidance or Guidance(1.0, "none")
         self.y = y
-        # Labels: the null class id; other conditions (text): the model's own null condition.
-        self.y_null = (model.null_condition(y) if hasattr(model, "null_condition")
-                       else torch.full_like(y, int(model.num_classes)))
-        self.y_cfg = _cat(y, self.y_null)   # conditional + unconditional rows: CFG's one batch or packed pass
-        self.y_weak = _cat(y, y)            # both rows conditional: weak-model guidance's packed pass
+        # The null class (or caption), where the model has one; CFG needs it (`DenoisingLoop` checks).
+        self.y_null = model.null_condition(y) if model.has_null_class else None
+        self.y_cfg = None if self.y_null is None else _cat(y, self.y_null)   # CFG's one batch or packed pass
+        self.y_weak = _cat(y, y)   # both rows conditional: weak-model guidance's packed pass
         params = next(iter(model.parameters()), None)
         self.dtype = params.dtype if params is not None else torch.float32
         # Branches of different sizes run as ONE packed forward where that pays: with a fused
         # varlen attention kernel (CUDA). On CPU the reference loops over sequences and two
         # batched forwards are as fast, so auto (None) packs on CUDA only.
-        can_pack = hasattr(model, "forward_packed")
-        if packed and not can_pack:
-            raise ValueError(f"packed=True: {type(model).__name__} has no forward_packed")
-        self.packed = can_pack and (packed if packed is not None else
-                                    params is not None and params.device.type == "cuda")
+        self.packed = packed if packed is not None else params is not None and params.device.type == "cuda"
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, size: Size) -> torch.Tensor:
+    @property
+    def conditions(self) -> dict[str, Any]:
+        """The per-run inputs, by name: the condition `y`, the null condition `y_null` (None without
+        a null class), `y_cfg` = y then y_null and `y_weak` = y twice (the two-branch batches)."""
+        return {"y": self.y, "y_null": self.y_null, "y_cfg": self.y_cfg, "y_weak": self.y_weak}
+
+    def with_conditions(self, conditions: Mapping[str, Any], packed: bool | None = None) -> GuidedDenoiser:
+        """A copy on the same model and guidance that reads `conditions` (some or all of
+        `self.conditions`, by name) instead of its own; `packed`: None keeps `self.packed`."""
+        unknown = set(conditions) - set(self.conditions)
+        if unknown:
+            raise KeyError(f"with_conditions: unknown conditions {sorted(unknown)}; expected some of "
+                           f"{list(self.conditions)}")
+        clone = copy.copy(self)
+        for name, value in conditions.items():
+            setattr(clone, name, value)
+        if packed is not None:
+            clone.packed = packed
+        return clone
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Any, size: PatchSize) -> torch.Tensor:
         out = self.model(x.to(self.dtype), t, y, patch_size=size)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def rule(self, cond_size: Size, guid_size: Size | None) -> str:
+    def rule(self, cond_size: PatchSize, guid_size: PatchSize | None) -> str:
         """"cond" (no guidance), "cfg" or "weak" (FlexiDiT's weak-model guidance) for these sizes."""
         if guid_size is None or not self.guidance.enabled:
             return "cond"
-        if self.guidance.mode == "flexi" and _area(guid_size) > _area(cond_size):
+        if self.guidance.mode == "flexi" and guid_size.volume > cond_size.volume:
             return "weak"
         return "cfg"
 
     def two_pass(self, x: torch.Tensor, t: torch.Tensor, y_guid: Any, y_both: Any,
-                 cond_size: Size, guid_size: Size) -> tuple[torch.Tensor, torch.Tensor]:
+                 cond_size: PatchSize, guid_size: PatchSize) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branches at different sizes, conditioned on `self.y` and `y_guid`: one packed forward
         (`model.forward_packed` with `y_both`, the two concatenated: `y_cfg` or `y_weak`) or two."""
         if not self.packed:
@@ -152,7 +170,8 @@ class GuidedDenoiser:
         out = torch.stack(out).to(x.dtype)
         return out[:n], out[n:]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond_size: Size, guid_size: Size | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond_size: PatchSize,
+                 guid_size: PatchSize | None) -> torch.Tensor:
         rule = self.rule(cond_size, guid_size)
         if rule == "cond":
             return self._forward(x, t, self.y, cond_size)
@@ -167,20 +186,23 @@ class GuidedDenoiser:
             cond, other = self.two_pass(x, t, self.y_null, self.y_cfg, cond_size, guid_size)
         return self.combine(cond, other, self.guidance.scale, x.shape[1])
 
-    def prepare(self, x: torch.Tensor, phases: list[tuple[int, int, Size, Size | None]]) -> None:
+    def prepare(self, x: torch.Tensor, phases: list[Phase]) -> list[torch.Tensor]:
         """Have the model build now what the forwards of these phases build on first use
         (`model.prepare`: positional tables, resized kernels, packings) for states like `x`, so
-        that no step copies between host and device. `phases`: `DenoisingLoop.phases`."""
-        prepare = getattr(self.model, "prepare", None)
-        if prepare is None:
-            return
+        that no step copies between host and device; returns the device tensors it cached.
+        `phases`: `DenoisingLoop.phases`."""
+        return [tensor for _, _, cond_size, guid_size in phases
+                for tensor in self.prepare_step(x, cond_size, guid_size)]
+
+    def prepare_step(self, x: torch.Tensor, cond_size: PatchSize,
+                     guid_size: PatchSize | None) -> list[torch.Tensor]:
+        """`prepare` for the steps of one phase."""
         size, n = tuple(x.shape[2:]), len(self.y)
-        for _, _, cond_size, guid_size in phases:
-            sizes = [cond_size] if self.rule(cond_size, guid_size) == "cond" else [cond_size, guid_size]
-            if self.packed and sizes[0] != sizes[-1]:   # `two_pass`'s packed forward
-                prepare([cond_size] * n + [guid_size] * n, size, x.device, packed=True)
-            else:
-                prepare(sizes, size, x.device)
+        if self.rule(cond_size, guid_size) == "cond":
+            return self.model.prepare([cond_size], size, x.device)
+        if self.packed and cond_size != guid_size:   # `two_pass`'s packed forward
+            return self.model.prepare([cond_size] * n + [guid_size] * n, size, x.device, packed=True)
+        return self.model.prepare([cond_size, guid_size], size, x.device)
 
     def combine(self, cond: torch.Tensor, other: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
         """`other + scale * (cond - other)` on the guided channels, in place in `cond`; the rest from cond."""

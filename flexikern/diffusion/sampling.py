@@ -30,8 +30,10 @@ import torch
 
 from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
+from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser
 from flexikern.diffusion.schedule import Schedule
 from flexikern.models.base import conditions_checked
+from flexikern.ops.patch_size import PatchSize
 
 if TYPE_CHECKING:
     from flexikern.runtime.graphs import GraphRunner
@@ -52,9 +54,9 @@ def sample_seeds(seed: int | Sequence[int], n: int) -> list[int]:
 
 
 class DenoisingLoop:
-    """A schedule, a guidance rule and a sampler bound to one model and one batch of labels."""
+    """A schedule, a guidance rule and a sampler bound to one model and one batch of conditions."""
 
-    def __init__(self, model: Any, y: torch.Tensor, schedule: Schedule, guidance: Guidance | None,
+    def __init__(self, model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | None,
                  sampler: _Sampler, packed: bool | None = None):
         if schedule.num_steps != sampler.num_steps:
             raise ValueError(f"schedule has {schedule.num_steps} steps but the {sampler.name} sampler has "
@@ -64,14 +66,14 @@ class DenoisingLoop:
         self.denoiser = GuidedDenoiser(model, y, self.guidance, packed)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
-        if (not getattr(model, "has_null_class", True)
+        if (not model.has_null_class
                 and any(self.denoiser.rule(c, g) == "cfg" for _, _, c, g in self.phases)):
             raise ValueError(f"guidance={self.guidance.mode!r}: classifier-free guidance needs the null class, "
                              f"which this model does not have (trained without class dropout); sample "
                              f"with Guidance(mode='none')")
 
     def step(self, x: torch.Tensor, k: int | torch.Tensor, noise: torch.Tensor | None,
-             cond_size: tuple[int, int], guid_size: tuple[int, int] | None) -> torch.Tensor:
+             cond_size: PatchSize, guid_size: PatchSize | None) -> torch.Tensor:
         """x_{k+1} from x_k: the guided model output at step k, then the sampler's update.
 
         `k`: an int or a 0-dim long tensor (on CUDA the latter syncs: tables index it with .item()).
@@ -84,22 +86,7 @@ class DenoisingLoop:
         return self.schedule.flops(self.model, batch, self.guided)
 
 
-def _labels(model: Any, y: Any, device: torch.device) -> torch.Tensor:
-    """Class labels as a long (N,) tensor on `device`, range-checked here, once (the steps'
-    forwards trust them)."""
-    y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
-    if y.numel() == 0:
-        raise ValueError("y: expected at least one class label")
-    null = getattr(model, "has_null_class", True)
-    bad = y[(y < 0) | (y > model.num_classes - (not null))]
-    if bad.numel():
-        raise ValueError(f"y: labels {bad.tolist()} out of range; expected 0..{model.num_classes - 1}"
-                         + (f" (or {model.num_classes} = the null class for unconditional samples)" if null
-                            else " (this model has no null class)"))
-    return y.to(device)
-
-
-def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = None,
+def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | None = None,
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
            shift: float = 1.0, cuda_graphs: bool | GraphRunner = False, noise_device: str = "cpu",
@@ -107,15 +94,17 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
     """Sample from a (flexible) DiT with a patch-size schedule.
 
     Args:
-        model: a FlexiDiT (or anything with its interface); run in eval mode, restored after.
-        y: class labels, (N,) ints.
+        model: a `FlexibleDenoiser` (FlexiDiT, FlexiPixArt, FlexiLatte); run in eval mode,
+            restored after.
+        y: the conditions, checked by `model.check_condition`: (N,) class labels, or a
+            `TextCondition` for a text model.
         schedule: per-step patch sizes (`Schedule`); its step count is the sampler's.
         guidance: `Guidance(scale, mode)`; None = the conditional branch only.
         sampler: "ddpm" (DiT's ancestral sampler), "ddim" (with `eta`), "flow" (rectified-flow
             Euler for velocity models, with `shift`) or a sampler object.
         seed: an int (sample i uses seed + i) or one seed per sample.
         progress: show a tqdm bar.
-        vae: if given, returns `vae.decode(latents / 0.18215)` (its `.sample` if it has one).
+        vae: if given, returns `decode(vae, latents)`.
         noise: the initial noise (N, C, H, W) instead of drawing it.
         cuda_graphs: True (or a `flexikern.runtime.graphs.GraphRunner`) captures one CUDA graph
             per patch-size phase and replays it per step; the graphs are cached per model and
@@ -130,22 +119,24 @@ def sample(model: Any, y: Any, schedule: Schedule, guidance: Guidance | None = N
             (`model.forward_packed`, varlen attention). None (default): on CUDA only, where a
             fused varlen kernel makes it pay; False: two forwards.
     Returns:
-        (N, C, H, W) latents on the model's device, or the decoded images.
+        (N, *model.latent_shape) latents on the model's device, or the decoded images.
+    Raises:
+        TypeError: `model` lacks part of the `FlexibleDenoiser` protocol (checked before any compute).
     """
+    check_denoiser(model)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a flexikern.Schedule (e.g. Schedule.static(250, 2)), "
                         f"got {type(schedule).__name__}")
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
-    # Text/video models validate their own condition objects (TextCondition); DiT takes labels.
-    y = model.check_condition(y, device=device) if hasattr(model, "check_condition") else _labels(model, y, device)
+    y = model.check_condition(y, device=device)
     n = len(y)
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, schedule.num_steps, eta=eta, shift=shift)
     sampler.to(device)
     loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed)
 
-    shape = tuple(getattr(model, "latent_shape", (model.in_channels, model.input_size, model.input_size)))
+    shape = tuple(model.latent_shape)
     generators = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, n)]
     if noise is None:
         x = torch.stack([torch.randn(shape, generator=g) for g in generators])
@@ -216,6 +207,7 @@ class StepNoise:
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """`vae.decode(latents / 0.18215)`, unwrapping a `.sample` attribute (diffusers' AutoencoderKL)."""
+    """`vae.decode(latents / 0.18215)`: a tensor, or diffusers' `DecoderOutput` (AutoencoderKL's
+    return value), whose `.sample` holds the images."""
     out = vae.decode(latents / LATENT_SCALE)
-    return out.sample if hasattr(out, "sample") else out
+    return out if isinstance(out, torch.Tensor) else out.sample

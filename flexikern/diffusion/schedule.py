@@ -14,25 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flexikern.flexi.resize import as_size as _as_size_2d
+from flexikern.diffusion.calibrate import gap_profile, weak_size
+from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
-__all__ = ["Schedule"]
+if TYPE_CHECKING:
+    from flexikern.diffusion.protocol import FlexibleDenoiser
 
-Size = tuple[int, int]
+__all__ = ["Schedule", "Phase"]
 
-
-def as_size(size: Any, name: str = "patch_size") -> Size:
-    """A patch size: an int or (h, w), or a video patch (t, h, w)."""
-    if (isinstance(size, (tuple, list)) and len(size) == 3
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-        return tuple(int(s) for s in size)
-    return _as_size_2d(size, name)
-
-
-def _area(size: Size) -> int:
-    return math.prod(size)
+Phase = tuple[int, int, PatchSize, "PatchSize | None"]
+"""(start, stop, conditional patch size, guidance patch size or None): a run of steps."""
 
 
 def _check_steps(steps: Any) -> int:
@@ -47,8 +40,8 @@ def _check_count(value: Any, name: str, steps: int) -> int:
     return value
 
 
-def _runs(sizes: Sequence[Size]) -> list[tuple[Size, int]]:
-    runs: list[tuple[Size, int]] = []
+def _runs(sizes: Sequence[PatchSize]) -> list[tuple[PatchSize, int]]:
+    runs: list[tuple[PatchSize, int]] = []
     for s in sizes:
         if runs and runs[-1][0] == s:
             runs[-1] = (s, runs[-1][1] + 1)
@@ -57,8 +50,8 @@ def _runs(sizes: Sequence[Size]) -> list[tuple[Size, int]]:
     return runs
 
 
-def _model_steps_flops(model: Any, sizes: Iterable[Size], batch: int) -> int:
-    cache: dict[Size, int] = {}
+def _model_steps_flops(model: FlexibleDenoiser, sizes: Iterable[PatchSize], batch: int) -> int:
+    cache: dict[PatchSize, int] = {}
     total = 0
     for s in sizes:
         if s not in cache:
@@ -71,12 +64,12 @@ def _model_steps_flops(model: Any, sizes: Iterable[Size], batch: int) -> int:
 class Schedule:
     """Per-step (conditional, guidance) patch sizes; build with the class methods."""
 
-    cond: tuple[Size, ...]
-    guidance: tuple[Size, ...]
+    cond: tuple[PatchSize, ...]
+    guidance: tuple[PatchSize, ...]
 
     def __post_init__(self) -> None:
-        cond = tuple(as_size(s, f"cond[{i}]") for i, s in enumerate(self.cond))
-        guid = tuple(as_size(s, f"guidance[{i}]") for i, s in enumerate(self.guidance))
+        cond = tuple(PatchSize.parse(s, name=f"cond[{i}]") for i, s in enumerate(self.cond))
+        guid = tuple(PatchSize.parse(s, name=f"guidance[{i}]") for i, s in enumerate(self.guidance))
         if not cond:
             raise ValueError("Schedule: expected at least one step")
         if len(cond) != len(guid):
@@ -88,34 +81,34 @@ class Schedule:
     # -- constructors -------------------------------------------------------------------------
 
     @classmethod
-    def static(cls, steps: int, patch_size: int | Size) -> Schedule:
+    def static(cls, steps: int, patch_size: PatchSizeLike) -> Schedule:
         """Every step, both branches, at `patch_size` (the original model's sampling at its size)."""
-        size = as_size(patch_size)
+        size = PatchSize.parse(patch_size)
         return cls((size,) * _check_steps(steps), (size,) * steps)
 
     @classmethod
-    def weak_first(cls, steps: int, weak_steps: int, weak: int | Size, powerful: int | Size,
+    def weak_first(cls, steps: int, weak_steps: int, weak: PatchSizeLike, powerful: PatchSizeLike,
                    guidance_weak_steps: int | None = None) -> Schedule:
         """The first `weak_steps` conditional and `guidance_weak_steps` (default: the same) guidance
         steps at `weak`, the rest at `powerful` (FlexiDiT's schedule)."""
         steps = _check_steps(steps)
         wc = _check_count(weak_steps, "weak_steps", steps)
         wg = wc if guidance_weak_steps is None else _check_count(guidance_weak_steps, "guidance_weak_steps", steps)
-        weak, powerful = as_size(weak, "weak"), as_size(powerful, "powerful")
+        weak, powerful = PatchSize.parse(weak, name="weak"), PatchSize.parse(powerful, name="powerful")
         return cls((weak,) * wc + (powerful,) * (steps - wc), (weak,) * wg + (powerful,) * (steps - wg))
 
     @classmethod
-    def weak_last(cls, steps: int, weak_steps: int, weak: int | Size, powerful: int | Size,
+    def weak_last(cls, steps: int, weak_steps: int, weak: PatchSizeLike, powerful: PatchSizeLike,
                   guidance_weak_steps: int | None = None) -> Schedule:
         """The control the paper shows is worse: powerful first, the LAST `weak_steps` steps weak."""
         steps = _check_steps(steps)
         wc = _check_count(weak_steps, "weak_steps", steps)
         wg = wc if guidance_weak_steps is None else _check_count(guidance_weak_steps, "guidance_weak_steps", steps)
-        weak, powerful = as_size(weak, "weak"), as_size(powerful, "powerful")
+        weak, powerful = PatchSize.parse(weak, name="weak"), PatchSize.parse(powerful, name="powerful")
         return cls((powerful,) * (steps - wc) + (weak,) * wc, (powerful,) * (steps - wg) + (weak,) * wg)
 
     @classmethod
-    def from_notation(cls, notation: str, steps: int, weak: int | Size, powerful: int | Size) -> Schedule:
+    def from_notation(cls, notation: str, steps: int, weak: PatchSizeLike, powerful: PatchSizeLike) -> Schedule:
         """The paper's "x/y" (powerful for the last x conditional / last y guidance steps); "x" = "x/x"."""
         steps = _check_steps(steps)
         parts = str(notation).split("/")
@@ -132,15 +125,13 @@ class Schedule:
         return cls.weak_first(steps, steps - x, weak, powerful, guidance_weak_steps=steps - y)
 
     @classmethod
-    def from_list(cls, cond: Sequence[int | Size], guidance: Sequence[int | Size] | None = None) -> Schedule:
+    def from_list(cls, cond: Sequence[PatchSizeLike], guidance: Sequence[PatchSizeLike] | None = None) -> Schedule:
         """One patch size per step for the conditional branch and (default: the same) the guidance one."""
-        cond = [as_size(s, f"cond[{i}]") for i, s in enumerate(cond)]
-        guid = cond if guidance is None else [as_size(s, f"guidance[{i}]") for i, s in enumerate(guidance)]
-        return cls(tuple(cond), tuple(guid))
+        return cls(tuple(cond), tuple(cond if guidance is None else guidance))
 
     @classmethod
-    def for_budget(cls, model: Any, steps: int, budget: float, guidance: bool = True,
-                   weak: int | Size | None = None, powerful: int | Size | None = None,
+    def for_budget(cls, model: FlexibleDenoiser, steps: int, budget: float, guidance: bool = True,
+                   weak: PatchSizeLike | None = None, powerful: PatchSizeLike | None = None,
                    equal_branches: bool = False) -> Schedule:
         """The weak-first schedule with the most powerful steps whose relative FLOPs <= `budget`.
 
@@ -155,15 +146,12 @@ class Schedule:
         if not isinstance(budget, (int, float)) or not budget > 0:
             raise ValueError(f"budget={budget!r}: expected a positive fraction of the static schedule's "
                              f"FLOPs, e.g. 0.6")
-        powerful = as_size(powerful if powerful is not None else model.original_patch_size, "powerful")
+        powerful = PatchSize.parse(model.original_patch_size if powerful is None else powerful, name="powerful")
+        weak = powerful.next_larger(model.patch_sizes) if weak is None else PatchSize.parse(weak, name="weak")
         if weak is None:
-            larger = sorted((s for s in map(as_size, model.patch_sizes) if _area(s) > _area(powerful)), key=_area)
-            if not larger:
-                raise ValueError(f"for_budget: the model has no patch size larger than powerful={powerful} "
-                                 f"(model.patch_sizes={_fmt_sizes(model.patch_sizes)}); flexify it with a "
-                                 f"weak size first")
-            weak = larger[0]
-        weak = as_size(weak, "weak")
+            raise ValueError(f"for_budget: the model has no patch size larger than powerful={powerful} "
+                             f"(model.patch_sizes={_fmt_sizes(model.patch_sizes)}); flexify it with a "
+                             f"weak size first")
         cls.static(1, powerful).validate(model)
         cls.static(1, weak).validate(model)
         f_weak, f_pow = int(model.flops(weak)), int(model.flops(powerful))
@@ -187,12 +175,44 @@ class Schedule:
         return cls.weak_first(steps, best[1], weak, powerful, guidance_weak_steps=best[2])
 
     @classmethod
-    def calibrate(cls, model: Any, steps: int, budget: float | None = None, tolerance: float | None = None,
-                  **kwargs: Any) -> Schedule:
-        """Weak steps where the weak prediction is measured closest to the powerful one (within
-        `budget` relative FLOPs, or every step with gap <= `tolerance`); see flexikern.evaluate.calibrate."""
-        from flexikern.evaluate import calibrate
-        return calibrate(model, steps, budget=budget, tolerance=tolerance, **kwargs)
+    def calibrate(cls, model: FlexibleDenoiser, steps: int, budget: float | None = None,
+                  tolerance: float | None = None, guidance: bool = True, num_samples: int = 16, seed: int = 0,
+                  sampler: str = "ddim", weak: PatchSizeLike | None = None,
+                  profile: Sequence[float] | None = None) -> Schedule:
+        """A schedule whose weak steps are the steps where the weak model is measured closest to
+        the powerful one (`flexikern.diffusion.calibrate.gap_profile`).
+
+        Exactly one of `budget` (relative FLOPs: as many weak steps as fit, smallest gap first) and
+        `tolerance` (every step whose gap, relative to the largest gap, is <= tolerance) is given.
+        Both branches use the same size at each step, so `guidance` does not change the choice.
+        `weak` defaults to the next larger patch size; `profile` reuses a `gap_profile` result.
+        """
+        if (budget is None) == (tolerance is None):
+            raise ValueError(f"calibrate: pass exactly one of budget (e.g. 0.6) and tolerance (e.g. 0.05); "
+                             f"got budget={budget!r}, tolerance={tolerance!r}")
+        steps = _check_steps(steps)
+        powerful = PatchSize.parse(model.original_patch_size, ndim=2, name="original_patch_size")
+        weak = weak_size(model, powerful, "calibrate") if weak is None else PatchSize.parse(weak, ndim=2, name="weak")
+        gaps = list(profile) if profile is not None else gap_profile(model, steps, num_samples, seed, sampler, weak)
+        if len(gaps) != steps:
+            raise ValueError(f"profile: expected {steps} gaps (one per step), got {len(gaps)}")
+        if tolerance is not None:
+            if not tolerance >= 0:
+                raise ValueError(f"tolerance={tolerance!r}: expected a fraction >= 0 of the largest gap")
+            top = max(gaps) or 1.0
+            chosen = {k for k in range(steps) if gaps[k] / top <= tolerance}
+        else:
+            if not (isinstance(budget, (int, float)) and budget > 0):
+                raise ValueError(f"budget={budget!r}: expected a positive fraction of the static FLOPs, e.g. 0.6")
+            f_w, f_p = model.flops(weak), model.flops(powerful)
+            # The fewest weak steps that bring the cost under the budget: the most powerful schedule.
+            n_weak = max(0, math.ceil((1 - budget) * steps * f_p / (f_p - f_w) - 1e-9))
+            if n_weak > steps:
+                raise ValueError(f"budget={budget}: even all {steps} steps at weak={weak} cost "
+                                 f"{f_w / f_p:.3f} of the static schedule; raise the budget")
+            chosen = set(sorted(range(steps), key=lambda k: (gaps[k], k))[:n_weak])
+        sizes = [weak if k in chosen else powerful for k in range(steps)]
+        return cls.from_list(sizes, sizes)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -201,16 +221,16 @@ class Schedule:
         return len(self.cond)
 
     @property
-    def sizes(self) -> set[Size]:
+    def sizes(self) -> set[PatchSize]:
         """Every patch size the schedule uses."""
         return set(self.cond) | set(self.guidance)
 
-    def phases(self, guidance: bool | Sequence[bool] = True) -> list[tuple[int, int, Size, Size | None]]:
+    def phases(self, guidance: bool | Sequence[bool] = True) -> list[Phase]:
         """Runs of steps with the same sizes: (start, stop, cond size, guidance size or None).
 
         `guidance`: whether the guidance branch runs, for every step or one bool per step.
         """
-        out: list[tuple[int, int, Size, Size | None]] = []
+        out: list[Phase] = []
         for k, (c, g, on) in enumerate(zip(self.cond, self.guidance, self._guided(guidance))):
             key = (c, g if on else None)
             if out and (out[-1][2], out[-1][3]) == key:
@@ -219,10 +239,10 @@ class Schedule:
                 out.append((k, k + 1, *key))
         return out
 
-    def _weak_first_form(self) -> tuple[int, int, Size, Size] | None:
+    def _weak_first_form(self) -> tuple[int, int, PatchSize, PatchSize] | None:
         """(x, y, weak, powerful) if every branch runs weak then powerful, else None."""
-        sizes = sorted(self.sizes, key=_area)
-        if len(sizes) > 2 or (len(sizes) == 2 and _area(sizes[0]) == _area(sizes[1])):
+        sizes = sorted(self.sizes, key=lambda s: s.volume)
+        if len(sizes) > 2 or (len(sizes) == 2 and sizes[0].volume == sizes[1].volume):
             return None
         powerful, weak = sizes[0], sizes[-1]
         counts = []
@@ -250,22 +270,22 @@ class Schedule:
             return f"Schedule('{x}/{y}', steps={self.num_steps}, weak={weak}, powerful={powerful})"
 
         def rle(sizes):
-            return " ".join(f"{'x'.join(map(str, s))}*{n}" for s, n in _runs(sizes))
+            return " ".join(f"{s.name}*{n}" for s, n in _runs(sizes))
 
         return f"Schedule(cond=[{rle(self.cond)}], guidance=[{rle(self.guidance)}])"
 
     # -- checks and cost ----------------------------------------------------------------------
 
-    def validate(self, model: Any) -> Schedule:
+    def validate(self, model: FlexibleDenoiser) -> Schedule:
         """Raise if a size is not one of `model.patch_sizes`; returns self."""
-        allowed = {as_size(s) for s in model.patch_sizes}
+        allowed = set(model.patch_sizes)
         bad = sorted(self.sizes - allowed)
         if bad:
             raise ValueError(f"schedule uses patch sizes {_fmt_sizes(bad)} but the model supports only "
                              f"{_fmt_sizes(sorted(allowed))} (model.patch_sizes)")
         return self
 
-    def flops(self, model: Any, batch: int = 1, guidance: bool | Sequence[bool] = True) -> int:
+    def flops(self, model: FlexibleDenoiser, batch: int = 1, guidance: bool | Sequence[bool] = True) -> int:
         """Forward FLOPs of the whole schedule for `batch` samples.
 
         `guidance`: True/False for every step, or one bool per step (e.g. a guidance interval).
@@ -275,7 +295,7 @@ class Schedule:
         return (_model_steps_flops(model, self.cond, batch)
                 + _model_steps_flops(model, (g for g, on in zip(self.guidance, guided) if on), batch))
 
-    def relative_flops(self, model: Any, guidance: bool | Sequence[bool] = True) -> float:
+    def relative_flops(self, model: FlexibleDenoiser, guidance: bool | Sequence[bool] = True) -> float:
         """FLOPs / the FLOPs of the static schedule at the model's original patch size."""
         reference = Schedule.static(self.num_steps, model.original_patch_size)
         return self.flops(model, 1, guidance) / reference.flops(model, 1, guidance)
@@ -290,5 +310,5 @@ class Schedule:
         return guided
 
 
-def _fmt_sizes(sizes: Iterable[Any]) -> str:
-    return "[" + ", ".join(str(tuple(as_size(s))) for s in sizes) + "]"
+def _fmt_sizes(sizes: Iterable[PatchSize]) -> str:
+    return "[" + ", ".join(str(tuple(s)) for s in sizes) + "]"

@@ -1,48 +1,40 @@
 """The flexible parts of a FlexiDiT, each small and named for what it does.
 
-Every per-patch-size parameter is keyed by `size_key(patch)`, e.g. "4x4". A module that has no
-entry for a key behaves exactly like the original DiT layer, which is what keeps the original
-patch size bit-identical under the LoRA adapter.
+Per-patch-size parameters live in parameter dicts named by the size (`PatchSize.name`, "4x4",
+"1x2x2": the checkpoints' key names). Layers are called with the `PatchSize` itself, or, for a
+packed sequence, with a list of (PatchSize, start, end) token ranges. A module that has no entry
+for a size behaves exactly like the original DiT layer, which is what keeps the original patch
+size bit-identical under the LoRA adapter.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from flexikern import ops
-from flexikern.flexi.resize import lift_deembed, lift_embed, pi_resize
-from flexikern.ops.de_embed import deembed_weight
+from flexikern.ops.patch_size import PatchSize
+from flexikern.ops.resize import deembed_weight, lift_deembed_weight, lift_embed, pi_resize
 
-__all__ = ["size_key", "parse_size_key", "LoRALinear", "SizeLayerNorm", "FlexiPatchEmbed",
-           "FlexiDeEmbed"]
+__all__ = ["LoRALinear", "SizeLayerNorm", "FlexiPatchEmbed", "FlexiDeEmbed", "SHARED_KERNEL"]
 
-SHARED = "shared"
+# The name of the one underlying kernel that every patch size resizes under the "shared" adapter.
+SHARED_KERNEL = "shared"
 
-
-def size_key(patch: tuple[int, int]) -> str:
-    """The name of a patch size in parameter dicts: (4, 4) -> "4x4"."""
-    return f"{patch[0]}x{patch[1]}"
-
-
-def parse_size_key(key: str) -> tuple[int, int]:
-    ph, pw = key.split("x")
-    return (int(ph), int(pw))
-
-
-def _kernel_size(patch_sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    return (max(p[0] for p in patch_sizes), max(p[1] for p in patch_sizes))
+# What a per-size layer is called with: one patch size, or packed (patch size, start, end) ranges.
+Sizes = Union[PatchSize, list[tuple[PatchSize, int, int]], None]
 
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus one low-rank adapter per weak patch size (base weight frozen by the model).
 
-    `forward(x, key)` adds `B(A(x)) * alpha / rank` only when `key` has an adapter, so the original
-    size runs exactly `F.linear(x, weight, bias)`. For packed token sequences `key` may be a list
-    of (key, start, end) segments along dim 0.
+    `forward(x, patch)` adds `B(A(x)) * alpha / rank` only when `patch` has an adapter, so the
+    original size runs exactly `F.linear(x, weight, bias)`. For packed token sequences `patch` is a
+    list of (patch, start, end) ranges along dim 0.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -51,32 +43,32 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ParameterDict()
         self.lora_scale: dict[str, float] = {}
 
-    def add_adapter(self, key: str, rank: int, alpha: float | None = None) -> None:
+    def add_adapter(self, patch: PatchSize, rank: int, alpha: float | None = None) -> None:
         a = torch.empty(rank, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A[key] = nn.Parameter(a)
-        self.lora_B[key] = nn.Parameter(torch.zeros(self.out_features, rank, device=a.device, dtype=a.dtype))
-        self.lora_scale[key] = (alpha if alpha is not None else rank) / rank
+        self.lora_A[patch.name] = nn.Parameter(a)
+        self.lora_B[patch.name] = nn.Parameter(torch.zeros(self.out_features, rank, device=a.device, dtype=a.dtype))
+        self.lora_scale[patch.name] = (alpha if alpha is not None else rank) / rank
 
-    def _delta(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A[key]), self.lora_B[key]) * self.lora_scale[key]
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]) * self.lora_scale[name]
 
-    def forward(self, x: torch.Tensor, key: str | list[tuple[str, int, int]] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, patch: Sizes = None) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if isinstance(key, str):
-            if key in self.lora_A:
-                out = out + self._delta(x, key)
-        elif key is not None and any(k in self.lora_A for k, _, _ in key):
-            # Packed segments cover all tokens; out-of-place so autograd can differentiate it.
-            out = torch.cat([out[start:end] + self._delta(x[start:end], k) if k in self.lora_A
-                             else out[start:end] for k, start, end in key])
+        if isinstance(patch, PatchSize):
+            if patch.name in self.lora_A:
+                out = out + self._delta(x, patch.name)
+        elif patch is not None and any(p.name in self.lora_A for p, _, _ in patch):
+            # Packed ranges cover all tokens; out-of-place so autograd can differentiate it.
+            out = torch.cat([out[start:end] + self._delta(x[start:end], p.name) if p.name in self.lora_A
+                             else out[start:end] for p, start, end in patch])
         return out
 
 
 class SizeLayerNorm(nn.Module):
     """LayerNorm without affine (DiT's), plus an optional affine per patch size (identity at init).
 
-    The shared adapter gives every patch size its own affine; without one a key runs the plain
+    The shared adapter gives every patch size its own affine; without one a size runs the plain
     affine-free LayerNorm.
     """
 
@@ -86,138 +78,159 @@ class SizeLayerNorm(nn.Module):
         self.weight = nn.ParameterDict()
         self.bias = nn.ParameterDict()
 
-    def add_affine(self, key: str, device=None, dtype=None) -> None:
-        self.weight[key] = nn.Parameter(torch.ones(self.hidden_size, device=device, dtype=dtype))
-        self.bias[key] = nn.Parameter(torch.zeros(self.hidden_size, device=device, dtype=dtype))
+    def add_affine(self, patch: PatchSize, device=None, dtype=None) -> None:
+        self.weight[patch.name] = nn.Parameter(torch.ones(self.hidden_size, device=device, dtype=dtype))
+        self.bias[patch.name] = nn.Parameter(torch.zeros(self.hidden_size, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, key: str | list[tuple[str, int, int]] | None = None) -> torch.Tensor:
-        if isinstance(key, str):
-            if key in self.weight:
-                return F.layer_norm(x, (self.hidden_size,), self.weight[key], self.bias[key], self.eps)
+    def forward(self, x: torch.Tensor, patch: Sizes = None) -> torch.Tensor:
+        if isinstance(patch, PatchSize):
+            if patch.name in self.weight:
+                return F.layer_norm(x, (self.hidden_size,), self.weight[patch.name], self.bias[patch.name],
+                                    self.eps)
             return F.layer_norm(x, (self.hidden_size,), None, None, self.eps)
         out = F.layer_norm(x, (self.hidden_size,), None, None, self.eps)
-        if key is None or not any(k in self.weight for k, _, _ in key):
+        if patch is None or not any(p.name in self.weight for p, _, _ in patch):
             return out
-        return torch.cat([out[start:end] * self.weight[k] + self.bias[k] if k in self.weight
-                          else out[start:end] for k, start, end in key])
+        return torch.cat([out[start:end] * self.weight[p.name] + self.bias[p.name] if p.name in self.weight
+                          else out[start:end] for p, start, end in patch])
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, affine sizes={list(self.weight.keys())}"
 
 
 class _Resized(nn.Module):
-    """Underlying kernels in groups (the original one, one per LoRA weak size, or one shared).
+    """Underlying embedding kernels: the original one, one per weak size (LoRA), or one shared.
+
+    `weight`/`bias` hold the kernels by name: a patch size's own kernel under its `.name`, the
+    shared adapter's under `SHARED_KERNEL`. `kernels` says which kernel each configured patch
+    size runs. A weak size's own kernel is stored at its own size; the shared kernel at the
+    largest, PI-resized on the fly to each size (2-D only: video kernels are never resized).
 
     In inference (no gradient needed) the kernel resized to each patch size is cached, keyed by
     the parameter's storage and version, so a sampling step allocates nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, patch: PatchSize) -> None:
         super().__init__()
         self.weight = nn.ParameterDict()
         self.bias = nn.ParameterDict()
-        self.kernel_size: dict[str, tuple[int, int]] = {}
-        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self.kernel_size: dict[str, PatchSize] = {}
+        self.kernels: dict[PatchSize, str] = {patch: patch.name}
+        self._cache: dict[PatchSize, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
-    def group(self, key: str) -> str:
-        return SHARED if SHARED in self.weight else key
-
-    def _resize(self, weight, bias, kernel, patch):
+    def _resize(self, weight, bias, kernel: PatchSize, patch: PatchSize):
         raise NotImplementedError
 
-    def _lift(self, weight, bias, kernel, size):
+    def _lift(self, weight, bias, kernel: PatchSize, size: PatchSize):
         """The smallest-norm (weight, bias) at `size` that resizes back exactly to the given ones."""
         raise NotImplementedError
 
-    def flexify(self, original: tuple[int, int], patch_sizes: list[tuple[int, int]], shared: bool) -> None:
-        """Derive the kernels of `patch_sizes` from the original one (DESIGN.md's initialisation):
-        one shared kernel, or one per weak size, at the largest size, lifted from the original."""
-        okey = size_key(original)
-        w0, b0 = self.weight[okey].detach(), self.bias[okey].detach()
-        kernel = _kernel_size(patch_sizes)
+    def flexify(self, original: PatchSize, patch_sizes: list[PatchSize], shared: bool) -> None:
+        """Derive the kernels of `patch_sizes` from the original one: each weak size's own kernel,
+        or one shared kernel at the largest size, lifted from the original (FlexiDiT, arXiv
+        2502.20126, Sec. 3.2: at initialisation a weak token is the original token of the
+        average-pooled patch)."""
+        w0, b0 = self.weight[original.name].detach(), self.bias[original.name].detach()
         if shared:
-            del self.weight[okey], self.bias[okey]
-        for group in [SHARED] if shared else [size_key(p) for p in patch_sizes if p != original]:
-            self._set(group, *self._lift(w0, b0, original, kernel), kernel)
+            kernel = PatchSize.parse(tuple(max(sizes) for sizes in zip(*patch_sizes)))
+            del self.weight[original.name], self.bias[original.name]
+            self._set(SHARED_KERNEL, *self._lift(w0, b0, original, kernel), kernel)
+            self.kernels = {p: SHARED_KERNEL for p in patch_sizes}
+            return
+        for p in patch_sizes:
+            if p != original:
+                self._set(p.name, *self._lift(w0, b0, original, p), p)
+                self.kernels[p] = p.name
 
-    def weights(self, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """(weight, bias, kernel size) to run patch size `key` with.
+    def weights(self, patch) -> tuple[torch.Tensor, torch.Tensor, PatchSize]:
+        """(weight, bias, kernel size) to run `patch` with.
 
         When a gradient can flow, the underlying kernel itself: the op resizes it on the fly (the
-        fused kernels do so inside the launch). Otherwise the kernel resized to `key`, cached.
+        fused kernels do so inside the launch). Otherwise the kernel resized to `patch`, cached.
         """
-        group = self.group(key)
-        weight, bias = self.weight[group], self.bias[group]
-        kernel, patch = self.kernel_size[group], parse_size_key(key)
+        patch = PatchSize.parse(patch)
+        name = self.kernels[patch]
+        weight, bias, kernel = self.weight[name], self.bias[name], self.kernel_size[name]
         if kernel == patch or (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)):
             return weight, bias, kernel
         stamp = (weight.data_ptr(), weight._version, bias._version, weight.dtype, weight.device)
-        hit = self._cache.get(key)
+        hit = self._cache.get(patch)
         if hit is None or hit[0] != stamp:
             with torch.inference_mode(False), torch.no_grad():
                 hit = (stamp, *self._resize(weight, bias, kernel, patch))
-            self._cache[key] = hit
+            self._cache[patch] = hit
         return hit[1], hit[2], patch
 
-    def _set(self, group: str, weight: torch.Tensor, bias: torch.Tensor, kernel: tuple[int, int]) -> None:
-        self.weight[group] = nn.Parameter(weight)
-        self.bias[group] = nn.Parameter(bias)
-        self.kernel_size[group] = tuple(kernel)
+    def _set(self, name: str, weight: torch.Tensor, bias: torch.Tensor, kernel: PatchSize) -> None:
+        self.weight[name] = nn.Parameter(weight)
+        self.bias[name] = nn.Parameter(bias)
+        self.kernel_size[name] = kernel
         self._cache.clear()
 
 
 class FlexiPatchEmbed(_Resized):
-    """Patch embedding at any patch size from PI-resized underlying kernels (+ patch-size embedding)."""
+    """Patch embedding at any patch size (`fk.ops.patch_embed`), images or videos, plus a learned
+    patch-size embedding per weak size.
 
-    def __init__(self, in_channels: int, hidden_size: int, patch: tuple[int, int]) -> None:
-        super().__init__()
+    Kernels (D, C, *patch), like DiT's `x_embedder.proj` (and Latte's, per frame). A video's weak
+    kernel (pt, ph, pw) is the original (1, p, p) one lifted spatially, duplicated over the pt
+    frames and divided by pt: the token of a frame group is the original token of its temporal mean.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, patch: PatchSize) -> None:
+        super().__init__(patch)
         self.in_channels, self.hidden_size = in_channels, hidden_size
-        key = size_key(patch)
-        self._set(key, torch.empty(hidden_size, in_channels, *patch), torch.zeros(hidden_size), patch)
+        self._set(patch.name, torch.empty(hidden_size, in_channels, *patch), torch.zeros(hidden_size), patch)
         self.size_embed = nn.ParameterDict()
 
     def _resize(self, weight, bias, kernel, patch):
         return pi_resize(weight, patch), bias
 
     def _lift(self, weight, bias, kernel, size):
+        if size.ndim == 3:   # (D, C, 1, p, p) -> spatial lift, duplicated over pt frames / pt
+            spatial = lift_embed(weight[:, :, 0], size[1:])
+            return (spatial[:, :, None].repeat(1, 1, size[0], 1, 1) / size[0]).contiguous(), bias.clone()
         return lift_embed(weight, size), bias.clone()
 
-    def flexify(self, original: tuple[int, int], patch_sizes: list[tuple[int, int]], shared: bool) -> None:
+    def flexify(self, original: PatchSize, patch_sizes: list[PatchSize], shared: bool) -> None:
         super().flexify(original, patch_sizes, shared)
         for patch in patch_sizes:
             if patch != original:
-                self.size_embed[size_key(patch)] = nn.Parameter(torch.zeros_like(self.bias[self.group(size_key(patch))]))
+                self.size_embed[patch.name] = nn.Parameter(torch.zeros_like(self.bias[self.kernels[patch]]))
 
-    def forward(self, x: torch.Tensor, key: str, pos_embed: torch.Tensor) -> torch.Tensor:
-        weight, bias, _ = self.weights(key)
-        return ops.patch_embed(x, weight, bias, parse_size_key(key), pos_embed=pos_embed,
-                               size_embed=self.size_embed[key] if key in self.size_embed else None)
+    def forward(self, x: torch.Tensor, patch: PatchSize, pos_embed: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) or (N, C, F, H, W) -> tokens (N, T, D), positions and size embedding added."""
+        weight, bias, _ = self.weights(patch)
+        size_embed = self.size_embed[patch.name] if patch.name in self.size_embed else None
+        return ops.patch_embed(x, weight, bias, patch, pos_embed=pos_embed, size_embed=size_embed)
 
 
 class FlexiDeEmbed(_Resized):
-    """The final linear D -> ph*pw*C_out at any patch size, with unpatchify into (N, C_out, H, W).
+    """The final linear D -> prod(patch)*C_out at any patch size, with unpatchify into the latent
+    layout (`fk.ops.de_embed`), images or videos.
 
-    Weights are stored like DiT's `final_layer.linear`: (kh*kw*C_out, D), rows ordered
-    (kh, kw, C_out); other sizes come from a bilinear resize of each output map.
+    Weights are stored like DiT's `final_layer.linear`: (prod(kernel)*C_out, D), rows ordered
+    (*kernel, C_out); other 2-D sizes come from a bilinear resize of each output map. A video's
+    weak de-embedding is the original one lifted spatially and duplicated over the pt frames.
     """
 
-    def __init__(self, hidden_size: int, out_channels: int, patch: tuple[int, int]) -> None:
-        super().__init__()
+    def __init__(self, hidden_size: int, out_channels: int, patch: PatchSize) -> None:
+        super().__init__(patch)
         self.hidden_size, self.out_channels = hidden_size, out_channels
-        n = patch[0] * patch[1] * out_channels
-        self._set(size_key(patch), torch.empty(n, hidden_size), torch.zeros(n), patch)
+        n = patch.volume * out_channels
+        self._set(patch.name, torch.empty(n, hidden_size), torch.zeros(n), patch)
 
     def _resize(self, weight, bias, kernel, patch):
         return deembed_weight(weight, bias, kernel, patch)
 
     def _lift(self, weight, bias, kernel, size):
-        # (kh*kw*C, D) -> maps (C, D, kh, kw) -> lifted -> back to rows (KH, KW, C)
-        kh, kw = kernel
-        c, d = self.out_channels, self.hidden_size
-        w = lift_deembed(weight.reshape(kh, kw, c, d).permute(2, 3, 0, 1), size)
-        b = lift_deembed(bias.reshape(kh, kw, c).permute(2, 0, 1), size)
-        return w.permute(2, 3, 0, 1).reshape(-1, d).contiguous(), b.permute(1, 2, 0).reshape(-1).contiguous()
+        # Videos: the (1, p, p) kernel's rows lifted spatially, then repeated over the pt frames.
+        w, b = lift_deembed_weight(weight, bias, kernel[-2:], size[-2:])
+        if size.ndim == 3:
+            w, b = w.repeat(size[0], 1), b.repeat(size[0])
+        return w, b
 
-    def forward(self, x: torch.Tensor, key: str, size: tuple[int, int]) -> torch.Tensor:
-        weight, bias, kernel = self.weights(key)
-        return ops.de_embed(x, weight, bias, kernel, parse_size_key(key), size)
+    def forward(self, x: torch.Tensor, patch: PatchSize, size: tuple[int, ...]) -> torch.Tensor:
+        """Tokens (N, T, D) -> (N, C_out, *size)."""
+        weight, bias, kernel = self.weights(patch)
+        return ops.de_embed(x, weight, bias, kernel, patch, size)

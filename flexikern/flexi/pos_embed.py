@@ -1,4 +1,4 @@
-"""Fixed sin-cos positional tables at original-grid patch coordinates (DESIGN.md).
+"""Fixed sin-cos positional tables at original-grid patch coordinates (FlexiDiT, arXiv 2502.20126, Sec. 3.2).
 
 A token of a patch `ratio` times the original patch size covers `ratio` original tokens per
 axis; it sits at the centre of those: coordinate `i * ratio + (ratio - 1) / 2`. At the original
@@ -57,8 +57,8 @@ def sincos_2d(dim: int, grid: tuple[int, int], ratio: tuple[float, float] = (1.0
 
 @functools.lru_cache(maxsize=64)
 def _sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float], base_size: int,
-                      interpolation_scale: float, original_grid: tuple[int, int], device: torch.device,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      interpolation_scale: float, original_grid: tuple[int, int], frames: int,
+                      device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"dim={dim}: a 2-D sin-cos embedding needs a multiple of 4")
     gh, gw = grid
@@ -68,23 +68,24 @@ def _sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float
     cols = _coords(gw, ratio[1]) / (original_grid[1] / base_size) / interpolation_scale
     rows, cols = rows[:, None].expand(gh, gw), cols[None, :].expand(gh, gw)
     table = torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
-    return table.to(device=device, dtype=dtype)
+    return table.repeat(frames, 1).to(device=device, dtype=dtype)
 
 
 def sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float], base_size: int,
                      interpolation_scale: float, device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, frames: int = 1) -> torch.Tensor:
     """PixArt's (and Latte's) spatial table: positions normalised to a `base_size` grid.
 
     A (gh, gw) token grid of patches `ratio` original patches wide; the original-patch grid is
     (gh * ratio[0], gw * ratio[1]); token centres in it are divided by (original grid / base_size)
     and by `interpolation_scale`, in float32 as diffusers does. At ratio 1 this is diffusers'
     `get_2d_sincos_pos_embed(dim, grid, base_size=..., interpolation_scale=...)` bit for bit.
+    `frames` > 1 repeats the (gh*gw, D) table for that many frames (groups) of a video's tokens.
     Cached: do not modify the returned tensor in place.
     """
     original = (round(grid[0] * ratio[0]), round(grid[1] * ratio[1]))
     return _sincos_2d_scaled(int(dim), (int(grid[0]), int(grid[1])), (float(ratio[0]), float(ratio[1])),
-                             int(base_size), float(interpolation_scale), original,
+                             int(base_size), float(interpolation_scale), original, int(frames),
                              torch.device(device or "cpu"), dtype)
 
 

@@ -17,8 +17,6 @@ from typing import Any, Mapping
 
 import torch
 
-from flexikern.flexi.layers import size_key
-
 __all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "save_pretrained",
            "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers"]
 
@@ -136,7 +134,7 @@ def from_dit(cls, path_or_state_dict, patch_sizes=None, adapter="lora", lora_ran
     state, args = _unwrap(raw)
     config = _infer_dit_config(state, args, source, num_heads, num_classes, input_size)
     model = cls(**config)
-    key = size_key(model.original_patch_size)
+    key = model.original_patch_size.name
     state = dict(state)
     pos = state.pop("pos_embed", None)
     if pos is not None:
@@ -211,7 +209,7 @@ def from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lora_ran
                 if not torch.equal(tensor, state[first]):
                     raise ValueError(f"diffusers model: block {i}'s embedder ({name}) differs from block 0's; "
                                      "flexikern shares one timestep/class embedder as DiT does")
-    key = size_key(model.original_patch_size)
+    key = model.original_patch_size.name
     ours = {name: state[theirs] for name, theirs in _diffusers_map(depth, key).items()}
     for i in range(depth):
         attn = f"transformer_blocks.{i}.attn1"
@@ -243,7 +241,7 @@ def to_diffusers(model):
                                 patch_size=cfg["patch_size"][0], num_embeds_ada_norm=cfg["num_classes"],
                                 norm_eps=cfg["norm2_eps"])
     state = model.state_dict()
-    theirs = {t: state[o] for o, t in _diffusers_map(cfg["depth"], size_key(model.original_patch_size)).items()}
+    theirs = {t: state[o] for o, t in _diffusers_map(cfg["depth"], model.original_patch_size.name).items()}
     for i in range(cfg["depth"]):
         for part in ("weight", "bias"):
             for name, chunk in zip("qkv", state[f"blocks.{i}.attn.qkv.{part}"].chunk(3)):
@@ -350,6 +348,29 @@ def _null_caption(model, null_caption, source: str) -> torch.Tensor:
     return null_caption.to(current.dtype)
 
 
+def _text_model(model_or_dir, cls_name: str, source: str, null_caption):
+    """(module, its config, float state dict, our constructor kwargs) of a diffusers PixArt or
+    Latte transformer, its config checked."""
+    module = _diffusers_module(model_or_dir, cls_name)
+    cfg = module.config
+    _check_text_config(cfg, source)
+    if cfg.cross_attention_dim is None:
+        raise ValueError(f"{source}: cross_attention_dim=None (its blocks cross-attend to text)")
+    state = {k: v.detach().float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    out_channels = module.out_channels
+    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"{source}: out_channels={out_channels} for in_channels={cfg.in_channels}")
+    mlp_hidden = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    text_len = 120 if null_caption is None else int(torch.as_tensor(null_caption).shape[0])
+    config = dict(input_size=cfg.sample_size, in_channels=cfg.in_channels, hidden_size=hidden,
+                  depth=cfg.num_layers, num_heads=cfg.num_attention_heads, mlp_ratio=mlp_hidden / hidden,
+                  caption_channels=cfg.caption_channels, text_len=text_len,
+                  learn_sigma=out_channels == 2 * cfg.in_channels,
+                  interpolation_scale=module.pos_embed.interpolation_scale, norm_eps=cfg.norm_eps)
+    return module, cfg, state, config
+
+
 def pixart_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lora_rank=32, null_caption=None):
     """A diffusers `PixArtTransformer2DModel` as a FlexiPixArt with the same numerics.
 
@@ -361,31 +382,16 @@ def pixart_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", l
     given null caption says otherwise.
     """
     source = "diffusers PixArtTransformer2DModel"
-    module = _diffusers_module(model_or_dir, "PixArtTransformer2DModel")
-    cfg = module.config
-    _check_text_config(cfg, source)
+    module, cfg, state, config = _text_model(model_or_dir, "PixArtTransformer2DModel", source, null_caption)
     if module.use_additional_conditions:
         raise ValueError(f"{source}: use_additional_conditions=True (the 1024px model's resolution and "
                          f"aspect-ratio embeddings) is not supported; convert a 256/512 model "
                          f"(sample_size != 128 or use_additional_conditions=False)")
-    if cfg.cross_attention_dim is None:
-        raise ValueError(f"{source}: cross_attention_dim=None (PixArt cross-attends to text)")
-    state = {k: v.detach().float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
-    hidden = cfg.num_attention_heads * cfg.attention_head_dim
-    out_channels = module.out_channels
-    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
-        raise ValueError(f"{source}: out_channels={out_channels} for in_channels={cfg.in_channels}")
-    mlp_hidden = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
-    text_len = 120 if null_caption is None else int(torch.as_tensor(null_caption).shape[0])
-    model = cls(input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
-                hidden_size=hidden, depth=cfg.num_layers, num_heads=cfg.num_attention_heads,
-                mlp_ratio=mlp_hidden / hidden, caption_channels=cfg.caption_channels, text_len=text_len,
-                learn_sigma=out_channels == 2 * cfg.in_channels,
-                interpolation_scale=module.pos_embed.interpolation_scale, norm_eps=cfg.norm_eps)
+    model = cls(patch_size=cfg.patch_size, **config)
     if module.pos_embed.base_size != model.base_size:
         raise ValueError(f"{source}: pos_embed.base_size={module.pos_embed.base_size}, expected "
                          f"{model.base_size}")
-    key = size_key(model.original_patch_size)
+    key = model.original_patch_size.name
     ours = _text_common_state(state, key)
     for i in range(cfg.num_layers):
         ours.update(_text_block_state(state, f"transformer_blocks.{i}", f"blocks.{i}", cross=True))
@@ -404,25 +410,9 @@ def latte_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lo
     `video_length` frames it is Latte's). `null_caption` as for PixArt (Latte has none either).
     """
     source = "diffusers LatteTransformer3DModel"
-    module = _diffusers_module(model_or_dir, "LatteTransformer3DModel")
-    cfg = module.config
-    _check_text_config(cfg, source)
-    if cfg.cross_attention_dim is None:
-        raise ValueError(f"{source}: cross_attention_dim=None (Latte's spatial blocks cross-attend to text)")
-    state = {k: v.detach().float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
-    hidden = cfg.num_attention_heads * cfg.attention_head_dim
-    out_channels = module.out_channels
-    if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
-        raise ValueError(f"{source}: out_channels={out_channels} for in_channels={cfg.in_channels}")
-    mlp_hidden = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
-    text_len = 120 if null_caption is None else int(torch.as_tensor(null_caption).shape[0])
-    model = cls(input_size=cfg.sample_size, num_frames=cfg.video_length, patch_size=(1, cfg.patch_size, cfg.patch_size),
-                in_channels=cfg.in_channels, hidden_size=hidden, depth=cfg.num_layers,
-                num_heads=cfg.num_attention_heads, mlp_ratio=mlp_hidden / hidden,
-                caption_channels=cfg.caption_channels, text_len=text_len,
-                learn_sigma=out_channels == 2 * cfg.in_channels,
-                interpolation_scale=module.pos_embed.interpolation_scale, norm_eps=cfg.norm_eps)
-    key = "x".join(map(str, model.original_patch_size))   # video_key
+    module, cfg, state, config = _text_model(model_or_dir, "LatteTransformer3DModel", source, null_caption)
+    model = cls(num_frames=cfg.video_length, patch_size=(1, cfg.patch_size, cfg.patch_size), **config)
+    key = model.original_patch_size.name
     ours = _text_common_state(state, key)
     # Latte embeds each frame with a Conv2d; flexikern's 3-D kernel has a temporal extent of 1.
     ours["x_embedder.weight." + key] = ours["x_embedder.weight." + key][:, :, None]

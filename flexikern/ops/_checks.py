@@ -1,4 +1,7 @@
-"""Input validation shared by the ops: bad input never reaches a kernel."""
+"""Input validation shared by the ops: bad input never reaches a kernel.
+
+Patch sizes are read by `flexikern.ops.patch_size.PatchSize.parse`, the one parser.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,6 @@ from typing import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def as_patch(patch_size, ndim: int, name: str = "patch_size") -> tuple[int, ...]:
-    """A patch size as a tuple of `ndim` ints in 1..64. An int means a square (2-D) patch only."""
-    if isinstance(patch_size, int) and not isinstance(patch_size, bool) and ndim == 2:
-        patch_size = (patch_size, patch_size)
-    if (not isinstance(patch_size, (tuple, list)) or len(patch_size) != ndim
-            or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 64 for p in patch_size)):
-        shape = "an int or (ph, pw)" if ndim == 2 else "(pt, ph, pw)"
-        raise ValueError(f"{name}={patch_size!r}: expected {shape} with sizes in 1..64")
-    return tuple(int(p) for p in patch_size)
 
 
 def check_tensor(name: str, t, *, ndim: int | Sequence[int] | None = None,

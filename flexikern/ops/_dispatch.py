@@ -1,11 +1,15 @@
 """Backend dispatch for flexikern's ops (the xformers `ops/fmha` idea).
 
-Every op has a priority-ordered list of backends. A backend is a class that declares what it
-supports and answers `not_supported_reasons(**inputs) -> list[str]`; dispatch takes the first
-backend with no reasons. When nothing fits, one error lists every backend's reasons.
+Every op has a priority list: its backends, in the order they are tried, written out as a plain
+tuple in the op's module (`PATCH_EMBED_BACKENDS = (TritonPatchEmbed(), TorchPatchEmbed())`, like
+xformers' `_dispatch_fw_priority_list`) and collected into `PRIORITY` by
+`flexikern/ops/__init__.py`. A backend is a class that declares what it supports and answers
+`not_supported_reasons(**inputs) -> list[str]`; dispatch takes the first backend with no reasons.
+When nothing fits, one error lists every backend's reasons. This module imports no op module.
 
-A choice is forced with the environment (`FLEXIKERN_BACKEND="patch_embed:triton,varlen_attention:torch"`)
-or with the `use_backend(...)` context manager, which wins over the environment.
+A choice is forced with the environment
+(`FLEXIKERN_BACKEND="patch_embed:triton,varlen_attention:torch"`) or with the `use_backend(...)`
+context manager, which wins over the environment.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import contextlib
 import importlib
 import os
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["Backend", "register", "backends", "dispatch", "use_backend", "forced_backend",
-           "triton_interpreting"]
+__all__ = ["Backend", "PRIORITY", "declare", "backends", "select", "dispatch", "use_backend",
+           "forced_backend", "triton_interpreting"]
 
 
 def triton_interpreting() -> bool:
@@ -74,33 +78,29 @@ class Backend:
         return f"<{self.op}:{self.name}>"
 
 
-_REGISTRY: dict[str, list[Backend]] = {}
+# {op: its backends, in priority order}. Filled by flexikern/ops/__init__.py (`declare`).
+PRIORITY: dict[str, tuple[Backend, ...]] = {}
 _FORCED = threading.local()
 
 
-def register(backend_cls: type[Backend]) -> type[Backend]:
-    """Class decorator: append a backend to its op's priority list (first registered = first tried)."""
-    backend = backend_cls()
-    _REGISTRY.setdefault(backend.op, [])
-    if any(b.name == backend.name for b in _REGISTRY[backend.op]):
-        raise ValueError(f"backend {backend.name!r} registered twice for op {backend.op!r}")
-    _REGISTRY[backend.op].append(backend)
-    return backend_cls
+def declare(op: str, priority: Sequence[Backend]) -> None:
+    """Declare `op` with its priority list: the backends in the order dispatch tries them."""
+    names = [backend.name for backend in priority]
+    if len(set(names)) != len(names):
+        raise ValueError(f"op {op!r}: backend names {names} are not unique")
+    wrong = [backend for backend in priority if backend.op != op]
+    if wrong:
+        raise ValueError(f"op {op!r}: backends {wrong} belong to another op")
+    PRIORITY[op] = tuple(priority)
 
 
 def backends(op: str | None = None) -> dict[str, list[Backend]] | list[Backend]:
-    """The registered backends, in priority order: all ops, or one op's list."""
-    _load_all_ops()
+    """The backends in priority order: of every op (a dict), or of one op (a list)."""
     if op is None:
-        return dict(_REGISTRY)
-    if op not in _REGISTRY:
-        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
-    return list(_REGISTRY[op])
-
-
-def _load_all_ops() -> None:
-    # Each op module registers its backends on import.
-    from flexikern.ops import de_embed, patch_embed, patchify, varlen_attention  # noqa: F401
+        return {name: list(priority) for name, priority in PRIORITY.items()}
+    if op not in PRIORITY:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(PRIORITY)}")
+    return list(PRIORITY[op])
 
 
 def _parse_env() -> dict[str, str]:
@@ -128,11 +128,10 @@ def forced_backend(op: str) -> str | None:
 
 
 def _validate_forced(forced: dict[str, str]) -> None:
-    _load_all_ops()
     for op, name in forced.items():
-        if op not in _REGISTRY:
-            raise ValueError(f"unknown op {op!r} in a forced backend; known ops: {sorted(_REGISTRY)}")
-        names = [b.name for b in _REGISTRY[op]]
+        if op not in PRIORITY:
+            raise ValueError(f"unknown op {op!r} in a forced backend; known ops: {sorted(PRIORITY)}")
+        names = [b.name for b in PRIORITY[op]]
         if name not in names:
             raise ValueError(f"unknown backend {name!r} for op {op!r}; known backends: {names}")
 
@@ -178,12 +177,6 @@ def select(op: str, **inputs: Any) -> Backend:
 
 
 def dispatch(op: str, **inputs: Any) -> Any:
-    """Run `op` on the first backend (in priority order) that supports the inputs."""
+    """Run `op` on the first backend of its priority list that supports the inputs."""
     return select(op, **inputs)(**inputs)
 
-
-def lazy(module: str, attr: str) -> Callable[..., Any]:
-    """A function imported on first call (keeps triton and the extension out of `import flexikern`)."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-    return call

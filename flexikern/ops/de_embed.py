@@ -1,50 +1,126 @@
-"""de_embed: FlexiDiT's final linear D -> ph*pw*C_out, with unpatchify into image layout.
+"""de_embed: FlexiDiT's final linear D -> prod(patch)*C_out, with unpatchify into image layout.
 
-`weight` is the underlying de-embedding (kh*kw*C_out, D), rows ordered (kh, kw, C_out) like
-DiT's `final_layer.linear`; it is bilinearly resized to `patch_size` on the fly
-(`flexi.resize_deembed`). Backends: Triton (fused epilogue) and the torch reference.
+Images: `weight` is the underlying de-embedding (kh*kw*C_out, D), rows ordered (kh, kw, C_out)
+like DiT's `final_layer.linear`; it is bilinearly resized to `patch_size` on the fly
+(`flexikern.ops.resize.deembed_weight`). Videos: (pt*ph*pw*C_out, D), rows ordered
+(pt, ph, pw, C_out), at its stored size (3-D de-embeddings are not resized).
+
+Backends, in priority order: Triton (fused epilogue, 2-D only; CUDA, or the interpreter when
+forced) and torch (linear, then `unpatchify`). The Triton backend is `DeEmbedFunction`: the
+kernels' launches (`flexikern.kernels.de_embed`) for the forward and grad tokens, torch ops for
+the parameters.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from flexikern.flexi.resize import resize_deembed
-from flexikern.ops._checks import as_patch, check_divides, check_tensor
-from flexikern.ops._dispatch import Backend, dispatch, register
+from flexikern.ops._checks import check_divides, check_tensor
+from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 from flexikern.ops.patch_embed import autocast_inputs, triton_reasons
+from flexikern.ops.patch_size import PatchSize, PatchSizeLike
+from flexikern.ops.patchify import patchify_reference, unpatchify, unpatchify_reference
+from flexikern.ops.resize import deembed_weight, resize_matrix
 
-__all__ = ["de_embed", "de_embed_reference", "deembed_weight"]
-
-
-def deembed_weight(weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: tuple[int, int],
-                   patch_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Resize an underlying de-embedding (kh*kw*C, D) from `kernel_size` to `patch_size`."""
-    if tuple(kernel_size) == tuple(patch_size):
-        return weight, bias
-    kh, kw = kernel_size
-    d = weight.shape[1]
-    c = weight.shape[0] // (kh * kw)
-    maps = weight.reshape(kh, kw, c, d).permute(2, 3, 0, 1)            # (C, D, kh, kw)
-    w = resize_deembed(maps, patch_size).permute(2, 3, 0, 1).reshape(-1, d)
-    if bias is not None:
-        bias = resize_deembed(bias.reshape(kh, kw, c).permute(2, 0, 1), patch_size)
-        bias = bias.permute(1, 2, 0).reshape(-1)
-    return w, bias
+__all__ = ["de_embed", "de_embed_reference", "DeEmbedFunction", "DE_EMBED_BACKENDS"]
 
 
 def de_embed_reference(x, weight, bias, kernel_size, patch_size, size):
     """The plain-torch ground truth: resize, linear, unpatchify."""
-    from flexikern.ops.patchify import unpatchify_reference
     w, b = deembed_weight(weight, bias, kernel_size, patch_size)
     return unpatchify_reference(F.linear(x, w, b), patch_size, size)
 
 
-@register
+# ---- the Triton backend: autograd around the kernels' launches -------------------------------
+
+
+def _deembed_resize(kernel: tuple[int, int], patch: tuple[int, int],
+                    device: torch.device) -> torch.Tensor | None:
+    """R^T, (kh*kw, ph*pw): a stored output map times it is the map at the patch size; or None."""
+    return None if kernel == patch else resize_matrix(kernel, patch, device, torch.float32).T
+
+
+class DeEmbedFunction(torch.autograd.Function):
+    """de_embed of image tokens with the fused Triton kernels (forward and grad tokens).
+
+    Backward: grad tokens by the fused kernel run the other way; grad of the resized weight =
+    patchify(grad image)^T @ tokens, one torch matmul whose long reduction over N*T tokens cuBLAS
+    splits well (the patchified grad image is ph*pw*C_out features per token, small next to the
+    tokens); grad of the stored weight and bias = the resize matrix times those, a
+    (kh*kw, ph*pw) matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel, patch, size):
+        from flexikern.kernels.de_embed import de_embed_forward
+        resize = _deembed_resize(kernel, patch, x.device)
+        out = de_embed_forward(x, weight, resize, bias, kernel, patch, size,
+                               interpret=triton_interpreting())
+        ctx.save_for_backward(x, weight)
+        ctx.kernel, ctx.patch = kernel, patch
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The torch ops below work in fp32 on purpose; autocast must not downcast them.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _de_embed_backward(ctx, grad_out)
+
+
+def _de_embed_backward(ctx, grad_out):
+    """Gradients for DeEmbedFunction.forward's inputs."""
+    x, weight = ctx.saved_tensors
+    kernel, patch = ctx.kernel, ctx.patch
+    needs = ctx.needs_input_grad
+    resize_t = _deembed_resize(kernel, patch, x.device)
+    d = weight.shape[1]
+    c = weight.shape[0] // (kernel[0] * kernel[1])
+    grad_x = grad_weight = grad_bias = None
+
+    if needs[0]:
+        from flexikern.kernels.de_embed import de_embed_backward_x
+        grad_x = de_embed_backward_x(grad_out, x, weight, resize_t, kernel, patch,
+                                     interpret=triton_interpreting())
+    if needs[1] or needs[2]:
+        pp = patch[0] * patch[1]
+        patches = patchify_reference(grad_out, patch).reshape(-1, pp * c)  # (N*T, (j, c))
+        if needs[1]:
+            grad_resized = patches.to(x.dtype).T @ x.reshape(-1, d)              # (ph*pw*C, D)
+            if resize_t is not None:
+                grad_resized = resize_t @ grad_resized.float().reshape(pp, c * d)
+            grad_weight = grad_resized.reshape(-1, d).to(weight.dtype)
+        if needs[2]:
+            grad_bias = patches.sum(0, dtype=torch.float32)
+            if resize_t is not None:
+                grad_bias = resize_t @ grad_bias.reshape(pp, c)
+            grad_bias = grad_bias.reshape(-1).to(ctx.bias_dtype)
+    return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def de_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    kernel_size: tuple[int, int], patch_size: tuple[int, int],
+                    size: tuple[int, int]) -> torch.Tensor:
+    """The Triton de_embed of image tokens (inputs validated by `de_embed`).
+
+    x may have any strides; the weight and bias are made contiguous (a no-op for parameters).
+    """
+    kernel = (int(kernel_size[0]), int(kernel_size[1]))
+    patch = (int(patch_size[0]), int(patch_size[1]))
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    return DeEmbedFunction.apply(x, weight, bias, kernel, patch, (int(size[0]), int(size[1])))
+
+
+# ---- backends and their priority: Triton, then torch -----------------------------------------
+
+
 class TritonDeEmbed(Backend):
     """Fused Triton kernel (flexikern.kernels.de_embed): resizes the weight inside the launch and
-    writes the image layout directly (unpatchify fused). CUDA, or CPU tensors under
+    writes the image layout directly (unpatchify fused). Images only. CUDA, or CPU tensors under
     TRITON_INTERPRET=1 when forced."""
 
     op, name = "de_embed", "triton"
@@ -55,55 +131,65 @@ class TritonDeEmbed(Backend):
     def not_supported_reasons(self, **inputs):
         return triton_reasons(
             self, inputs["x"], {"weight": inputs["weight"], "bias": inputs.get("bias")},
-            {"patch_size": tuple(inputs["patch_size"]), "kernel_size": tuple(inputs["kernel_size"])})
+            {"patch_size": tuple(inputs["patch_size"]),
+             "kernel_size": tuple(inputs["kernel_size"])})
 
     def __call__(self, **inputs):
-        from flexikern.kernels.de_embed import de_embed_triton
         return de_embed_triton(**autocast_inputs(inputs, ("x", "weight", "bias")))
 
 
-@register
 class TorchDeEmbed(Backend):
     """torch's linear, then `fk.ops.unpatchify` (the compiled extension when it is built)."""
 
     op, name = "de_embed", "torch"
 
     def __call__(self, x, weight, bias, kernel_size, patch_size, size):
-        from flexikern.ops.patchify import unpatchify
         w, b = deembed_weight(weight, bias, kernel_size, patch_size)
         return unpatchify(F.linear(x, w, b), patch_size, size)
 
 
+DE_EMBED_BACKENDS = (TritonDeEmbed(), TorchDeEmbed())
+
+
+# ---- public API ------------------------------------------------------------------------------
+
+
 def de_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             kernel_size: int | tuple[int, int], patch_size: int | tuple[int, int],
-             size: tuple[int, int]) -> torch.Tensor:
-    """De-embed tokens (N, T, D) into an image (N, C_out, H, W).
+             kernel_size: PatchSizeLike, patch_size: PatchSizeLike,
+             size: tuple[int, ...]) -> torch.Tensor:
+    """De-embed tokens (N, T, D) into an image (N, C_out, H, W) or a video (N, C_out, F, H, W).
 
     Args:
-        x: tokens (N, T, D) on the (H/ph, W/pw) grid.
-        weight: the underlying de-embedding (kh*kw*C_out, D), rows ordered (kh, kw, C_out).
-        bias: (kh*kw*C_out,) or None.
-        kernel_size: (kh, kw), the size `weight` is stored at.
-        patch_size: the size to run at; the weight is resized to it.
-        size: the output (H, W).
+        x: tokens (N, T, D) on the (H/ph, W/pw) grid, or the (F/pt, H/ph, W/pw) grid.
+        weight: images: the underlying de-embedding (kh*kw*C_out, D), rows ordered
+            (kh, kw, C_out); videos: (pt*ph*pw*C_out, D), rows ordered (pt, ph, pw, C_out).
+        bias: (weight.shape[0],) or None.
+        kernel_size: the size `weight` is stored at: (kh, kw), or (pt, ph, pw) equal to
+            `patch_size` (3-D de-embeddings are not resized).
+        patch_size: the size to run at; an image weight is resized to it.
+        size: the output (H, W) or (F, H, W).
     """
     check_tensor("x", x, ndim=3)
     check_tensor("weight", weight, ndim=2, device=x.device)
-    kernel = as_patch(kernel_size, 2, "kernel_size")
-    patch = as_patch(patch_size, 2)
-    if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise ValueError(f"size={size!r}: expected (H, W)")
-    size = (int(size[0]), int(size[1]))
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) not in (2, 3):
+        raise ValueError(f"size={size!r}: expected (H, W) or (F, H, W)")
+    size = tuple(int(s) for s in size)
+    # Plain tuples: torch.compile traces them.
+    kernel = tuple(PatchSize.parse(kernel_size, ndim=len(size), name="kernel_size"))
+    patch = tuple(PatchSize.parse(patch_size, ndim=len(size)))
+    if len(patch) == 3 and kernel != patch:
+        raise ValueError(f"kernel_size={kernel}: a video de-embedding must be stored at "
+                         f"patch_size {patch}; 3-D de-embeddings are not resized")
     check_divides("size", size, patch)
-    k = kernel[0] * kernel[1]
-    if weight.shape[0] % k or weight.shape[1] != x.shape[2]:
-        raise ValueError(f"weight: shape {tuple(weight.shape)} is not (kh*kw*C_out, D) for kernel "
+    if weight.shape[0] % math.prod(kernel) or weight.shape[1] != x.shape[2]:
+        layout = "kh*kw*C_out" if len(kernel) == 2 else "pt*ph*pw*C_out"
+        raise ValueError(f"weight: shape {tuple(weight.shape)} is not ({layout}, D) for kernel "
                          f"{kernel} and D={x.shape[2]}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=x.device)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    tokens = (size[0] // patch[0]) * (size[1] // patch[1])
+    tokens = math.prod(s // p for s, p in zip(size, patch))
     if x.shape[1] != tokens:
         raise ValueError(f"x: {x.shape[1]} tokens, but size {size} with patch {patch} has {tokens}")
     return dispatch("de_embed", x=x, weight=weight, bias=bias, kernel_size=kernel,

@@ -1,33 +1,45 @@
 """patch_embed: a conv with kernel = stride = patch size, as tokens, with FlexiDiT's adds fused.
 
-`weight` is the underlying kernel of ANY spatial size; it is PI-resized to `patch_size` on the
-fly. Output (N, T, D) = conv(x, pi_resize(weight) + weight_delta, bias) flattened
-+ pos_embed + size_embed. Backends: Triton (fused, CUDA or the interpreter) and the torch reference.
+Images: `weight` is the underlying kernel of ANY spatial size; it is PI-resized to `patch_size` on
+the fly. Output (N, T, D) = conv(x, pi_resize(weight), bias) flattened + pos_embed + size_embed.
+Videos (N, C, F, H, W): the kernel (D, C, pt, ph, pw) runs at its stored size (3-D kernels are not
+resized), as a linear map of `patchify`'s tokens.
+
+Backends, in priority order: Triton (fused, 2-D only; CUDA, or the interpreter when forced) and
+the torch reference. The Triton backend is `PatchEmbedFunction`: the kernels' launches
+(`flexikern.kernels.patch_embed`) for the forward and grad x, torch ops for the parameters.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from flexikern.flexi.resize import pi_resize
-from flexikern.ops._checks import as_patch, check_divides, check_tensor
-from flexikern.ops._dispatch import Backend, dispatch, register, triton_interpreting
+from flexikern.ops._checks import check_divides, check_tensor
+from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
+from flexikern.ops.patch_size import PatchSize, PatchSizeLike
+from flexikern.ops.patchify import patchify_reference
+from flexikern.ops.resize import pi_resize, pi_resize_matrix
 
-__all__ = ["patch_embed", "patch_embed_reference"]
+__all__ = ["patch_embed", "patch_embed_reference", "PatchEmbedFunction", "PATCH_EMBED_BACKENDS"]
 
 # Register/tile limit of the fused kernels: patches and stored kernels up to 64 pixels (8x8).
 TRITON_MAX_PIXELS = 64
 
 
-def patch_embed_reference(x, weight, bias, patch_size, pos_embed=None, size_embed=None,
-                          weight_delta=None):
+def patch_embed_reference(x, weight, bias, patch_size, pos_embed=None, size_embed=None):
     """The plain-torch ground truth (also the model's CPU path: for the original patch size and
-    no extras it is DiT's `x_embedder(x) + pos_embed`, bit for bit)."""
-    w = pi_resize(weight, patch_size)
-    if weight_delta is not None:
-        w = w + weight_delta
-    tokens = F.conv2d(x, w, bias, stride=patch_size).flatten(2).transpose(1, 2)
+    no extras it is DiT's `x_embedder(x) + pos_embed`, bit for bit). Videos: the linear map of
+    `patchify`'s tokens, as Latte's embedding computes it."""
+    if x.dim() == 5:
+        d = weight.shape[0]
+        tokens = F.linear(patchify_reference(x, patch_size),
+                          weight.permute(0, 2, 3, 4, 1).reshape(d, -1), bias)
+    else:
+        w = pi_resize(weight, patch_size)
+        tokens = F.conv2d(x, w, bias, stride=patch_size).flatten(2).transpose(1, 2)
     if pos_embed is not None:
         tokens = tokens + pos_embed
     if size_embed is not None:
@@ -35,14 +47,103 @@ def patch_embed_reference(x, weight, bias, patch_size, pos_embed=None, size_embe
     return tokens
 
 
+# ---- the Triton backend: autograd around the kernels' launches -------------------------------
+
+
+def _embed_resize(kernel: tuple[int, int], patch: tuple[int, int],
+                  device: torch.device) -> torch.Tensor | None:
+    """The (kh*kw, ph*pw) matrix taking the stored kernel to the patch size, or None."""
+    return None if kernel == patch else pi_resize_matrix(kernel, patch, device, torch.float32)
+
+
+class PatchEmbedFunction(torch.autograd.Function):
+    """patch_embed of an image with the fused Triton kernels (forward and grad x).
+
+    Backward: grad x by the fused kernel run the other way; grad of the resized kernel by one
+    torch matmul, grad_out^T @ patches (the patchified latent is a copy of x, tiny next to the
+    tokens: C*ph*pw <= D features per token, and cuBLAS does the long reduction over N*T tokens
+    with split-K better than a hand-written kernel would); grad of the stored kernel = that times
+    the resize matrix^T, a (kh*kw, ph*pw) matmul; bias, size embedding, pos_embed: fp32 sums of
+    grad_out.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, patch, pos_embed, size_embed):
+        from flexikern.kernels.patch_embed import patch_embed_forward
+        resize = _embed_resize(tuple(weight.shape[2:]), patch, x.device)
+        out = patch_embed_forward(x, weight, resize, bias, patch, pos_embed, size_embed,
+                                  interpret=triton_interpreting())
+        ctx.save_for_backward(x, weight)
+        ctx.patch = patch
+        ctx.dtypes = tuple(t.dtype if t is not None else None
+                           for t in (bias, pos_embed, size_embed))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The torch ops below work in fp32 on purpose; autocast must not downcast them.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _patch_embed_backward(ctx, grad_out)
+
+
+def _patch_embed_backward(ctx, grad_out):
+    """Gradients for PatchEmbedFunction.forward's inputs."""
+    x, weight = ctx.saved_tensors
+    patch = ctx.patch
+    needs = ctx.needs_input_grad
+    bias_dtype, pos_dtype, size_dtype = ctx.dtypes
+    d, c, kh, kw = weight.shape
+    resize = _embed_resize((kh, kw), patch, x.device)
+    grad_x = grad_weight = grad_bias = grad_pos = grad_size = None
+
+    if needs[0]:
+        from flexikern.kernels.patch_embed import patch_embed_backward_x
+        grad_x = patch_embed_backward_x(grad_out, x, weight, resize, patch,
+                                        interpret=triton_interpreting())
+    if needs[1]:
+        patches = patchify_reference(x, patch).reshape(-1, patch[0] * patch[1] * c)
+        grad_resized = grad_out.reshape(-1, d).to(x.dtype).T @ patches   # (D, ph*pw*C)
+        grad_resized = grad_resized.reshape(d, patch[0] * patch[1], c).transpose(1, 2)
+        if resize is None:
+            grad_weight = grad_resized.reshape(d, c, kh, kw).to(weight.dtype)
+        else:
+            grad_weight = (grad_resized.float() @ resize.T).reshape(d, c, kh, kw)
+            grad_weight = grad_weight.to(weight.dtype)
+    if needs[2] or needs[5]:
+        summed = grad_out.sum((0, 1), dtype=torch.float32)
+        grad_bias = summed.to(bias_dtype) if needs[2] else None
+        grad_size = summed.to(size_dtype) if needs[5] else None
+    if needs[4]:
+        grad_pos = grad_out.sum(0, dtype=torch.float32).to(pos_dtype)
+    return grad_x, grad_weight, grad_bias, None, grad_pos, grad_size
+
+
+def patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       patch_size: tuple[int, int], pos_embed: torch.Tensor | None = None,
+                       size_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton patch_embed of an image (inputs validated by `patch_embed`).
+
+    x may have any strides; the small parameters are made contiguous (a no-op for parameters).
+    """
+    patch = (int(patch_size[0]), int(patch_size[1]))
+    weight, bias, size_embed = (t.contiguous() if t is not None else None
+                                for t in (weight, bias, size_embed))
+    return PatchEmbedFunction.apply(x, weight, bias, patch, pos_embed, size_embed)
+
+
+# ---- backends and their priority: Triton, then torch -----------------------------------------
+
+
 def triton_reasons(backend: Backend, x: torch.Tensor, same_dtype: dict[str, torch.Tensor | None],
-                   pixels: dict[str, tuple[int, int]]) -> list[str]:
+                   pixels: dict[str, tuple[int, ...]]) -> list[str]:
     """Why the fused Triton kernels (patch_embed, de_embed) cannot run these inputs.
 
     Checked before importing triton, so a CPU caller never pays for the import. `same_dtype`:
     tensors that must share x's dtype (autocast casts them in `autocast_inputs`); `pixels`:
-    patch/kernel sizes that must fit the register tiles.
+    patch/kernel sizes, which must be 2-D and fit the register tiles.
     """
+    if any(len(size) != 2 for size in pixels.values()):
+        return ["3-D (video) patches: the fused kernels take 2-D images; torch runs videos"]
     if x.device.type == "cpu" and not triton_interpreting():
         return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
     reasons = []
@@ -70,11 +171,10 @@ def autocast_inputs(inputs: dict, names: tuple[str, ...]) -> dict:
     return {k: (v.to(dtype) if k in names and v is not None else v) for k, v in inputs.items()}
 
 
-@register
 class TritonPatchEmbed(Backend):
     """Fused Triton kernel (flexikern.kernels.patch_embed): reads x in place, resizes the kernel
-    inside the launch, adds bias/pos_embed/size_embed in the epilogue. CUDA, or CPU tensors under
-    TRITON_INTERPRET=1 when forced."""
+    inside the launch, adds bias/pos_embed/size_embed in the epilogue. Images only. CUDA, or CPU
+    tensors under TRITON_INTERPRET=1 when forced."""
 
     op, name = "patch_embed", "triton"
     requires = ("triton",)
@@ -84,52 +184,59 @@ class TritonPatchEmbed(Backend):
     def not_supported_reasons(self, **inputs):
         x, weight = inputs["x"], inputs["weight"]
         return triton_reasons(
-            self, x, {"weight": weight, "bias": inputs.get("bias"),
-                      "weight_delta": inputs.get("weight_delta")},
+            self, x, {"weight": weight, "bias": inputs.get("bias")},
             {"patch_size": tuple(inputs["patch_size"]), "kernel": tuple(weight.shape[2:])})
 
     def __call__(self, **inputs):
-        from flexikern.kernels.patch_embed import patch_embed_triton
-        return patch_embed_triton(**autocast_inputs(inputs, ("x", "weight", "bias", "weight_delta")))
+        return patch_embed_triton(**autocast_inputs(inputs, ("x", "weight", "bias")))
 
 
-@register
 class TorchPatchEmbed(Backend):
+    """The reference: conv2d (images) or patchify + linear (videos), then the adds."""
+
     op, name = "patch_embed", "torch"
 
     def __call__(self, **inputs):
         return patch_embed_reference(**inputs)
 
 
+PATCH_EMBED_BACKENDS = (TritonPatchEmbed(), TorchPatchEmbed())
+
+
+# ---- public API ------------------------------------------------------------------------------
+
+
 def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                patch_size: int | tuple[int, int], pos_embed: torch.Tensor | None = None,
-                size_embed: torch.Tensor | None = None,
-                weight_delta: torch.Tensor | None = None) -> torch.Tensor:
-    """Embed (N, C, H, W) into tokens (N, H/ph * W/pw, D).
+                patch_size: PatchSizeLike, pos_embed: torch.Tensor | None = None,
+                size_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """Embed an image (N, C, H, W) into tokens (N, H/ph * W/pw, D), or a video (N, C, F, H, W)
+    into tokens (N, F/pt * H/ph * W/pw, D) in (frame, row, column) order.
 
     Args:
-        x: the latent, (N, C, H, W), contiguous or channels_last.
-        weight: the underlying kernel (D, C, kh, kw) of any size; PI-resized to `patch_size`.
+        x: the latent, (N, C, H, W) or (N, C, F, H, W), contiguous or channels_last.
+        weight: images: the underlying kernel (D, C, kh, kw) of any size, PI-resized to
+            `patch_size`; videos: the kernel (D, C, pt, ph, pw), of the patch size.
         bias: (D,) or None.
-        patch_size: an int or (ph, pw) dividing H and W.
+        patch_size: an int or (ph, pw), or (pt, ph, pw) for videos, dividing the sizes of x.
         pos_embed: (T, D) positional table, added to every sample, or None.
         size_embed: (D,) patch-size embedding added to every token, or None.
-        weight_delta: (D, C, ph, pw) added to the resized kernel (a merged LoRA delta), or None.
     """
-    check_tensor("x", x, ndim=4)
-    check_tensor("weight", weight, ndim=4, device=x.device)
-    patch = as_patch(patch_size, 2)
+    check_tensor("x", x, ndim=(4, 5))
+    check_tensor("weight", weight, ndim=x.dim(), device=x.device)
+    patch = tuple(PatchSize.parse(patch_size, ndim=x.dim() - 2))  # plain: torch.compile traces it
     check_divides("x", x.shape[2:], patch)
     d, c = weight.shape[:2]
     if x.shape[1] != c:
         raise ValueError(f"x: {x.shape[1]} channels, but weight {tuple(weight.shape)} expects {c}")
-    tokens = (x.shape[2] // patch[0]) * (x.shape[3] // patch[1])
+    if len(patch) == 3 and tuple(weight.shape[2:]) != patch:
+        raise ValueError(f"weight: a video kernel {tuple(weight.shape[2:])} must equal patch_size "
+                         f"{patch}; 3-D kernels are not resized")
+    tokens = math.prod(s // p for s, p in zip(x.shape[2:], patch))
     for name, t, shape in (("bias", bias, (d,)), ("pos_embed", pos_embed, (tokens, d)),
-                           ("size_embed", size_embed, (d,)),
-                           ("weight_delta", weight_delta, (d, c, *patch))):
+                           ("size_embed", size_embed, (d,))):
         if t is not None:
             check_tensor(name, t, device=x.device)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     return dispatch("patch_embed", x=x, weight=weight, bias=bias, patch_size=patch,
-                    pos_embed=pos_embed, size_embed=size_embed, weight_delta=weight_delta)
+                    pos_embed=pos_embed, size_embed=size_embed)

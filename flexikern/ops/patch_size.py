@@ -60,11 +60,17 @@ class PatchSize(tuple):
     @property
     def volume(self) -> int:
         """Pixels (voxels) per patch: ph * pw, or pt * ph * pw."""
-        return math.prod(self)
+        return math.prod(tuple(self))   # a plain tuple: torch.compile traces math on it
+
+    def next_larger(self, sizes) -> "PatchSize | None":
+        """The smallest of `sizes` with more pixels per patch than this one (by volume), or None:
+        the default weak size of a model whose powerful size is this one."""
+        larger = [PatchSize.parse(s) for s in sizes if PatchSize.parse(s).volume > self.volume]
+        return min(larger, key=lambda s: s.volume) if larger else None
 
     def tokens(self, size: tuple[int, ...]) -> int:
         """The number of patches in a latent of spatial (or (F, H, W)) `size`."""
-        return math.prod(s // p for s, p in zip(size, self))
+        return math.prod(s // p for s, p in zip(size, tuple(self)))
 
     @property
     def name(self) -> str:

@@ -35,7 +35,7 @@ graph capture; `flash_attn`, `torch_varlen` and `triton` take cu_seqlens on the 
 
 Host synchronisation: without `cu_seqlens_host`, every call reads cu_seqlens back once to
 validate it (and the host-side backends read it again), a device sync per attention layer. A
-caller that keeps the boundaries on the host too (a cached `flexikern.runtime.packing.Packing`
+caller that keeps the boundaries on the host too (a cached `flexikern.flexi.packing.Packing`
 does) passes them as `cu_seqlens_host`, like xformers' `seqstart_py`: then validation and the
 backends read the tuple and the call never synchronises.
 
@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from flexikern.ops._checks import check_tensor
-from flexikern.ops._dispatch import Backend, dispatch, register, triton_interpreting
+from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 
-__all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens"]
+__all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens",
+           "VarlenAttentionFunction", "VARLEN_ATTENTION_BACKENDS"]
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
@@ -154,7 +155,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends, registered in priority order (see the module docstring for why this order).
+# Backends; their priority list, VARLEN_ATTENTION_BACKENDS, follows them (the module docstring
+# says why this order).
 
 
 class _VarlenBackend(Backend):
@@ -204,7 +206,6 @@ def _host_bounds(cu_seqlens: torch.Tensor, cu_seqlens_host: tuple[int, ...] | No
     return tuple(cu_seqlens.tolist()) if cu_seqlens_host is None else tuple(cu_seqlens_host)
 
 
-@register
 class FlashAttnVarlenAttention(_VarlenBackend):
     """flash-attn's FA2 varlen kernel (forward and backward)."""
 
@@ -220,7 +221,6 @@ class FlashAttnVarlenAttention(_VarlenBackend):
                                       dropout_p=0.0, softmax_scale=scale, causal=False)
 
 
-@register
 class TorchVarlenAttention(_VarlenBackend):
     """torch.nn.attention.varlen.varlen_attn: aten's FA2 (forward and backward)."""
 
@@ -241,7 +241,6 @@ class TorchVarlenAttention(_VarlenBackend):
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
 
 
-@register
 class XformersVarlenAttention(_VarlenBackend):
     """xformers' memory_efficient_attention with a block-diagonal mask; xformers picks its own
     kernel (FA2/FA3/CUTLASS) inside and raises its own detailed error if none fits."""
@@ -268,7 +267,6 @@ def _block_diagonal_mask(bounds: tuple[int, ...]):
     return BlockDiagonalMask.from_seqlens([b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
 
 
-@register
 class TritonVarlenAttention(_VarlenBackend):
     """Ours: flexikern.kernels.varlen_attention (FA2 forward and backward in Triton). CUDA, or
     CPU tensors under TRITON_INTERPRET=1 when forced."""
@@ -284,8 +282,30 @@ class TritonVarlenAttention(_VarlenBackend):
         return super().not_supported_reasons(**inputs)
 
     def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
-        from flexikern.kernels.varlen_attention import varlen_attention as varlen_attention_triton
-        return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+        return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Our Triton kernels (flexikern.kernels.varlen_attention): FA2 forward, then backward from
+    the saved output and logsumexp. Differentiable in q, k and v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        from flexikern.kernels.varlen_attention import varlen_attention_forward
+        out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale,
+                                            interpret=triton_interpreting())
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from flexikern.kernels.varlen_attention import varlen_attention_backward
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens,
+                                               ctx.max_seqlen, ctx.scale,
+                                               interpret=triton_interpreting())
+        return dq, dk, dv, None, None, None
 
 
 @functools.lru_cache(maxsize=16)
@@ -308,7 +328,6 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-@register
 class FlexVarlenAttention(_VarlenBackend):
     """FlexAttention with a document mask: compiled on CUDA; eager and forward-only on CPU."""
 
@@ -344,7 +363,6 @@ class FlexVarlenAttention(_VarlenBackend):
         return out[0].transpose(0, 1).contiguous()
 
 
-@register
 class TorchReferenceVarlenAttention(_VarlenBackend):
     """The reference: SDPA per sequence. Runs everything; last, as the fallback."""
 
@@ -353,3 +371,8 @@ class TorchReferenceVarlenAttention(_VarlenBackend):
 
     def __call__(self, **inputs):
         return varlen_attention_reference(**inputs)
+
+
+VARLEN_ATTENTION_BACKENDS = (FlashAttnVarlenAttention(), TorchVarlenAttention(),
+                             XformersVarlenAttention(), TritonVarlenAttention(),
+                             FlexVarlenAttention(), TorchReferenceVarlenAttention())

@@ -12,15 +12,19 @@ How (the stable-fast / vLLM recipe):
   (`copy_`, device to device) before `replay()`. The sampler runs at "step 0" of a one-row view of
   its tables, so no step index is read on the host: indexing a table with a 0-dim device tensor
   calls `.item()`, a host sync that breaks capture and would bake one step into the graph.
-* The conditions are static buffers too (class labels; the tensors of a text condition), so
-  repeated sampling with new labels replays the same graphs (count: `GraphRunner.captures`);
-  their shapes are part of the key.
+* The conditions are static buffers too: exactly the denoiser's declared `conditions` (class
+  labels, or the tensors of a text condition: the fields of a dataclass), so repeated sampling
+  with new labels replays the same graphs (count: `GraphRunner.captures`); their shapes are part
+  of the key. Nothing else of the denoiser is an input: an attribute it does not declare is
+  read at capture time like any constant.
 * Inside a graph the two branches of a mixed-size step run as two forwards, never packed:
   building a `Packing` copies host lists to the device, which capture does not allow (and graphs
   already remove the launch overhead packing saves).
-* Warm-up runs on a side stream (Triton autotuning, cuBLAS/attention workspaces, cached resized
-  weights and positional tables all happen there), then capture into one memory pool per runner
-  (`torch.cuda.graph_pool_handle()`); a model lives on one device, so that is one pool per device.
+* The model builds a phase's per-size caches first (`model.prepare`: positional tables, resized
+  kernels); the graph reads them in place, so it keeps the tensors `prepare` returns alive.
+  Warm-up runs on a side stream (Triton autotuning, cuBLAS/attention workspaces), then capture
+  into one memory pool per runner (`torch.cuda.graph_pool_handle()`); a model lives on one
+  device, so that is one pool per device.
 * The cache is an LRU of at most `max_graphs` graphs, keyed by `graph_key` (everything that
   changes the kernels); `release()` (or dropping the runner) frees them. Phases shorter than
   `min_phase_steps` run eagerly: capturing costs about `warmup + 1` steps.
@@ -35,6 +39,7 @@ buffers and all) eagerly, with results equal to plain sampling.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 import weakref
 from collections import OrderedDict
@@ -44,19 +49,22 @@ from typing import Any
 
 import torch
 
+from flexikern.ops.patch_size import PatchSize
+
+# The sampler's objects, by the names of their classes in `flexikern.diffusion` (which imports
+# this module: the runtime never imports the sampler back).
+DenoisingLoop = GuidedDenoiser = FlexibleDenoiser = Any
+
 __all__ = ["GraphRunner", "GraphKey", "graph_key", "plan_phases", "runner_for", "release_graphs",
            "run_graphed"]
-
-Size = tuple[int, int]
-Phase = tuple[int, int, Size, "Size | None"]
 
 
 @dataclass(frozen=True)
 class GraphKey:
     """What changes a captured step's kernels (or the Python constants baked into it)."""
 
-    cond_size: Size
-    guid_size: Size | None
+    cond_size: PatchSize
+    guid_size: PatchSize | None
     rule: str                    # the denoiser's rule: "cond", "cfg" or "weak"
     guidance: Any                # the Guidance (its scales are constants in the graph); None for "cond"
     batch: int
@@ -65,22 +73,21 @@ class GraphKey:
     sampler: tuple               # (class name, stochastic, coefficients per step)
     device: str
     backends: tuple              # forced backends at capture time
-    conditions: tuple = ()       # (name, shapes and dtypes) of the denoiser's condition tensors
+    conditions: tuple = ()       # (name, shapes and dtypes) of the denoiser's declared conditions
 
 
-def graph_key(cond_size: Size, guid_size: Size | None, *, rule: str, guidance: Any, batch: int,
+def graph_key(cond_size: PatchSize, guid_size: PatchSize | None, *, rule: str, guidance: Any, batch: int,
               state_dtype: torch.dtype, model_dtype: torch.dtype, sampler: tuple, device: str,
               backends: tuple = (), conditions: tuple = ()) -> GraphKey:
     """The cache key of one phase. A conditional-only step ("cond") ignores the guidance settings,
     so such graphs are shared across guidance scales and modes."""
     if rule == "cond":
         guid_size, guidance = None, None
-    return GraphKey(tuple(cond_size), tuple(guid_size) if guid_size is not None else None, rule,
-                    guidance, int(batch), state_dtype, model_dtype, tuple(sampler), str(device),
-                    tuple(backends), tuple(conditions))
+    return GraphKey(cond_size, guid_size, rule, guidance, int(batch), state_dtype, model_dtype, tuple(sampler),
+                    str(device), tuple(backends), tuple(conditions))
 
 
-def plan_phases(phases: Sequence[Phase], key: Callable[[Size, Size | None], GraphKey],
+def plan_phases(phases: Sequence[tuple], key: Callable[[PatchSize, PatchSize | None], GraphKey],
                 min_phase_steps: int = 2,
                 graphable: Callable[[GraphKey], bool] = lambda key: True) -> list[tuple[int, int, GraphKey | None]]:
     """(start, stop, key or None) per phase: None = run eagerly (too short to repay a capture, or
@@ -98,41 +105,45 @@ def _forced_backends() -> tuple:
     return tuple((op, forced_backend(op)) for op in sorted(backends()) if forced_backend(op))
 
 
-def _condition_tensors(value: Any) -> dict[str, torch.Tensor | None] | None:
-    """The tensors of a condition: {"": t} for a tensor, the tensor fields of an object holding
-    tensors (a TextCondition: embeds, mask), None for anything else (not a condition)."""
+def _condition_tensors(name: str, value: Any) -> dict[str, torch.Tensor | None]:
+    """The tensors of a declared condition: {"": t} for a tensor, {field: tensor or None} for a
+    dataclass of tensors (a TextCondition: embeds, mask), {} for None (no such condition)."""
+    if value is None:
+        return {}
     if isinstance(value, torch.Tensor):
         return {"": value}
-    if isinstance(value, torch.nn.Module):   # the model: its weights are not per-run inputs
-        return None
-    fields = getattr(value, "__dict__", None)
-    if not fields or not any(isinstance(v, torch.Tensor) for v in fields.values()):
-        return None
-    return {k: v for k, v in fields.items() if isinstance(v, torch.Tensor) or v is None}
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if all(v is None or isinstance(v, torch.Tensor) for v in fields.values()):
+            return fields
+    raise TypeError(f"condition {name}: expected a tensor or a dataclass of tensors (e.g. a TextCondition), "
+                    f"got {type(value).__name__}")
 
 
-def _clone_condition(value: Any) -> Any:
+def _clone_condition(name: str, value: Any) -> Any:
+    """A copy of a condition with its own tensors (the static buffers a graph reads)."""
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor):
         return value.clone()
     clone = copy.copy(value)
-    for name, tensor in _condition_tensors(value).items():
-        object.__setattr__(clone, name, tensor.clone() if tensor is not None else None)   # frozen dataclasses too
+    for field, tensor in _condition_tensors(name, value).items():
+        object.__setattr__(clone, field, None if tensor is None else tensor.clone())   # frozen dataclasses too
     return clone
 
 
-def _conditions(denoiser: Any) -> dict[str, dict[str, torch.Tensor | None]]:
-    """The denoiser's per-run conditions (labels, null labels, their batched concatenation, ...)."""
-    found = {name: _condition_tensors(value) for name, value in vars(denoiser).items()}
-    return {name: tensors for name, tensors in found.items() if tensors is not None}
+def _conditions(denoiser: GuidedDenoiser) -> dict[str, dict[str, torch.Tensor | None]]:
+    """The tensors of the denoiser's declared per-run conditions (`GuidedDenoiser.conditions`)."""
+    return {name: _condition_tensors(name, value) for name, value in denoiser.conditions.items()}
 
 
-def _conditions_signature(denoiser: Any) -> tuple:
+def _conditions_signature(denoiser: GuidedDenoiser) -> tuple:
     return tuple((name, tuple((field, None if t is None else (tuple(t.shape), t.dtype))
                               for field, t in sorted(tensors.items())))
                  for name, tensors in sorted(_conditions(denoiser).items()))
 
 
-def _weights_stamp(model: Any) -> tuple:
+def _weights_stamp(model: FlexibleDenoiser) -> tuple:
     # Parameters are read in place by the graphs, and resized kernels are cached per version.
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
@@ -140,7 +151,7 @@ def _weights_stamp(model: Any) -> tuple:
 class _PhaseGraph:
     """The static buffers of one phase and its captured step (or, on CPU, the step run eagerly)."""
 
-    def __init__(self, loop: Any, x: torch.Tensor, cond_size: Size, guid_size: Size | None,
+    def __init__(self, loop: DenoisingLoop, x: torch.Tensor, cond_size: PatchSize, guid_size: PatchSize | None,
                  stochastic: bool):
         sampler = loop.sampler
         self.x = x.clone()
@@ -150,24 +161,18 @@ class _PhaseGraph:
         # A one-row view of the sampler's tables: the step runs at k = 0 of it.
         static_sampler = copy.copy(sampler)
         static_sampler.model_timesteps, static_sampler.table = self.t, self.coefficients
-        # The denoiser with its own condition tensors (labels, null labels, ...), refilled per run.
-        denoiser = copy.copy(loop.denoiser)
-        for name in _conditions(denoiser):
-            setattr(denoiser, name, _clone_condition(getattr(denoiser, name)))
+        # The denoiser on its own copies of its declared conditions, refilled per run (`bind`);
+        # unpacked: see the module docstring.
+        conditions = {name: _clone_condition(name, value) for name, value in loop.denoiser.conditions.items()}
+        denoiser = loop.denoiser.with_conditions(conditions, packed=False)
         self.conditions = _conditions(denoiser)
-        if getattr(denoiser, "packed", False):
-            denoiser.packed = False   # see the module docstring
         step_loop = copy.copy(loop)
         step_loop.sampler, step_loop.denoiser = static_sampler, denoiser
         self._step = lambda: self.x.copy_(step_loop.step(self.x, 0, self.noise, cond_size, guid_size))
         self.graph: torch.cuda.CUDAGraph | None = None
-        # Tensors cached outside the graph that it reads (positional tables in an LRU cache).
-        model = loop.model
-        self.keepalive = []
-        if callable(getattr(model, "pos_embed", None)):
-            dtype = next(model.parameters()).dtype
-            for size in {cond_size, guid_size} - {None}:
-                self.keepalive.append(model.pos_embed(tuple(x.shape[2:]), size, device=x.device, dtype=dtype))
+        # The model's per-size caches the graph reads in place (positional tables in an LRU cache,
+        # resized kernels): kept alive as long as the graph.
+        self.keepalive = list(denoiser.prepare_step(x, cond_size, guid_size))
 
     def capture(self, pool: Any, warmup: int) -> None:
         """Warm up on a side stream, then capture the step into `pool`."""
@@ -187,7 +192,7 @@ class _PhaseGraph:
         # that a runner registered per model does not keep its model alive.
         self._step = None
 
-    def bind(self, loop: Any, x: torch.Tensor) -> None:
+    def bind(self, loop: DenoisingLoop, x: torch.Tensor) -> None:
         """Copy this run's state and conditions into the static buffers."""
         self.x.copy_(x)
         current = _conditions(loop.denoiser)
@@ -196,7 +201,8 @@ class _PhaseGraph:
                 if buffer is not None:
                     buffer.copy_(current[name][field])
 
-    def run_step(self, loop: Any, k: int, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    def run_step(self, loop: DenoisingLoop, k: int,
+                 draw_noise: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         sampler = loop.sampler
         self.t.copy_(sampler.model_timesteps[k:k + 1])
         self.coefficients.copy_(sampler.table[k:k + 1])
@@ -269,7 +275,7 @@ class GraphRunner:
     def _new_pool(self) -> Any:
         return torch.cuda.graph_pool_handle()
 
-    def key(self, loop: Any, x: torch.Tensor, cond_size: Size, guid_size: Size | None,
+    def key(self, loop: DenoisingLoop, x: torch.Tensor, cond_size: PatchSize, guid_size: PatchSize | None,
             backends: tuple = ()) -> GraphKey:
         sampler, denoiser = loop.sampler, loop.denoiser
         return graph_key(cond_size, guid_size, rule=denoiser.rule(cond_size, guid_size),
@@ -279,8 +285,8 @@ class GraphRunner:
                          device=str(x.device), backends=backends,
                          conditions=_conditions_signature(denoiser))
 
-    def _entry(self, key: GraphKey, loop: Any, x: torch.Tensor, cond_size: Size,
-               guid_size: Size | None, capture: bool) -> _PhaseGraph:
+    def _entry(self, key: GraphKey, loop: DenoisingLoop, x: torch.Tensor, cond_size: PatchSize,
+               guid_size: PatchSize | None, capture: bool) -> _PhaseGraph:
         entry = self._graphs.get(key)
         if entry is not None:
             self._graphs.move_to_end(key)
@@ -296,7 +302,7 @@ class GraphRunner:
                 self._graphs.popitem(last=False)[1].release()
         return entry
 
-    def run(self, loop: Any, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
+    def run(self, loop: DenoisingLoop, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
             on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Run every step of `loop` from the state `x`; returns the final state (a new tensor).
 
@@ -340,7 +346,7 @@ class GraphRunner:
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def runner_for(model: Any) -> GraphRunner:
+def runner_for(model: FlexibleDenoiser) -> GraphRunner:
     """The default runner of `model` (used by `sample(..., cuda_graphs=True)`); freed with the model."""
     runner = _RUNNERS.get(model)
     if runner is None:
@@ -348,7 +354,7 @@ def runner_for(model: Any) -> GraphRunner:
     return runner
 
 
-def release_graphs(model: Any = None) -> None:
+def release_graphs(model: FlexibleDenoiser | None = None) -> None:
     """Free the default runners' graphs: `model`'s, or every model's."""
     for m in ([model] if model is not None else list(_RUNNERS.keys())):
         runner = _RUNNERS.pop(m, None)
@@ -356,7 +362,7 @@ def release_graphs(model: Any = None) -> None:
             runner.release()
 
 
-def run_graphed(loop: Any, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
+def run_graphed(loop: DenoisingLoop, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
                 runner: GraphRunner | bool = True, on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """`sample`'s graphed path: `runner=True` uses the model's default runner."""
     if not isinstance(runner, GraphRunner):

@@ -15,14 +15,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flexikern.arguments import patch_size_arg, patch_sizes_arg, positive_int
+
 __all__ = ["add_train_parser", "run_train", "add_finetune_parser", "run_finetune", "load_data"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -31,11 +26,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="'shapes' (the generated dataset, flexikern.datasets), an .npz with x/y "
                         "(images or latents + labels), an image folder (one subfolder per class), or "
                         "'teacher' (data-free: x0 sampled from the model itself; finetune only)")
-    g.add_argument("--num-images", type=_positive_int, default=20000,
+    g.add_argument("--num-images", type=positive_int, default=20000,
                    help="shapes: how many images to generate; teacher: how many samples (default: 20000)")
-    g.add_argument("--image-size", type=_positive_int, default=16,
+    g.add_argument("--image-size", type=positive_int, default=16,
                    help="shapes / image folder: image side in pixels (default: 16)")
-    g.add_argument("--teacher-steps", type=_positive_int, default=50,
+    g.add_argument("--teacher-steps", type=positive_int, default=50,
                    help="teacher: DDPM steps per sample (default: 50)")
     g.add_argument("--teacher-clip", action="store_true",
                    help="teacher: clip predicted x0 to [-1, 1] while sampling (pixel-space models)")
@@ -44,8 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, ema/, model/)")
-    g.add_argument("--steps", type=_positive_int, default=steps, help=f"optimiser steps (default: {steps})")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (default: 64)")
+    g.add_argument("--steps", type=positive_int, default=steps, help=f"optimiser steps (default: {steps})")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="global batch (default: 64)")
     g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default: {lr})")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
@@ -54,8 +49,8 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float
     g.add_argument("--class-dropout", type=float, default=0.1,
                    help="probability of training on the null class, for guidance (default: 0.1)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
-    g.add_argument("--log-every", type=_positive_int, default=10, help="steps per log.jsonl line")
-    g.add_argument("--ckpt-every", type=_positive_int, default=100, help="steps per checkpoint")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps per log.jsonl line")
+    g.add_argument("--ckpt-every", type=positive_int, default=100, help="steps per checkpoint")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -125,10 +120,10 @@ def add_train_parser(subparsers: Any) -> None:
                     "loss at one patch size. Resumes from --out/checkpoint.pt.")
     _add_data_args(p)
     g = p.add_argument_group("model")
-    g.add_argument("--patch-size", type=_positive_int, default=2, help="patch size (default: 2)")
-    g.add_argument("--hidden-size", type=_positive_int, default=128)
-    g.add_argument("--depth", type=_positive_int, default=4)
-    g.add_argument("--num-heads", type=_positive_int, default=4)
+    g.add_argument("--patch-size", type=patch_size_arg, default="2", help="patch size, e.g. 2 or 2x4 (default: 2)")
+    g.add_argument("--hidden-size", type=positive_int, default=128)
+    g.add_argument("--depth", type=positive_int, default=4)
+    g.add_argument("--num-heads", type=positive_int, default=4)
     g.add_argument("--learn-sigma", action="store_true", help="also predict the variance (DiT's default)")
     _add_loop_args(p, steps=2000, lr=3e-4, ema=0.999)
     p.set_defaults(run=run_train, parser=p)
@@ -169,8 +164,9 @@ def add_finetune_parser(subparsers: Any) -> None:
     p.add_argument("--recipe", choices=("shared", "distill"), default="shared")
     p.add_argument("--adapter", choices=("lora", "shared"), default=None,
                    help="default: lora for distill, shared for shared")
-    p.add_argument("--patch-sizes", default="2,4", help="patch sizes, original included (default: 2,4)")
-    p.add_argument("--lora-rank", type=_positive_int, default=32)
+    p.add_argument("--patch-sizes", type=patch_sizes_arg, default="2,4",
+                   help="patch sizes, original included, e.g. 2,4 or 2,2x4 (default: 2,4)")
+    p.add_argument("--lora-rank", type=positive_int, default=32)
     p.add_argument("--no-distill-sigma", action="store_true",
                    help="distill: match the eps channels only, not the learned variance")
     _add_data_args(p)
@@ -189,10 +185,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     path = Path(args.model)
     try:
         model = FlexiDiT.from_pretrained(path) if path.is_dir() else FlexiDiT.from_dit(path)
-        sizes = [int(s) for s in args.patch_sizes.split(",")]
         adapter = args.adapter or ("lora" if args.recipe == "distill" else "shared")
         if len(model.patch_sizes) == 1:
-            model.flexify(sizes, adapter=adapter, lora_rank=args.lora_rank)
+            model.flexify(args.patch_sizes, adapter=adapter, lora_rank=args.lora_rank)
     except (ValueError, FileNotFoundError) as e:
         parser.error(f"--model {args.model!r}: {e}")
     data = load_data(args, parser, model=model)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -43,7 +42,6 @@ import torch
 import torch.distributed as dist
 
 from flexikern.diffusion import GaussianDiffusion
-from flexikern.flexi.layers import size_key
 from flexikern.train.data import BatchOrder, TensorData
 from flexikern.train.losses import diffusion_loss, distillation_loss
 
@@ -292,7 +290,7 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
             dist.all_reduce(stats)
         for i, patch in enumerate(sizes):
             if stats[i, 1] > 0:
-                window.setdefault(f"loss_{size_key(patch)}", []).append(float(stats[i, 0] / stats[i, 1]))
+                window.setdefault(f"loss_{patch.name}", []).append(float(stats[i, 0] / stats[i, 1]))
         window.setdefault("loss", []).append(float(stats[:, 0].sum() / stats[:, 1].sum()))
         window.setdefault("grad_norm", []).append(float(grad_norm))
         bar.update(1)
@@ -319,7 +317,3 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
         ema.model.save_pretrained(out / "ema")
         model.save_pretrained(out / "model")
     return ema.model
-
-
-def lr_is_finite(value: float) -> bool:  # pragma: no cover - tiny helper for CLI validation
-    return math.isfinite(value) and value > 0

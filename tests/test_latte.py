@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import flexikern as fk
 from flexikern.flexi.pos_embed import sincos_2d_scaled
-from flexikern.models.pixart import TextCondition
-from flexikern.models.video import FlexiLatte
+from flexikern.models import TextCondition
+from flexikern.models import FlexiLatte
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -108,7 +108,7 @@ def test_spatial_weak_size_at_init_is_original_on_pooled_video():
     with torch.no_grad():
         weak = model(x, t, cond, patch_size=(1, 4, 4))
         table = sincos_2d_scaled(32, (4, 4), (2.0, 2.0), model.base_size, model.config["interpolation_scale"])
-        model.spatial_pos_embed = lambda size, patch, device=None, dtype=None: table
+        model.pos_embed = lambda size, patch, device=None, dtype=None: table.repeat(size[0] // patch[0], 1)
         pooled = F.avg_pool3d(x, (1, 2, 2))
         expected = model(pooled, t, cond).repeat_interleave(2, 3).repeat_interleave(2, 4)
     assert rel_err(weak, expected) <= 1e-5

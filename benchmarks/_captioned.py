@@ -1,6 +1,7 @@
 """Captioned shapes and captioned clips of moving shapes, with a deterministic tiny "text encoder".
 
-Everything is generated (`flexikern.datasets.make_shapes` draws the shapes), nothing is downloaded:
+The data of `t2i_video_examples.py` beside it. Everything is generated (`flexikern.datasets.make_shapes`
+draws the shapes), nothing is downloaded:
 
 * `TinyTextEncoder`: a fixed random embedding table over a small vocabulary plus a fixed random
   position table (seeded), standing in for T5. `encode(captions)` -> `TextCondition` with a mask
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from flexikern.datasets import CLASS_NAMES, make_shapes
-from flexikern.models.pixart import TextCondition
+from flexikern.models import TextCondition
 
 __all__ = ["VOCAB", "TinyTextEncoder", "captioned_shapes", "moving_shapes", "DIRECTIONS"]
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexikern.ops.patch_size import PatchSize
+
 __all__ = ["Packing"]
 
 
@@ -25,7 +27,8 @@ class Packing:
     cu_seqlens_host: the same boundaries as Python ints, for what must not read the device
         (`varlen_attention(..., cu_seqlens_host=)`'s validation and host-side backends).
     max_seqlen: the longest sequence.
-    groups: (key, start, end) token ranges sharing a patch-size key, for per-size layers.
+    groups: (patch size, start, end): the token ranges of consecutive samples sharing a patch
+        size, for per-size layers (LoRA adapters, norms).
     sample_bounds: (start, end) token range of each sample, on the host (per-sample
         cross-attention).
 
@@ -35,14 +38,14 @@ class Packing:
     segment_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    groups: list[tuple[str, int, int]]
+    groups: list[tuple[PatchSize, int, int]]
     cu_seqlens_host: tuple[int, ...]
     sample_bounds: tuple[tuple[int, int], ...]
 
     @classmethod
-    def from_lengths(cls, lengths: list[int], keys: list[str], device: torch.device,
+    def from_lengths(cls, lengths: list[int], patches: list[PatchSize], device: torch.device,
                      sequences: list[int] | None = None) -> "Packing":
-        """Samples in packed order with their token counts and patch-size keys.
+        """Samples in packed order with their token counts and patch sizes.
 
         Each sample is one attention sequence or, with `sequences`, sample i is split into
         `sequences[i]` sequences of equal length (a video's frames, or its positions across frames).
@@ -51,12 +54,12 @@ class Packing:
         if any(n % c for n, c in zip(lengths, counts)):
             raise ValueError(f"lengths {lengths} do not split into {counts} equal sequences")
         starts = list(itertools.accumulate(lengths, initial=0))
-        groups: list[tuple[str, int, int]] = []
-        for key, start, end in zip(keys, starts[:-1], starts[1:]):
-            if groups and groups[-1][0] == key and groups[-1][2] == start:
-                groups[-1] = (key, groups[-1][1], end)
+        groups: list[tuple[PatchSize, int, int]] = []
+        for patch, start, end in zip(patches, starts[:-1], starts[1:]):
+            if groups and groups[-1][0] == patch:
+                groups[-1] = (patch, groups[-1][1], end)
             else:
-                groups.append((key, start, end))
+                groups.append((patch, start, end))
         seqlens = [n // c for n, c in zip(lengths, counts) for _ in range(c)]
         bounds = tuple(itertools.accumulate(seqlens, initial=0))
         segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))

@@ -1,1 +1,0 @@
-"""Generated conditioning data for the text-to-image and video examples (see `captioned`)."""

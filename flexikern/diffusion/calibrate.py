@@ -1,0 +1,74 @@
+"""Calibration: measure, per step, how far a model's weak prediction is from its powerful one.
+
+FlexiDiT (arXiv 2502.20126, Fig. 4) shows that the gap between the weak and the powerful
+prediction is small at the early, noisy steps, which is why weak-first schedules work. Calibration
+measures that gap for one model instead of assuming its shape:
+
+* `gap_profile(model, steps)`: along the static (powerful) sampling trajectory, per step k, how
+  much running step k at the weak size would change that step's update;
+* `Schedule.calibrate(model, steps, budget=... | tolerance=...)` (in schedule.py) builds the
+  schedule whose weak steps are the steps with the smallest gaps.
+
+The model is passed in; anything with `original_patch_size`, `patch_sizes`, `flops(size)` and a
+DiT forward `model(x, t, y, patch_size=...)` works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flexikern.diffusion.gaussian import make_sampler
+from flexikern.ops.patch_size import PatchSize
+
+__all__ = ["gap_profile", "weak_size"]
+
+
+def weak_size(model: Any, powerful: PatchSize, caller: str) -> PatchSize:
+    """The model's default weak patch size: the next larger than `powerful` (by area)."""
+    weak = powerful.next_larger(model.patch_sizes)
+    if weak is None:
+        raise ValueError(f"{caller}: the model has no patch size larger than {powerful} "
+                         f"(patch_sizes={list(model.patch_sizes)}); flexify it with a weak size first")
+    return weak
+
+
+@torch.no_grad()
+def gap_profile(model: Any, steps: int, num_samples: int = 16, seed: int = 0, sampler: str = "ddim",
+                weak: Any = None, y: Any = None, clip_denoised: bool = True) -> list[float]:
+    """Per step k (0 = noisiest), how far the weak prediction is from the powerful one.
+
+    Runs the static (powerful) sampler on `num_samples` noise draws; at each step it also runs
+    the weak size on the same x_k and records mean ||update(eps_weak) - update(eps_powerful)||^2,
+    the change running this one step weak would make to x_{k+1} (the eps gap weighted by the
+    sampler's coefficient at that step, which is what a sample sees). Deterministic given `seed`.
+    """
+    powerful = PatchSize.parse(model.original_patch_size, ndim=2, name="original_patch_size")
+    weak = weak_size(model, powerful, "gap_profile") if weak is None else PatchSize.parse(weak, ndim=2, name="weak")
+    sampler_obj = make_sampler(sampler, steps, clip_denoised=clip_denoised)
+    params = next(model.parameters())
+    device = params.device
+    sampler_obj.to(device)
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_samples, model.in_channels, model.input_size, model.input_size)
+    x = torch.randn(shape, generator=g).to(device)
+    y = (torch.arange(num_samples) % model.num_classes if y is None else torch.as_tensor(y)).to(device)
+    was_training = model.training
+    model.eval()
+    gaps = []
+    try:
+        for k in range(steps):
+            kt = torch.tensor(k, device=device)
+            t = sampler_obj.model_timesteps[k].expand(num_samples)
+            out_p = model(x.to(params.dtype), t, y, patch_size=powerful).float()
+            out_w = model(x.to(params.dtype), t, y, patch_size=weak).float()
+            noise = torch.randn(shape, generator=g).to(device) if sampler_obj.stochastic else None
+            zero = torch.zeros_like(x) if noise is not None else None
+            nxt_p = sampler_obj.step(out_p, x, kt, zero)
+            nxt_w = sampler_obj.step(out_w, x, kt, zero)
+            gaps.append(float((nxt_w - nxt_p).pow(2).flatten(1).sum(1).mean()))
+            x = nxt_p if noise is None else sampler_obj.step(out_p, x, kt, noise)
+    finally:
+        model.train(was_training)
+    return gaps

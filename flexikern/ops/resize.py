@@ -1,0 +1,158 @@
+"""Resizing patch-embedding kernels between patch sizes (FlexiViT's PI-resize, arXiv 2212.08013).
+
+A kernel of spatial size (h, w) acts on flattened patches of h*w pixels. The bilinear resize of
+a patch from (h, w) to (h', w') is a linear map `R = resize(eye(h*w))` of shape (h'w', hw)
+(half-pixel centres, `align_corners=False`, no antialias). Two kernel resizes follow from it:
+
+* `pi_resize` (embedding): `w' = w @ pinv(R)`, so `<R x, w'> = <x, w>` when upsampling and the
+  token of a resized patch is unchanged. Equals timm's `resample_patch_embed(..., "bilinear",
+  antialias=False)`.
+* `resize_deembed` (de-embedding): `w' = w @ R^T`, the plain bilinear resize of each output
+  map, so the de-embedded patch at (h', w') is the resized de-embedded patch at (h, w).
+
+Both are a small matrix product on the flattened kernel; the matrices are cached per
+(sizes, device, dtype). `lift_embed` / `lift_deembed` go the other way (a kernel stored at a
+small size, lifted to a larger one), and `deembed_weight` applies `resize_deembed` to a
+de-embedding stored as a linear layer's weight. Sizes are (h, w) pairs, read by `PatchSize.parse`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from flexikern.ops.patch_size import PatchSize, PatchSizeLike
+
+__all__ = ["resize_matrix", "pi_resize_matrix", "pi_resize", "resize_deembed", "lift_embed",
+           "lift_deembed", "lift_deembed_weight", "deembed_weight"]
+
+
+def _size(value: PatchSizeLike, name: str) -> tuple[int, int]:
+    # A plain tuple: torch.compile traces tuple arithmetic, not a tuple subclass's.
+    return tuple(PatchSize.parse(value, ndim=2, name=name))
+
+
+@functools.lru_cache(maxsize=256)
+def _resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: torch.device,
+                          dtype: torch.dtype) -> torch.Tensor:
+    h, w = old
+    eye = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    resized = F.interpolate(eye, size=new, mode="bilinear", align_corners=False, antialias=False)
+    return resized.reshape(h * w, -1).T.contiguous().to(device=device, dtype=dtype)  # (h'w', hw)
+
+
+@functools.lru_cache(maxsize=256)
+def _pi_resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: torch.device,
+                             dtype: torch.dtype) -> torch.Tensor:
+    R = _resize_matrix_cached(old, new, torch.device("cpu"), torch.float64)
+    return torch.linalg.pinv(R).to(device=device, dtype=dtype)  # (hw, h'w')
+
+
+def resize_matrix(old, new, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The bilinear resize matrix R, shape (h'w', hw), mapping a flattened (h, w) patch to (h', w')."""
+    return _resize_matrix_cached(_size(old, "old size"), _size(new, "new size"),
+                                 torch.device(device or "cpu"), dtype)
+
+
+def pi_resize_matrix(old, new, device=None, dtype=torch.float32) -> torch.Tensor:
+    """pinv(R), shape (hw, h'w'): `w_new = w.flatten(-2) @ pi_resize_matrix(old, new)`."""
+    return _pi_resize_matrix_cached(_size(old, "old size"), _size(new, "new size"),
+                                    torch.device(device or "cpu"), dtype)
+
+
+def _apply(weight: torch.Tensor, matrix: torch.Tensor, new: tuple[int, int]) -> torch.Tensor:
+    lead = weight.shape[:-2]
+    out = weight.reshape(*lead, -1).to(matrix.dtype) @ matrix
+    return out.reshape(*lead, *new).to(weight.dtype)
+
+
+def pi_resize(weight: torch.Tensor, new_size: PatchSizeLike) -> torch.Tensor:
+    """PI-resize a patch-embedding kernel (..., h, w) -> (..., h', w') (FlexiViT).
+
+    Works in float32 (or float64 for float64 weights) and returns the input dtype. Differentiable.
+    """
+    return _resized(weight, new_size, pi_resize_matrix)
+
+
+def resize_deembed(weight: torch.Tensor, new_size: PatchSizeLike) -> torch.Tensor:
+    """Bilinearly resize de-embedding output maps (..., h, w) -> (..., h', w') (`w @ R^T`)."""
+    return _resized(weight, new_size, lambda old, new, device, dtype: resize_matrix(old, new, device, dtype).T)
+
+
+def _resized(weight: torch.Tensor, new_size: PatchSizeLike, matrix) -> torch.Tensor:
+    """`weight` (..., h, w) times `matrix(old, new, device, dtype)` (hw, h'w'), in float32 (float64
+    for float64 weights), back in the input dtype."""
+    if weight.dim() < 2:
+        raise ValueError(f"weight: expected (..., h, w), got shape {tuple(weight.shape)}")
+    old, new = tuple(weight.shape[-2:]), _size(new_size, "new_size")
+    if old == new:
+        return weight
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return _apply(weight, matrix(old, new, weight.device, compute), new)
+
+
+def lift_embed(weight: torch.Tensor, size: PatchSizeLike) -> torch.Tensor:
+    """The smallest-norm embedding kernel at `size` that `pi_resize`s back exactly to `weight`.
+
+    `w_big = w @ R` with R the bilinear resize from `size` down to the kernel's size. For a factor
+    of 2 each weight is spread over its 2x2 block and divided by 4, so a token of the bigger
+    patch is the stored kernel applied to that patch downsampled (average-pooled): how a new,
+    larger patch size's kernel starts from a trained one.
+    """
+    old, big = tuple(weight.shape[-2:]), _size(size, "size")
+    if old == big:
+        return weight.clone()
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return _apply(weight, resize_matrix(big, old, weight.device, compute), big)
+
+
+def lift_deembed(weight: torch.Tensor, size: PatchSizeLike) -> torch.Tensor:
+    """The smallest-norm de-embedding maps at `size` that `resize_deembed` back exactly to `weight`.
+
+    `w_big = w @ pinv(R)^T`; for a factor of 2 each weight is replicated over its 2x2 block.
+    """
+    old, big = tuple(weight.shape[-2:]), _size(size, "size")
+    if old == big:
+        return weight.clone()
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return _apply(weight, pi_resize_matrix(big, old, weight.device, compute).T, big)
+
+
+def deembed_weight(weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: PatchSizeLike,
+                   patch_size: PatchSizeLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize a de-embedding stored as a linear layer, (kh*kw*C, D) with rows ordered (kh, kw, C)
+    like DiT's `final_layer.linear`, and its bias (kh*kw*C,), from `kernel_size` to `patch_size`
+    (`resize_deembed` on each output map). Returned as they are when the sizes are equal, 3-D
+    (video) sizes included; only 2-D sizes are resized."""
+    kernel = tuple(PatchSize.parse(kernel_size, name="kernel_size"))
+    patch = tuple(PatchSize.parse(patch_size))
+    if kernel == patch:
+        return weight, bias
+    if len(kernel) != 2 or len(patch) != 2:
+        raise ValueError(f"kernel_size={kernel}, patch_size={patch}: only 2-D de-embeddings are "
+                         "resized; a 3-D one runs at its stored size")
+    return _on_output_maps(weight, bias, kernel, lambda maps: resize_deembed(maps, patch))
+
+
+def lift_deembed_weight(weight: torch.Tensor, bias: torch.Tensor, kernel_size: PatchSizeLike,
+                        size: PatchSizeLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lift_deembed` for a de-embedding stored as a linear layer (rows (kh, kw, C), like
+    `deembed_weight`): the smallest-norm (weight, bias) at `size` that resize back exactly."""
+    kernel = tuple(PatchSize.parse(kernel_size, ndim=2, name="kernel_size"))
+    size = _size(size, "size")
+    return _on_output_maps(weight, bias, kernel, lambda maps: lift_deembed(maps, size))
+
+
+def _on_output_maps(weight, bias, kernel, fn):
+    """Apply `fn` to a linear de-embedding's output maps: rows (kh, kw, C) of (kh*kw*C, D) are
+    viewed as maps (C, D, kh, kw) (and the bias as (C, kh, kw)), and the result turned back."""
+    kh, kw = kernel
+    d = weight.shape[1]
+    c = weight.shape[0] // (kh * kw)
+    w = fn(weight.reshape(kh, kw, c, d).permute(2, 3, 0, 1))            # (C, D, h, w)
+    w = w.permute(2, 3, 0, 1).reshape(-1, d).contiguous()
+    if bias is not None:
+        bias = fn(bias.reshape(kh, kw, c).permute(2, 0, 1)).permute(1, 2, 0).reshape(-1).contiguous()
+    return w, bias
