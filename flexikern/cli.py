@@ -302,7 +302,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def _warm_up(model: Any, sizes: set, batch: int, device: Any) -> None:
     """One forward per size and batch shape, so first-call set-up (kernel selection) is not timed."""
     import torch
-    x = torch.zeros(2 * batch, model.in_channels, model.input_size, model.input_size, device=device)
+    x = torch.zeros(2 * batch, *model.latent_shape, device=device)
     t = torch.zeros(2 * batch, device=device)
     y = torch.zeros(2 * batch, dtype=torch.long, device=device)
     with torch.inference_mode():

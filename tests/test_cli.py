@@ -125,36 +125,6 @@ def test_patch_size_flags_use_the_one_parser(capsys):
     fails(["sample", "--model", "DiT-S/2", "--weak", "4y"], capsys, "--weak", "'4y'", "2x4")
 
 
-APPS = {"flexikern.cli", "flexikern.evaluate", "flexikern.__main__", "flexikern.train.commands"}
-
-
-def _module_name(path):
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def test_the_library_never_imports_the_commands():
-    """Layers are one-way: the commands import the library, no library module (even inside a
-    function) imports a command module."""
-    import ast
-    from pathlib import Path
-
-    offenders = []
-    for path in sorted(Path(ROOT, "flexikern").rglob("*.py")):
-        module = _module_name(path)
-        if module in APPS:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                continue
-            offenders += [f"{module}:{node.lineno} imports {n}" for n in names if n in APPS]
-    assert not offenders, offenders
-
-
 def test_to_uint8():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
     img, note = to_uint8(x)

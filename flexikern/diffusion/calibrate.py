@@ -51,7 +51,7 @@ def gap_profile(model: Any, steps: int, num_samples: int = 16, seed: int = 0, sa
     device = params.device
     sampler_obj.to(device)
     g = torch.Generator().manual_seed(seed)
-    shape = (num_samples, model.in_channels, model.input_size, model.input_size)
+    shape = (num_samples, *model.latent_shape)
     x = torch.randn(shape, generator=g).to(device)
     y = (torch.arange(num_samples) % model.num_classes if y is None else torch.as_tensor(y)).to(device)
     was_training = model.training

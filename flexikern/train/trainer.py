@@ -205,9 +205,9 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     sizes = _sizes_for(config.recipe, model)
-    if data.x.shape[1:] != (model.in_channels, model.input_size, model.input_size):
+    if tuple(data.x.shape[1:]) != model.latent_shape:
         raise ValueError(f"data: images are {tuple(data.x.shape[1:])} but the model expects "
-                         f"{(model.in_channels, model.input_size, model.input_size)}")
+                         f"{model.latent_shape}")
     if int(data.y.max()) >= model.num_classes:
         raise ValueError(f"data: label {int(data.y.max())} >= model.num_classes={model.num_classes}")
 
@@ -215,7 +215,7 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
     model.gradient_checkpointing = config.gradient_checkpointing
     params = model.trainable_parameters()
     teacher = None
-    if config.recipe == "distill" and getattr(model, "adapter", None) != "lora":
+    if config.recipe == "distill" and model.adapter != "lora":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)    # the frozen original
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay)
