@@ -80,18 +80,32 @@ CASES = [(LARGE, "reference"), (LARGE, "static"), (LARGE, "flexi_0.6+graphs"), (
 
 
 class ReferenceForSampling(nn.Module):
-    """The plain DiT behind FlexiDiT's sampling interface (the attributes `fk.sample` reads);
-    FLOPs come from the FlexiDiT with the same architecture."""
+    """The plain DiT behind `fk.sample`'s model protocol (`flexikern.diffusion.FlexibleDenoiser`):
+    its forward runs the reference DiT; conditions, shapes and FLOPs are those of the FlexiDiT of
+    the same architecture. Static schedules only: no other patch size, no packed forward."""
 
     def __init__(self, dit: DiT, like: FlexiDiT):
         super().__init__()
-        self.dit = dit
-        self.num_classes, self.in_channels, self.input_size = like.num_classes, like.in_channels, like.input_size
-        self.patch_sizes = self.original_patch_size_tuple = (like.original_patch_size,)
-        self.original_patch_size, self._like = like.original_patch_size, [like]
+        self.dit, self._like = dit, [like]
+        self.in_channels, self.latent_shape = like.in_channels, like.latent_shape
+        self.original_patch_size = like.original_patch_size
+        self.patch_sizes = (like.original_patch_size,)
+        self.has_null_class = like.has_null_class
 
-    def flops(self, patch_size=None, batch: int = 1, input_size=None) -> int:
-        return self._like[0].flops(patch_size, batch, input_size)
+    def check_condition(self, y, n=None, device=None):
+        return self._like[0].check_condition(y, n, device)
+
+    def null_condition(self, y):
+        return self._like[0].null_condition(y)
+
+    def flops(self, patch_size=None, batch: int = 1) -> int:
+        return self._like[0].flops(patch_size, batch)
+
+    def prepare(self, patch_sizes, size, device, packed=False) -> list[torch.Tensor]:
+        return []   # the reference builds nothing per patch size
+
+    def forward_packed(self, xs, t, y, patch_sizes):
+        raise NotImplementedError("the reference DiT has no packed forward (sample with packed=False)")
 
     def forward(self, x, t, y, patch_size=None):
         return self.dit(x, t, y)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flexikern.arguments import positive_int
 from flexikern.datasets import CLASS_NAMES, shapes_split
 from flexikern.diffusion import Guidance, Schedule
 from flexikern.images import to_uint8
@@ -45,15 +46,15 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--classifier", default=None, help="classifier .safetensors (default: the shipped one)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
     p.add_argument("--quick", action="store_true", help="fewer samples, one seed (a few minutes on 2 cores)")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per point and seed (default 200; quick 100)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps of the static model (default: 20)")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="samples per point and seed (default 200; quick 100)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick 1)")
+    p.add_argument("--steps", type=positive_int, default=20, help="sampling steps of the static model (default: 20)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance scale (default: 1 = none)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="none")
-    p.add_argument("--reference-samples", type=int, default=None, help="held-out real images (default 2000)")
+    p.add_argument("--reference-samples", type=positive_int, default=None, help="held-out real images (default 2000)")
     p.add_argument("--methods", default="static,flexi,fewer_steps,weak_last,calibrated")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default: 1; small models run faster on one thread of a busy CPU)")
     p.set_defaults(run=run_eval, parser=p)
 
@@ -103,13 +104,13 @@ def add_demo_parser(subparsers: Any) -> None:
                     "FLOPs, wall times and quick quality figures (FD, classifier accuracy).")
     p.add_argument("--out", default="out/demo.png", help="PNG path (default: out/demo.png)")
     p.add_argument("--budget", type=float, default=0.6, help="relative FLOPs of the FlexiDiT schedule (default 0.6)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    p.add_argument("--num-samples", type=int, default=100, help="samples for the quality figures (default 100)")
+    p.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--num-samples", type=positive_int, default=100, help="samples for the quality figures (default 100)")
     p.add_argument("--guidance", type=float, default=5.0,
                    help="guidance scale (default 5: the best of 1/1.5/3/5/8 for the static shipped model)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="flexi")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default: 1; small models run faster on one thread of a busy CPU)")
     p.set_defaults(run=run_demo, parser=p)
 
@@ -173,10 +174,10 @@ def _main_classifier(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flexikern.evaluate",
                                 description="Train the feature classifier on the generated shapes data.")
     p.add_argument("--out", default=str(ASSETS / "shapes_classifier.safetensors"))
-    p.add_argument("--num-images", type=int, default=20000)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--num-images", type=positive_int, default=20000)
+    p.add_argument("--epochs", type=positive_int, default=4)
+    p.add_argument("--image-size", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,6 +5,9 @@ members and no others. FlexiDiT, FlexiPixArt and FlexiLatte implement them in th
 a model from another library is converted first (`fk.FlexiDiT.from_diffusers`, ...).
 `fk.sample` checks a model once, at its boundary (`check_denoiser`), so a model that lacks a
 member fails there with its name rather than somewhere inside a step.
+Around its denoising loop `fk.sample` enters `flexikern.models.base.conditions_checked()`: the
+conditions were validated once by `check_condition`, so a forward may skip reading their values
+back (a device sync per step).
 """
 
 from __future__ import annotations
