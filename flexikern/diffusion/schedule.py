@@ -147,11 +147,7 @@ class Schedule:
             raise ValueError(f"budget={budget!r}: expected a positive fraction of the static schedule's "
                              f"FLOPs, e.g. 0.6")
         powerful = PatchSize.parse(model.original_patch_size if powerful is None else powerful, name="powerful")
-        weak = powerful.next_larger(model.patch_sizes) if weak is None else PatchSize.parse(weak, name="weak")
-        if weak is None:
-            raise ValueError(f"for_budget: the model has no patch size larger than powerful={powerful} "
-                             f"(model.patch_sizes={_fmt_sizes(model.patch_sizes)}); flexify it with a "
-                             f"weak size first")
+        weak = weak_size(model, powerful, "for_budget") if weak is None else PatchSize.parse(weak, name="weak")
         cls.static(1, powerful).validate(model)
         cls.static(1, weak).validate(model)
         f_weak, f_pow = int(model.flops(weak)), int(model.flops(powerful))

@@ -284,9 +284,10 @@ class FlexibleModel(nn.Module):
             start += n
         return outputs
 
-    def _packing(self, samples: list[tuple[PatchSize, tuple[int, ...]]], device: torch.device):
-        """(runs, packed order, `Packing`) for samples' (patch size, resolution), one attention
-        sequence per sample (runs: see `group_samples`); cached."""
+    def _packed_layout(self, samples: list[tuple[PatchSize, tuple[int, ...]]], device: torch.device):
+        """The layout one `forward_packed` call of these (patch size, resolution) samples uses:
+        (runs, packed order, `Packing`), one attention sequence per sample (runs: see
+        `group_samples`); cached. A family with another layout (Latte) overrides it."""
         def build():
             runs, order = group_samples(samples)
             lengths = [p.tokens(size) for p, size in (samples[i] for i in order)]
@@ -331,10 +332,6 @@ class FlexibleModel(nn.Module):
             layout = self._packed_layout([(p, tuple(size)) for p in patches], device)
             built += [t for t in _tensors(layout)]
         return built
-
-    def _packed_layout(self, samples: list[tuple[PatchSize, tuple[int, ...]]], device: torch.device):
-        """The cached layout one `forward_packed` call of these (patch size, size) samples uses."""
-        return self._packing(samples, device)
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod

@@ -235,7 +235,7 @@ class FlexiDiT(FlexibleModel):
         """
         patches = self._check_packed(xs, patch_sizes)
         t, y = self._check_conditions(t, y, len(xs), xs[0].device)
-        runs, order, packing = self._packing([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], xs[0].device)
+        runs, order, packing = self._packed_layout([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], xs[0].device)
         h = self._embed_packed(xs, runs)
         c = self.t_embedder(t[order]) + self.y_embedder(y[order])
         for block in self.blocks:

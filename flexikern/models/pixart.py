@@ -121,7 +121,7 @@ class FlexiPixArt(TextConditioned):
         patches = self._check_packed(xs, patch_sizes)
         t = check_timesteps(t, len(xs), xs[0].device)
         cond = self.check_condition(y, len(xs), xs[0].device)
-        runs, order, packing = self._packing([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], xs[0].device)
+        runs, order, packing = self._packed_layout([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], xs[0].device)
         h = self._embed_packed(xs, runs)
         t_emb, t6, text, bias = self._conditioning(t[order], cond[order])
         for block in self.blocks:

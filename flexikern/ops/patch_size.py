@@ -65,8 +65,8 @@ class PatchSize(tuple):
     def next_larger(self, sizes) -> "PatchSize | None":
         """The smallest of `sizes` with more pixels per patch than this one (by volume), or None:
         the default weak size of a model whose powerful size is this one."""
-        larger = [PatchSize.parse(s) for s in sizes if PatchSize.parse(s).volume > self.volume]
-        return min(larger, key=lambda s: s.volume) if larger else None
+        larger = [size for size in map(PatchSize.parse, sizes) if size.volume > self.volume]
+        return min(larger, key=lambda size: size.volume) if larger else None
 
     def tokens(self, size: tuple[int, ...]) -> int:
         """The number of patches in a latent of spatial (or (F, H, W)) `size`."""
