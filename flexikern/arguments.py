@@ -1,14 +1,27 @@
 """argparse types shared by the commands (`flexikern sample`, `train`, `finetune`, `eval`, ...):
-each parses one flag's text or raises `argparse.ArgumentTypeError` saying what to write."""
+each parses one flag's text or raises `argparse.ArgumentTypeError` saying what to write, so a bad
+flag is one `error:` line before any work. Paths the commands write are checked here too
+(`output_file_arg`, `output_dir_arg`): a run never loses its work to a bad output path at the end.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 from flexikern.ops.patch_size import PatchSize
 
 __all__ = ["patch_size_arg", "patch_sizes_arg", "classes_arg", "schedule_arg", "interval_arg", "positive_int",
-           "fraction_arg"]
+           "nonnegative_int", "seed_arg", "fraction_arg", "positive_float", "nonnegative_float", "finite_float",
+           "probability_arg", "device_arg", "output_file_arg", "output_dir_arg", "model_arg", "shipped_models",
+           "add_threads_arg", "IMAGE_SUFFIXES", "FIGURE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")   # what save_grid (Pillow) writes
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")                    # what matplotlib writes
 
 
 def patch_size_arg(text: str) -> PatchSize:
@@ -21,7 +34,10 @@ def patch_size_arg(text: str) -> PatchSize:
 
 def patch_sizes_arg(text: str) -> tuple[PatchSize, ...]:
     """"2,4" -> ((2, 2), (4, 4))."""
-    return tuple(patch_size_arg(p) for p in text.split(",") if p.strip())
+    sizes = tuple(patch_size_arg(p) for p in text.split(",") if p.strip())
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected patch sizes like 2,4 or 2,2x4")
+    return sizes
 
 
 def classes_arg(text: str) -> list[int]:
@@ -61,26 +77,144 @@ def interval_arg(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI in model timesteps, e.g. 0,700") from None
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI in model timesteps with 0 <= LO <= HI, "
+                                         "e.g. 0,700")
     return lo, hi
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str) -> float:
+    """`kind(text)` if it parses, is finite and passes `ok`; else ArgumentTypeError saying `expected`."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def seed_arg(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2 ** 63, "a seed: an integer in [0, 2**63)")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a positive finite number, e.g. 1e-4")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "a finite number >= 0")
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, lambda v: True, "a finite number")
+
+
+def probability_arg(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
 def fraction_arg(text: str) -> float:
+    return _number(text, float, lambda v: v > 0,
+                   "a positive fraction of the static schedule's FLOPs, e.g. 0.6")
+
+
+def device_arg(text: str) -> str:
+    """"cpu", "cuda", "cuda:1", "mps", ...: a device torch knows and this machine has."""
+    import torch
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive fraction of the static schedule's "
-                                         f"FLOPs, e.g. 0.6")
-    return value
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a device; write cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) is a CPU build without "
+                                             "CUDA; use --device cpu or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} visible GPU(s)"
+                                             + (f"; use cuda:0 ... cuda:{count - 1}" if count else
+                                                "; use --device cpu"))
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: flexikern runs on cpu, cuda or mps")
+    return text
+
+
+# ----------------------------------------------------------------------------- paths
+def _unwritable(path: Path) -> str | None:
+    """Why nothing can be created at `path` (its folders made as needed), or None."""
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        return f"cannot write in {ancestor} ({e.strerror or e})"
+    return None
+
+
+def output_file_arg(*suffixes: str) -> Callable[[str], str]:
+    """An argparse type for a file a command will write, with one of `suffixes` (".png", ...):
+    checked before the command runs, so no work is lost to a bad path at the end."""
+    def output_file(text: str) -> str:
+        path = Path(text)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r}: is a directory; give a file name, e.g. "
+                                             f"{path / ('out' + suffixes[0])}")
+        if path.suffix.lower() not in suffixes:
+            got = f"the extension {path.suffix!r}" if path.suffix else "no extension"
+            raise argparse.ArgumentTypeError(f"{text!r}: {got}; expected a file name ending in "
+                                             f"{', '.join(suffixes)}")
+        why = _unwritable(path)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+        return text
+    return output_file
+
+
+def output_dir_arg(text: str) -> str:
+    """An argparse type for a folder a command will write into (made if missing)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: is a file; expected a folder")
+    why = _unwritable(path / "_") if path.is_dir() else _unwritable(path)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+    return text
+
+
+# ----------------------------------------------------------------------------- models
+def shipped_models() -> dict[str, Path]:
+    """The models under flexikern/assets/ by name (e.g. "shapes16" -> its save_pretrained folder)."""
+    assets = Path(__file__).resolve().parent / "assets"
+    return {p.name: p for p in sorted(assets.iterdir()) if (p / "config.json").exists()}
+
+
+def model_arg(text: str) -> str:
+    """--model: a shipped model's name (`shipped_models`) becomes its folder; anything else is kept
+    (a path or a config name, which the command resolves)."""
+    shipped = shipped_models()
+    if text in shipped and not os.path.exists(text):
+        return str(shipped[text])
+    return text
+
+
+def add_threads_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None) -> None:
+    """--threads: torch CPU threads (one definition for every command)."""
+    parser.add_argument("--threads", type=positive_int, default=default,
+                        help="torch CPU threads (default: " + ("torch's" if default is None else
+                             f"{default}; small models run faster on one thread of a busy CPU") + ")")

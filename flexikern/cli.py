@@ -2,7 +2,9 @@
 
 Each subcommand is one `add_<name>_parser(subparsers)` + `run_<name>(args) -> int` pair, listed in
 `SUBCOMMANDS`; adding one is a self-contained edit. Shared pieces: `add_model_args` / `load_model`
-(--model as a DiT config name, a `save_pretrained` directory or a DiT checkpoint).
+(--model as a shipped model's name, a DiT config name, a `save_pretrained` directory or a DiT
+checkpoint). Every flag is checked when parsed (`flexikern.arguments`), output paths included, so
+a bad flag is one `error:` line (exit status 2) before any work.
 
     flexikern sample --model DiT-S/2 --classes 1,2,3 --steps 250 --budget 0.6 --out grid.png
     torchrun --nproc_per_node 8 -m flexikern sample --model DiT-XL-2-256x256.pt --num-samples 50000 \\
@@ -20,8 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from flexikern.arguments import (classes_arg, fraction_arg, interval_arg, patch_size_arg, patch_sizes_arg,
-                                 positive_int, schedule_arg)
+from flexikern.arguments import (IMAGE_SUFFIXES, add_threads_arg, classes_arg, device_arg, finite_float,
+                                 fraction_arg, interval_arg, model_arg, nonnegative_float, output_file_arg,
+                                 patch_size_arg, patch_sizes_arg, positive_int, schedule_arg, seed_arg,
+                                 shipped_models)
+from flexikern.files import atomic_write
 from flexikern.images import save_grid, to_uint8
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_args", "load_model"]
@@ -32,17 +37,18 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_args", "load_model"
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model and what shapes it: used by every subcommand that needs a model."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="PATH_OR_CONFIG",
-                   help="a DiT config name (random weights, e.g. DiT-S/2), a directory written by "
-                        "FlexiDiT.save_pretrained, or a DiT .pt/.safetensors checkpoint")
+    g.add_argument("--model", required=True, type=model_arg, metavar="NAME_OR_PATH",
+                   help="a shipped model (shapes16), a DiT config name (random weights, e.g. DiT-S/2), a "
+                        "directory written by FlexiDiT.save_pretrained, or a DiT .pt/.safetensors checkpoint")
     g.add_argument("--patch-sizes", type=patch_sizes_arg, default=None, metavar="P,P",
                    help="patch sizes to make available (default: the original and twice it; a "
                         "save_pretrained directory keeps its own)")
-    g.add_argument("--adapter", choices=("lora", "shared"), default="lora",
+    g.add_argument("--adapter", choices=("lora", "shared"), default=None,
                    help="how weak sizes are added to a plain DiT (default: lora)")
-    g.add_argument("--input-size", type=positive_int, default=32,
+    g.add_argument("--input-size", type=positive_int, default=None,
                    help="latent side for a config name (default: 32 = 256 px images)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
@@ -60,21 +66,32 @@ def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any
     try:
         if path.is_dir():
             model = FlexiDiT.from_pretrained(path)
-            if args.patch_sizes and set(args.patch_sizes) != set(model.patch_sizes):
-                parser.error(f"--patch-sizes {args.patch_sizes}: {spec} was saved with patch sizes "
-                             f"{list(model.patch_sizes)}; drop --patch-sizes or pick from those")
         elif path.is_file():
             model = FlexiDiT.from_dit(path)
-            model.flexify(sizes(model.original_patch_size), adapter=args.adapter)
         elif spec in DIT_CONFIGS:
             torch.manual_seed(0)   # the same random weights in every process of a torchrun job
-            model = FlexiDiT.from_config(spec, input_size=args.input_size)
-            model.flexify(sizes(model.original_patch_size), adapter=args.adapter)
+            model = FlexiDiT.from_config(spec, input_size=args.input_size or 32)
         else:
-            parser.error(f"--model {spec!r}: not a directory, a checkpoint file or a config name; "
-                         f"configs: {', '.join(DIT_CONFIGS)}")
-    except (ValueError, FileNotFoundError) as e:
+            parser.error(f"--model {spec!r}: no such file or folder, and not a shipped model "
+                         f"({', '.join(shipped_models())}) or a DiT config name ({', '.join(DIT_CONFIGS)}); "
+                         "a path to a save_pretrained folder or a DiT checkpoint also works")
+    except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(f"--model {spec!r}: {e}")
+    if args.input_size is not None and spec not in DIT_CONFIGS:
+        parser.error(f"--input-size {args.input_size}: applies to a config name; {spec} has its own "
+                     f"({model.input_size}): drop --input-size")
+    if path.is_dir():
+        if args.adapter and args.adapter != model.adapter:
+            parser.error(f"--adapter {args.adapter}: {spec} was saved with adapter {model.adapter!r}; "
+                         "drop --adapter")
+        if args.patch_sizes and set(args.patch_sizes) != set(model.patch_sizes):
+            parser.error(f"--patch-sizes {','.join(p.name for p in args.patch_sizes)}: {spec} was saved with "
+                         f"patch sizes {list(model.patch_sizes)}; drop --patch-sizes or pick from those")
+        return model.eval()
+    try:
+        model.flexify(sizes(model.original_patch_size), adapter=args.adapter or "lora")
+    except (ValueError, TypeError) as e:
+        parser.error(f"--patch-sizes / --adapter: {e}")
     return model.eval()
 
 
@@ -88,6 +105,7 @@ def pick_device(args: argparse.Namespace) -> Any:
 # ----------------------------------------------------------------------------- sample
 
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]   # DiT's sample.py
+COMPARE_BUDGET = 0.6     # `sample --compare` without a schedule: the flexible schedule it compares with
 
 def add_sample_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -102,16 +120,18 @@ def add_sample_parser(subparsers: Any) -> None:
                         "DiT's sample.py classes for ImageNet models, else the first 8)")
     g.add_argument("--num-samples", type=positive_int, default=None,
                    help="how many samples (default: one per class)")
-    g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: 0)")
+    g.add_argument("--seed", type=seed_arg, default=0, help="sample i uses seed + i (default: 0)")
     g.add_argument("--batch-size", type=positive_int, default=16, help="samples per forward (default: 16)")
+    add_threads_arg(g, default=None)
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=positive_int, default=250, help="denoising steps (default: 250)")
     g.add_argument("--sampler", choices=("ddpm", "ddim", "flow"), default="ddpm",
                    help="ddpm (DiT's), ddim, or flow (rectified-flow Euler for velocity models)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    g.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM eta (default: 0)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--schedule", type=schedule_arg, default=None,
-                       help="static | weak_first:N[,M] | weak_last:N[,M] | x/y (default: static)")
+                       help="static | weak_first:N[,M] | weak_last:N[,M] | x/y (default: static; with "
+                            f"--compare: --budget {COMPARE_BUDGET})")
     which.add_argument("--budget", type=fraction_arg, default=None,
                        help="pick the weak-first schedule with the most powerful steps within this "
                             "fraction of the static FLOPs, e.g. 0.6")
@@ -123,7 +143,8 @@ def add_sample_parser(subparsers: Any) -> None:
     g.add_argument("--powerful", type=patch_size_arg, default=None,
                    help="powerful patch size (default: the original)")
     g = p.add_argument_group("guidance")
-    g.add_argument("--guidance", type=float, default=1.5, metavar="SCALE", help="guidance scale (default: 1.5)")
+    g.add_argument("--guidance", type=finite_float, default=1.5, metavar="SCALE",
+                   help="guidance scale (default: 1.5)")
     g.add_argument("--guidance-mode", choices=("flexi", "cfg", "none"), default="flexi",
                    help="flexi (weak-model guidance when the guidance branch is weaker, else CFG), "
                         "cfg, or none (default: flexi)")
@@ -132,11 +153,14 @@ def add_sample_parser(subparsers: Any) -> None:
     g.add_argument("--guidance-channels", type=positive_int, default=None,
                    help="guide only the first N channels (DiT's sample.py guides 3)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="PNG grid (default: samples.png unless --npz is given)")
-    g.add_argument("--npz", default=None, help="write all samples as uint8 NHWC under arr_0 (ADM/DiT eval format)")
+    g.add_argument("--out", type=output_file_arg(*IMAGE_SUFFIXES), default=None,
+                   help="image grid, .png or .jpg (default: samples.png unless --npz is given)")
+    g.add_argument("--npz", type=output_file_arg(".npz"), default=None,
+                   help="write all samples as uint8 NHWC under arr_0 (ADM/DiT eval format)")
     g.add_argument("--compare", action="store_true",
                    help="also sample the static schedule from the same noise; the grid shows pairs "
-                        "(static, flexible)")
+                        f"(static, flexible); without --schedule/--budget the flexible one is --budget "
+                        f"{COMPARE_BUDGET}")
     g.add_argument("--vae", default=None, help="a diffusers AutoencoderKL directory to decode latents")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run_sample, parser=p)
@@ -147,6 +171,9 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
 
     powerful = args.powerful or model.original_patch_size
     weak = args.weak or powerful.next_larger(model.patch_sizes)
+    if getattr(args, "compare", False) and args.schedule == ("static", ()):
+        parser.error("--compare compares the static schedule with a flexible one, and --schedule static is "
+                     f"the static one: drop --schedule (then --budget {COMPARE_BUDGET}) or pick a flexible one")
     try:
         if args.budget is not None:
             return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak,
@@ -163,7 +190,7 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
             return Schedule.from_notation("/".join(map(str, counts)), args.steps, weak, powerful).validate(model)
         build = Schedule.weak_first if kind == "weak_first" else Schedule.weak_last
         return build(args.steps, counts[0], weak, powerful, guidance_weak_steps=counts[-1]).validate(model)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(f"{'--budget' if args.budget is not None else '--schedule'}: {e} (with --steps {args.steps})")
 
 
@@ -209,6 +236,16 @@ def run_sample(args: argparse.Namespace) -> int:
     from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 
     parser = args.parser
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or (None if args.npz else "samples.png")
+    if out and not args.out:       # the default, checked like a given --out
+        try:
+            output_file_arg(*IMAGE_SUFFIXES)(out)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--out (default {out}): {e}")
+    if args.compare and args.schedule is None and args.budget is None:
+        args.budget = COMPARE_BUDGET
     rank, world, dist = _distributed()
     device = pick_device(args)
     if dist is not None and device.type == "cuda":
@@ -225,8 +262,14 @@ def run_sample(args: argparse.Namespace) -> int:
         guidance = Guidance(args.guidance, args.guidance_mode, interval=args.guidance_interval,
                             first_channels=args.guidance_channels)
         sampler = make_sampler(args.sampler, args.steps, eta=args.eta)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
+    if guidance.enabled and not model.has_null_class:
+        parser.error(f"--guidance {args.guidance} --guidance-mode {args.guidance_mode}: this model has no null "
+                     "class (it was trained without class dropout), so it cannot be guided; pass "
+                     "--guidance-mode none")
+    if args.guidance_channels is not None and args.guidance_channels > model.in_channels:
+        parser.error(f"--guidance-channels {args.guidance_channels}: the model has {model.in_channels} channels")
     schedule = _build_schedule(args, model, guidance.enabled, parser)
     static = Schedule.static(args.steps, model.original_patch_size)
     guided = guidance.active_steps(sampler.model_timesteps)
@@ -246,6 +289,11 @@ def run_sample(args: argparse.Namespace) -> int:
     progress = rank == 0 and not args.no_progress
     say(f"{schedule!r} on {device} ({world} process{'es' if world > 1 else ''}), {args.sampler}, "
         f"guidance {guidance.mode} {guidance.scale}")
+    if args.compare:
+        how = (f"--budget {args.budget}" + (" (the default for --compare)" if args.budget == COMPARE_BUDGET
+                                             and args.schedule is None else "")
+               if args.budget is not None else "--schedule")
+        say(f"comparing the static schedule with the flexible {_describe(schedule)} ({how})")
 
     _warm_up(model, schedule.sizes | static.sizes, min(args.batch_size, n), device)
 
@@ -268,7 +316,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     flexible, seconds, note = run(schedule)
     arrays = {"flexible": flexible}
-    say(f"relative FLOPs {relative:.3f} ({schedule.notation if _has_notation(schedule) else 'custom'}), "
+    say(f"relative FLOPs {relative:.3f} ({_describe(schedule)}), "
         f"wall time {seconds:.2f} s for {len(flexible)} samples on rank 0")
     if args.compare:
         arrays["static"], static_seconds, _ = run(static)
@@ -276,14 +324,14 @@ def run_sample(args: argparse.Namespace) -> int:
             f"speed-up {static_seconds / max(seconds, 1e-9):.2f}x")
     if note:
         say(f"note: {note}")
-    base = args.npz or args.out or "samples.png"
+    base = args.npz or out
     gathered = _gather(arrays, batches, rank, world, dist, base)
     if rank == 0:
         if args.npz:
             Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(args.npz, arr_0=gathered["flexible"])
+            with atomic_write(args.npz) as tmp, open(tmp, "wb") as f:
+                np.savez(f, arr_0=gathered["flexible"])
             say(f"wrote {args.npz} (arr_0: {gathered['flexible'].shape} uint8)")
-        out = args.out or (None if args.npz else "samples.png")
         if out:
             if args.compare:
                 pairs = np.stack([gathered["static"], gathered["flexible"]], 1)
@@ -311,12 +359,12 @@ def _warm_up(model: Any, sizes: set, batch: int, device: Any) -> None:
                 model(x[:b], t[:b], y[:b], patch_size=size)
 
 
-def _has_notation(schedule: Any) -> bool:
+def _describe(schedule: Any) -> str:
+    """The paper's x/y notation of a schedule, or "custom" when it has none."""
     try:
-        schedule.notation
+        return schedule.notation
     except ValueError:
-        return False
-    return True
+        return "custom"
 
 
 # ----------------------------------------------------------------------------- flops

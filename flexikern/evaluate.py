@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from flexikern.arguments import positive_int
+from flexikern.arguments import (FIGURE_SUFFIXES, add_threads_arg, finite_float, fraction_arg, model_arg,
+                                 output_dir_arg, output_file_arg, positive_int, seed_arg, shipped_models)
 from flexikern.datasets import CLASS_NAMES, shapes_split
 from flexikern.diffusion import Guidance, Schedule
+from flexikern.files import atomic_write
 from flexikern.images import to_uint8
 from flexikern.metrics import (ASSETS, EvalSettings, ShapesClassifier, classify, evaluate_curves, feature_stats,
                                frechet_distance, generate, load_shipped, pyplot, train_classifier,
@@ -42,45 +44,73 @@ def add_eval_parser(subparsers: Any) -> None:
         description="Sample the static model, FlexiDiT weak-first schedules, fewer-steps and weak-last "
                     "baselines and calibrated schedules at relative FLOPs 1.0 ... 0.3; score each against "
                     "held-out real images with the shapes classifier. Writes eval.json, eval.md, eval.png.")
-    p.add_argument("--model", default=None, help="a save_pretrained directory (default: the shipped model)")
+    p.add_argument("--model", type=model_arg, default=None,
+                   help="a save_pretrained directory or a shipped model's name (default: shapes16)")
     p.add_argument("--classifier", default=None, help="classifier .safetensors (default: the shipped one)")
-    p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
+    p.add_argument("--out", type=output_dir_arg, default="out/eval", help="output directory (default: out/eval)")
     p.add_argument("--quick", action="store_true", help="fewer samples, one seed (a few minutes on 2 cores)")
-    p.add_argument("--num-samples", type=positive_int, default=None, help="samples per point and seed (default 200; quick 100)")
+    p.add_argument("--num-samples", type=positive_int, default=None,
+                   help="samples per point and seed, at least 2 (default 200; quick 100)")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick 1)")
     p.add_argument("--steps", type=positive_int, default=20, help="sampling steps of the static model (default: 20)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance scale (default: 1 = none)")
+    p.add_argument("--guidance", type=finite_float, default=1.0, help="guidance scale (default: 1 = none)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="none")
-    p.add_argument("--reference-samples", type=positive_int, default=None, help="held-out real images (default 2000)")
-    p.add_argument("--methods", default="static,flexi,fewer_steps,weak_last,calibrated")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default: 1; small models run faster on one thread of a busy CPU)")
+    p.add_argument("--reference-samples", type=positive_int, default=None,
+                   help="held-out real images, at least 2 (default 2000)")
+    p.add_argument("--methods", type=_methods_arg, default=",".join(METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    add_threads_arg(p, default=1)
     p.set_defaults(run=run_eval, parser=p)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from flexikern.models import FlexiDiT
+METHODS = EvalSettings.methods
 
+
+def _methods_arg(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown method(s) {unknown}; expected a comma-separated "
+                                         f"list from {','.join(METHODS)}")
+    return methods
+
+
+def _load_eval_models(args: argparse.Namespace) -> tuple[Any, ShapesClassifier]:
+    """The model and classifier eval samples and scores with, or the usage error naming the flag."""
+    from flexikern.models import FlexiDiT
+    try:
+        model = FlexiDiT.from_pretrained(args.model).eval() if args.model else load_shipped()[0]
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        args.parser.error(f"--model {args.model!r}: {e} (shipped models: {', '.join(shipped_models())}; a path "
+                          "to a save_pretrained folder also works)")
+    classifier_path = args.classifier or ASSETS / "shapes_classifier.safetensors"
+    try:
+        classifier = ShapesClassifier.load(classifier_path)
+    except Exception as e:   # safetensors raises its own types for a bad file
+        args.parser.error(f"--classifier {str(classifier_path)!r}: not a classifier written by "
+                          f"ShapesClassifier.save ({type(e).__name__}: {e})")
+    return model, classifier
+
+
+def run_eval(args: argparse.Namespace) -> int:
     _pyplot(args.parser)   # before minutes of sampling: eval.png needs matplotlib
+    for flag, value in (("--num-samples", args.num_samples), ("--reference-samples", args.reference_samples)):
+        if value == 1:
+            args.parser.error(f"{flag} 1: the Fréchet distance needs at least 2 samples")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model:
-        model = FlexiDiT.from_pretrained(args.model).eval()
-        classifier = ShapesClassifier.load(args.classifier or ASSETS / "shapes_classifier.safetensors")
-    else:
-        model, classifier = load_shipped()
-        if args.classifier:
-            classifier = ShapesClassifier.load(args.classifier)
+    model, classifier = _load_eval_models(args)
     quick = args.quick
     settings = EvalSettings(
         steps=args.steps, num_samples=args.num_samples or (100 if quick else 200),
         seeds=tuple(range(args.seeds or (1 if quick else 3))), sampler=args.sampler,
         guidance_scale=args.guidance, guidance_mode=args.guidance_mode if args.guidance != 1.0 else "none",
-        methods=tuple(m.strip() for m in args.methods.split(",")),
+        methods=args.methods,
         reference_samples=args.reference_samples or (1000 if quick else 2000))
-    if settings.guidance_mode != "none" and model.num_classes >= model.y_embedder.embedding_table.num_embeddings:
-        args.parser.error("--guidance: the model has no null class to guide with")
+    if settings.guidance_mode != "none" and not model.has_null_class:
+        args.parser.error(f"--guidance {args.guidance}: the model has no null class to guide with (it was trained "
+                          "without class dropout); pass --guidance 1")
     x_ref, _ = shapes_split("heldout", settings.reference_samples, size=model.input_size)
     start = time.time()
     rows = evaluate_curves(model, classifier, torch.from_numpy(x_ref), settings)
@@ -102,16 +132,17 @@ def add_demo_parser(subparsers: Any) -> None:
         description="Samples the shipped 16x16 shapes model with the static schedule and a FlexiDiT "
                     "weak-first schedule from the same noise, writes a side-by-side PNG, prints relative "
                     "FLOPs, wall times and quick quality figures (FD, classifier accuracy).")
-    p.add_argument("--out", default="out/demo.png", help="PNG path (default: out/demo.png)")
-    p.add_argument("--budget", type=float, default=0.6, help="relative FLOPs of the FlexiDiT schedule (default 0.6)")
+    p.add_argument("--out", type=output_file_arg(*FIGURE_SUFFIXES), default="out/demo.png",
+                   help="figure path, .png, .pdf, .svg or .jpg (default: out/demo.png)")
+    p.add_argument("--budget", type=fraction_arg, default=0.6,
+                   help="relative FLOPs of the FlexiDiT schedule (default 0.6)")
     p.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--num-samples", type=positive_int, default=100, help="samples for the quality figures (default 100)")
-    p.add_argument("--guidance", type=float, default=5.0,
+    p.add_argument("--guidance", type=finite_float, default=5.0,
                    help="guidance scale (default 5: the best of 1/1.5/3/5/8 for the static shipped model)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="flexi")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default: 1; small models run faster on one thread of a busy CPU)")
+    p.add_argument("--seed", type=seed_arg, default=0)
+    add_threads_arg(p, default=1)
     p.set_defaults(run=run_demo, parser=p)
 
 
@@ -120,7 +151,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, classifier = load_shipped()
-    guidance = Guidance(args.guidance, args.guidance_mode if args.guidance != 1.0 else "none")
+    try:
+        guidance = Guidance(args.guidance, args.guidance_mode if args.guidance != 1.0 else "none")
+    except (ValueError, TypeError) as e:
+        args.parser.error(f"--guidance {args.guidance}: {e}")
     static = Schedule.static(args.steps, model.original_patch_size)
     try:
         flexi = Schedule.for_budget(model, args.steps, args.budget, guidance=guidance.enabled,
@@ -162,7 +196,8 @@ def run_demo(args: argparse.Namespace) -> int:
         axes[row, 0].set_ylabel("static\n1.00" if row == 0 else f"FlexiDiT\n{relative:.2f}", fontsize=7)
     fig.suptitle("same noise, static (top) vs FlexiDiT (bottom); relative FLOPs on the left", fontsize=8)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=150, bbox_inches="tight")
+    with atomic_write(args.out) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {args.out}")
     return 0
@@ -173,11 +208,11 @@ def _main_classifier(argv: list[str] | None = None) -> int:
     """`python -m flexikern.evaluate --out PATH`: train the shapes classifier (the shipped one)."""
     p = argparse.ArgumentParser(prog="python -m flexikern.evaluate",
                                 description="Train the feature classifier on the generated shapes data.")
-    p.add_argument("--out", default=str(ASSETS / "shapes_classifier.safetensors"))
+    p.add_argument("--out", type=output_file_arg(".safetensors"), default=str(ASSETS / "shapes_classifier.safetensors"))
     p.add_argument("--num-images", type=positive_int, default=20000)
     p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--image-size", type=positive_int, default=16)
-    p.add_argument("--threads", type=positive_int, default=None)
+    add_threads_arg(p, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

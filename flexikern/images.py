@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from flexikern.files import atomic_write
+
 __all__ = ["to_uint8", "save_grid"]
 
 
@@ -35,7 +37,8 @@ def to_uint8(x: Any) -> tuple[Any, str | None]:
 
 
 def save_grid(images: Any, path: str | Path, columns: int) -> None:
-    """Tile (N, H, W, 3) uint8 images into a PNG, enlarged (nearest) to at least 128 px a side."""
+    """Tile (N, H, W, 3) uint8 images into one image file (its format from the suffix: .png, .jpg,
+    ...; written atomically), enlarged (nearest) to at least 128 px a side."""
     import numpy as np
     from PIL import Image
     n, h, w, _ = images.shape
@@ -49,4 +52,5 @@ def save_grid(images: Any, path: str | Path, columns: int) -> None:
         r, c = divmod(i, columns)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(grid).save(tmp)

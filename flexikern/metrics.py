@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 from flexikern.diffusion.calibrate import gap_profile
+from flexikern.files import atomic_write
+from flexikern.models.convert import load_state_dict_strict
 
 __all__ = ["ShapesClassifier", "train_classifier", "classify", "frechet_distance", "feature_stats",
            "generate", "evaluate_curves", "write_results", "load_shipped", "pyplot", "ASSETS",
@@ -65,17 +67,22 @@ class ShapesClassifier(nn.Module):
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"config": json.dumps(self.config)})
+        with atomic_write(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata={"config": json.dumps(self.config)})
 
     @classmethod
     def load(cls, path: str | Path) -> "ShapesClassifier":
         from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(str(path), "pt") as f:
-            config = json.loads(f.metadata()["config"])
-        model = cls(**config)
-        model.load_state_dict(load_file(str(path)))
+        try:
+            with safe_open(str(path), "pt") as f:
+                config = json.loads(f.metadata()["config"])
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            model = cls(**config)
+        except Exception as e:
+            raise ValueError(f"{path}: not a classifier written by ShapesClassifier.save (a .safetensors file "
+                             f"with its config; {type(e).__name__}: {e})") from e
+        load_state_dict_strict(model, state, str(path))
         return model.eval()
 
 
@@ -268,7 +275,8 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "eval.json", out / "eval.md", out / "eval.png"]
-    paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    with atomic_write(paths[0]) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     static = next((r for r in rows if r["method"] == "static"), None)
     lines = [f"# FD and accuracy vs relative FLOPs ({meta.get('model', 'model')})", "",
              f"{meta.get('num_samples')} samples per seed, seeds {meta.get('seeds')}, {meta.get('sampler')} "
@@ -281,7 +289,8 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
         rel = f"{100 * (r['fd'] / static['fd'] - 1):+.1f}%" if static else ""
         lines.append(f"| {r['method']} | {r['relative_flops']:.3f} | {r['fd']:.3f} ± {r['fd_std']:.3f} | {rel} | "
                      f"{r['accuracy']:.3f} | {r['schedule']} |")
-    paths[1].write_text("\n".join(lines) + "\n")
+    with atomic_write(paths[1]) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"flexi": ("C0", "o"), "calibrated": ("C2", "s"), "fewer_steps": ("C1", "^"),
@@ -304,6 +313,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
+    with atomic_write(paths[2]) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return paths

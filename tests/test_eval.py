@@ -186,6 +186,6 @@ def test_figures_without_matplotlib_say_which_extra(command, monkeypatch, capsys
     from flexikern.cli import main
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib raises ImportError
     with pytest.raises(SystemExit) as e:
-        main([command, "--out", "unused"])
+        main([command, "--out", "unused.png" if command == "demo" else "unused"])
     assert e.value.code == 2
     assert 'pip install "flexikern[eval]"' in capsys.readouterr().err

@@ -145,7 +145,8 @@ class FakeGraph:
 
 def test_caching_logic_with_a_fake_capture(monkeypatch):
     """The runner's cache on CPU: static buffers reused across runs with new labels and seeds
-    (results still equal plain sampling), the LRU bound, recapture after a weight change."""
+    (results still equal plain sampling), the LRU bound; weights changed in place are read live
+    (no recapture), new parameter storage recaptures."""
     def capture(entry, pool, warmup):
         entry.graph = FakeGraph(entry._step)
     monkeypatch.setattr(graphs._PhaseGraph, "capture", capture)
@@ -171,9 +172,13 @@ def test_caching_logic_with_a_fake_capture(monkeypatch):
     assert torch.equal(sample(model, [1], seed=0, cuda_graphs=one, schedule=short, progress=False),
                        sample(model, [1], seed=0, schedule=short, progress=False))
     assert one.eager_steps == 1 and one.replays == 2 and one.captures == 1
-    # Changed weights: the stale graphs are dropped and recaptured.
+    # Weights changed in place: the graphs read them live, nothing to recapture.
     with torch.no_grad():
         model.blocks[1].attn.qkv.weight.mul_(0.5)
+    after = sample(model, [1, 7, 10], seed=3, cuda_graphs=runner, **kw)
+    assert runner.captures == 3 and torch.equal(after, sample(model, [1, 7, 10], seed=3, **kw))
+    # A parameter with new storage: the graphs read the old address, so they are recaptured.
+    model.blocks[1].attn.qkv.weight.data = model.blocks[1].attn.qkv.weight.data * 0.5
     after = sample(model, [1, 7, 10], seed=3, cuda_graphs=runner, **kw)
     assert runner.captures == 6 and torch.equal(after, sample(model, [1, 7, 10], seed=3, **kw))
     runner.release()
@@ -182,7 +187,8 @@ def test_caching_logic_with_a_fake_capture(monkeypatch):
 
 def test_runner_inputs_are_the_declared_conditions_only(monkeypatch):
     """The static inputs are the denoiser's declared `conditions`: a tensor attribute it does not
-    declare is neither a static buffer nor part of the key (a new value does not recapture)."""
+    declare is not a static buffer but a constant of the graphs, so part of the key (a new value
+    recaptures)."""
     def capture(entry, pool, warmup):
         entry.graph = FakeGraph(entry._step)
     monkeypatch.setattr(graphs._PhaseGraph, "capture", capture)
@@ -204,9 +210,12 @@ def test_runner_inputs_are_the_declared_conditions_only(monkeypatch):
     assert sorted(loop.denoiser.conditions) == declared
     assert all([name for name, _ in k.conditions] == declared for k in runner.keys())
     assert all(sorted(entry.conditions) == declared for entry in runner._graphs.values())
-    loop.denoiser.scratch = torch.zeros(5)   # another shape: still the same graphs
+    loop.denoiser.scratch = torch.zeros(3)   # the same value: the same graphs
     assert torch.equal(runner.run(loop, x, None), eager)
     assert runner.captures == 2 and runner.replays == 8
+    loop.denoiser.scratch = torch.ones(3)    # another value: other graphs
+    assert torch.equal(runner.run(loop, x, None), eager)
+    assert runner.captures == 4 and runner.replays == 12
 
 
 def test_text_conditions_rebound_with_a_fake_capture(monkeypatch):
@@ -278,9 +287,16 @@ def test_cuda_graphed_equals_eager_and_no_recapture(dtype, tol):
     before = again.clone()
     sample(model, [0, 1, 2], seed=0, cuda_graphs=runner, **kw)
     assert torch.equal(again, before)
-    # New weights: the runner recaptures instead of replaying stale graphs.
+    # Weights changed in place (an optimizer step, an EMA swap through `.data`, the kernel a weak
+    # size resizes): the graphs read them live, no recapture.
     with torch.no_grad():
         model.blocks[0].mlp.fc1.weight.mul_(1.5)
+    model.x_embedder.weight["4x4"].data.mul_(2)
+    changed = sample(model, [1, 7, 10], seed=3, cuda_graphs=runner, **kw)
+    assert runner.captures == 3
+    assert _relative_error(changed, sample(model, [1, 7, 10], seed=3, **kw)) < tol
+    # New storage for a parameter: the runner recaptures instead of reading the old address.
+    model.blocks[0].mlp.fc1.weight.data = model.blocks[0].mlp.fc1.weight.data * 0.5
     changed = sample(model, [1, 7, 10], seed=3, cuda_graphs=runner, **kw)
     assert runner.captures == 6
     assert _relative_error(changed, sample(model, [1, 7, 10], seed=3, **kw)) < tol

@@ -19,7 +19,7 @@ KERNELS = Path(__import__("flexikern.kernels", fromlist=["_"]).__file__).parent
 
 # Higher number = higher layer; a module may import its own layer or lower ones.
 LAYERS = {
-    "flexikern.kernels": 0, "flexikern._ext": 0,
+    "flexikern.kernels": 0, "flexikern._ext": 0, "flexikern.files": 0,
     "flexikern.ops": 1, "flexikern.images": 1, "flexikern.datasets": 1,
     "flexikern.flexi": 2,
     "flexikern.models": 3,

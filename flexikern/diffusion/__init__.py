@@ -8,11 +8,11 @@
 from flexikern.diffusion.gaussian import (SAMPLERS, DDIMSampler, DDPMSampler, FlowEulerSampler,
                                           GaussianDiffusion, linear_betas, make_sampler, space_timesteps)
 from flexikern.diffusion.guidance import GUIDANCE_MODES, Guidance, GuidedDenoiser
-from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser
+from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser, eval_mode
 from flexikern.diffusion.sampling import DenoisingLoop, decode, sample, sample_seeds
 from flexikern.diffusion.schedule import Schedule
 
 __all__ = ["Schedule", "Guidance", "sample", "GaussianDiffusion", "DDPMSampler", "DDIMSampler",
            "FlowEulerSampler", "make_sampler", "linear_betas", "space_timesteps", "GuidedDenoiser",
            "DenoisingLoop", "decode", "sample_seeds", "SAMPLERS", "GUIDANCE_MODES", "FlexibleDenoiser",
-           "check_denoiser"]
+           "check_denoiser", "eval_mode"]

@@ -44,22 +44,26 @@ Differences from diffusers' schedulers, where they compute the same thing (tests
   its output.
 * `make_sampler("ddim", 50)` spaces steps as DiT's `sample.py` does (`space_timesteps(1000, "50")`);
   pass `steps="ddim50"` for the DDIM paper's (and diffusers') even stride.
+* One step ("1", or a last section of one step) keeps the noisiest training step, 999, where ADM,
+  DiT and diffusers' "linspace" keep t = 0 and return the input noise as the sample (diffusers'
+  "trailing" spacing keeps 999 too). Every spacing that already keeps 999 is DiT's exactly.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
+from flexikern.diffusion._checks import check_finite, check_flag, check_positive_int
+
 __all__ = ["linear_betas", "space_timesteps", "GaussianDiffusion", "DDPMSampler", "DDIMSampler",
            "FlowEulerSampler", "make_sampler", "SAMPLERS"]
 
-
 def linear_betas(num_timesteps: int = 1000) -> torch.Tensor:
     """DiT/ADM's "linear" schedule: 1e-4 -> 0.02 for 1000 steps, both ends scaled by 1000/T (float64)."""
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps={num_timesteps!r}: expected a positive int")
+    check_positive_int(num_timesteps, "num_timesteps")
     scale = 1000 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
 
@@ -70,34 +74,58 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     `section_counts`: "250" or 250 (evenly spread, both ends kept), "10,15,20" (the steps split
     into equal sections, each spaced evenly with its own count) or "ddim50" (stride
     `num_timesteps // 50` from 0, the DDIM paper's and diffusers' "leading" spacing).
+
+    One difference from ADM/DiT: the noisiest step, `num_timesteps - 1`, is always kept unless
+    "ddimN" spacing is asked for. ADM keeps a one-step section's FIRST step, so one step ("1")
+    keeps only t = 0 and the "sample" is the input noise; here a last section of one step keeps
+    its last step instead ("1" keeps [999]: diffusers' "trailing" spacing). Every other
+    spacing equals ADM/DiT's (and diffusers' "linspace" for one section).
+
+    Raises:
+        ValueError: naming `section_counts` and what was expected.
     """
+    check_positive_int(num_timesteps, "num_timesteps")
+    expected = "e.g. 250, '250', '10,15,20' or 'ddim50' (positive step counts)"
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = section_counts[len("ddim"):]
+            if not desired.isdigit():
+                raise ValueError(f"section_counts={section_counts!r}: expected 'ddimN' with N a positive int, "
+                                 f"e.g. 'ddim50'")
+            if int(desired) == 1:
+                raise ValueError(f"section_counts={section_counts!r}: one strided step keeps only t = 0 (the "
+                                 f"input noise would be the sample); pass 1 for one step at the noisiest t")
             for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
+                if len(range(0, num_timesteps, stride)) == int(desired):
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"section_counts={section_counts!r}: cannot create exactly {desired} "
                              f"evenly strided steps out of {num_timesteps}")
         try:
-            section_counts = [int(part) for part in section_counts.split(",")]
+            counts = [int(part) for part in section_counts.split(",")]
         except ValueError:
-            raise ValueError(f"section_counts={section_counts!r}: expected e.g. '250', '10,15,20' "
-                             f"or 'ddim50'") from None
-    elif isinstance(section_counts, int):
-        section_counts = [section_counts]
-    size_per, extra = divmod(num_timesteps, len(section_counts))
+            raise ValueError(f"section_counts={section_counts!r}: expected {expected}") from None
+    elif isinstance(section_counts, int) and not isinstance(section_counts, bool):
+        counts = [section_counts]
+    elif (isinstance(section_counts, Sequence) and section_counts
+          and all(isinstance(c, int) and not isinstance(c, bool) for c in section_counts)):
+        counts = list(section_counts)
+    else:
+        raise ValueError(f"section_counts={section_counts!r}: expected {expected}")
+    size_per, extra = divmod(num_timesteps, len(counts))
     start, kept = 0, []
-    for i, count in enumerate(section_counts):
+    for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
             raise ValueError(f"section_counts={section_counts!r}: cannot take {count} steps out of a "
                              f"section of {size} (each count must be in [1, {size}])")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        cur = 0.0
-        for _ in range(count):
-            kept.append(start + round(cur))
-            cur += stride
+        if count == 1 and i == len(counts) - 1:   # keep the noisiest step (see the docstring)
+            kept.append(start + size - 1)
+        else:
+            stride = 1 if count <= 1 else (size - 1) / (count - 1)
+            cur = 0.0
+            for _ in range(count):
+                kept.append(start + round(cur))
+                cur += stride
         start += size
     return sorted(set(kept))
 
@@ -189,7 +217,7 @@ class DDPMSampler(_Sampler):
     def __init__(self, steps: int | str = 250, num_train_timesteps: int = 1000,
                  diffusion: GaussianDiffusion | None = None, clip_denoised: bool = False):
         d = diffusion or GaussianDiffusion.dit(steps, num_train_timesteps)
-        self.diffusion, self.clip_denoised = d, clip_denoised
+        self.diffusion, self.clip_denoised = d, check_flag(clip_denoised, "clip_denoised")
         self.num_steps = d.num_timesteps
         order = torch.arange(d.num_timesteps - 1, -1, -1)   # sampling runs t = S-1, ..., 0
         self.model_timesteps = d.timestep_map[order].float()
@@ -223,11 +251,12 @@ class DDIMSampler(_Sampler):
 
     def __init__(self, steps: int | str = 50, num_train_timesteps: int = 1000, eta: float = 0.0,
                  diffusion: GaussianDiffusion | None = None, clip_denoised: bool = False):
-        if not (isinstance(eta, (int, float)) and eta >= 0):
-            raise ValueError(f"eta={eta!r}: expected a float >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
+        eta = check_finite(eta, "eta", "a finite float >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
+        if eta < 0:
+            raise ValueError(f"eta={eta!r}: expected a finite float >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
         d = diffusion or GaussianDiffusion.dit(steps, num_train_timesteps)
-        self.diffusion, self.eta, self.stochastic = d, float(eta), eta > 0
-        self.clip_denoised = clip_denoised
+        self.diffusion, self.eta, self.stochastic = d, eta, eta > 0
+        self.clip_denoised = check_flag(clip_denoised, "clip_denoised")
         self.num_steps = d.num_timesteps
         order = torch.arange(d.num_timesteps - 1, -1, -1)
         self.model_timesteps = d.timestep_map[order].float()
@@ -257,10 +286,10 @@ class FlowEulerSampler(_Sampler):
     stochastic = False
 
     def __init__(self, steps: int = 50, shift: float = 1.0):
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps!r}: expected a positive int for the flow sampler")
+        check_positive_int(steps, "steps", "a positive int for the flow sampler")
+        shift = check_finite(shift, "shift", "a finite float > 0 (1 = no shift; SD3 uses 3)")
         if not shift > 0:
-            raise ValueError(f"shift={shift!r}: expected a positive float (1 = no shift)")
+            raise ValueError(f"shift={shift!r}: expected a finite float > 0 (1 = no shift; SD3 uses 3)")
         t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
         t = shift * t / (1 + (shift - 1) * t)
         self.num_steps, self.shift = steps, float(shift)
@@ -281,11 +310,23 @@ def make_sampler(name: str, steps: int | str, eta: float = 0.0, shift: float = 1
     """A sampler by name: "ddpm" (DiT's default), "ddim" or "flow", with `steps` steps.
 
     For "ddpm"/"ddim", `steps` is anything `space_timesteps` takes (250, "250", "ddim50", ...).
+
+    Raises:
+        ValueError: an unknown name, bad steps, or `eta` / `shift` given to a sampler that does not
+            use them (`eta` is DDIM's, `shift` the flow sampler's).
     """
+    if name == "ddpm" or name == "flow":
+        if not (isinstance(eta, numbers.Real) and eta == 0):
+            raise ValueError(f"eta={eta!r}: only the 'ddim' sampler takes eta; the {name!r} sampler has none "
+                             f"(pass sampler='ddim', or leave eta at 0)")
+    if name == "ddpm" or name == "ddim":
+        if not (isinstance(shift, numbers.Real) and shift == 1):
+            raise ValueError(f"shift={shift!r}: only the 'flow' sampler takes shift; the {name!r} sampler has "
+                             f"none (pass sampler='flow', or leave shift at 1)")
     if name == "ddpm":
         return DDPMSampler(steps, num_train_timesteps, clip_denoised=clip_denoised)
     if name == "ddim":
         return DDIMSampler(steps, num_train_timesteps, eta=eta, clip_denoised=clip_denoised)
     if name == "flow":
-        return FlowEulerSampler(int(steps) if str(steps).isdigit() else steps, shift=shift)
+        return FlowEulerSampler(int(steps) if isinstance(steps, str) and steps.isdigit() else steps, shift=shift)
     raise ValueError(f"sampler={name!r}: expected one of {', '.join(SAMPLERS)}")

@@ -25,12 +25,14 @@ the other steps run the conditional branch alone and cost no guidance FLOPs.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from flexikern.diffusion._checks import check_finite, is_finite
 from flexikern.diffusion.protocol import FlexibleDenoiser
 from flexikern.diffusion.schedule import Phase
 from flexikern.ops.patch_size import PatchSize
@@ -38,6 +40,7 @@ from flexikern.ops.patch_size import PatchSize
 __all__ = ["Guidance", "GuidedDenoiser", "GUIDANCE_MODES"]
 
 GUIDANCE_MODES = ("none", "cfg", "flexi")
+
 
 
 @dataclass(frozen=True)
@@ -53,22 +56,41 @@ class Guidance:
     def __post_init__(self) -> None:
         if self.mode not in GUIDANCE_MODES:
             raise ValueError(f"mode={self.mode!r}: expected one of {', '.join(GUIDANCE_MODES)}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise ValueError(f"scale={self.scale!r}: expected a float (1 = no guidance, DiT uses 1.5 to 4)")
+        scale = check_finite(self.scale, "scale", "a finite float (1 = no guidance, DiT uses 1.5 to 4)")
+        object.__setattr__(self, "scale", scale)
         if self.interval is not None:
             ok = (isinstance(self.interval, (tuple, list)) and len(self.interval) == 2
-                  and all(isinstance(v, (int, float)) for v in self.interval)
-                  and 0 <= self.interval[0] <= self.interval[1])
+                  and all(is_finite(v) for v in self.interval) and 0 <= self.interval[0] <= self.interval[1])
             if not ok:
-                raise ValueError(f"interval={self.interval!r}: expected (lo, hi) with 0 <= lo <= hi in model "
-                                 f"timestep units, e.g. (0, 700) for DiT")
+                raise ValueError(f"interval={self.interval!r}: expected (lo, hi) with 0 <= lo <= hi, finite, in "
+                                 f"model timestep units, e.g. (0, 700) for DiT (timesteps are below 1000)")
             object.__setattr__(self, "interval", (float(self.interval[0]), float(self.interval[1])))
         if self.first_channels is not None and (not isinstance(self.first_channels, int)
-                                                or self.first_channels < 1):
+                                                or isinstance(self.first_channels, bool) or self.first_channels < 1):
             raise ValueError(f"first_channels={self.first_channels!r}: expected a positive int or None "
                              f"(DiT's behaviour: 3)")
-        if not isinstance(self.ratio, (int, float)) or self.ratio <= 0:
-            raise ValueError(f"ratio={self.ratio!r}: expected a positive float ((1 - s) / (1 - s2); paper: 2.5)")
+        ratio = check_finite(self.ratio, "ratio", "a finite float > 0 ((1 - s) / (1 - s2); paper: 2.5)")
+        if not ratio > 0:
+            raise ValueError(f"ratio={self.ratio!r}: expected a finite float > 0 ((1 - s) / (1 - s2); paper: 2.5)")
+        object.__setattr__(self, "ratio", ratio)
+
+    @classmethod
+    def of(cls, guidance: Guidance | float | None) -> Guidance:
+        """`fk.sample`'s `guidance` argument as a `Guidance`: None = the conditional branch only;
+        a number s = `Guidance(s)` (the default mode, "flexi"), as diffusers' `guidance_scale`:
+        1 means no guidance (`Guidance(1, "none")`: the same samples at half the cost).
+
+        Raises:
+            TypeError: any other type. ValueError: a NaN or infinite scale.
+        """
+        if guidance is None:
+            return cls(1.0, "none")
+        if isinstance(guidance, cls):
+            return guidance
+        if isinstance(guidance, numbers.Real) and not isinstance(guidance, bool):
+            return cls(guidance, "none" if guidance == 1 else "flexi")
+        raise TypeError(f"guidance={guidance!r}: expected a Guidance (e.g. Guidance(1.5, 'cfg')), a scale "
+                        f"(a float: Guidance(scale)) or None (no guidance); got {type(guidance).__name__}")
 
     @property
     def enabled(self) -> bool:
@@ -111,9 +133,10 @@ class GuidedDenoiser:
     conditions' values (`flexikern.models.base.conditions_checked`).
     """
 
-    def __init__(self, model: FlexibleDenoiser, y: Any, guidance: Guidance | None, packed: bool | None = None):
+    def __init__(self, model: FlexibleDenoiser, y: Any, guidance: Guidance | float | None,
+                 packed: bool | None = None):
         self.model = model
-        self.guidance = guidance or Guidance(1.0, "none")
+        self.guidance = Guidance.of(guidance)
         self.y = y
         # The null class (or caption), where the model has one; CFG needs it (`DenoisingLoop` checks).
         self.y_null = model.null_condition(y) if model.has_null_class else None
@@ -178,6 +201,8 @@ class GuidedDenoiser:
         if rule == "weak":
             cond, other = self.two_pass(x, t, self.y, self.y_weak, cond_size, guid_size)
             return self.combine(cond, other, self.guidance.weak_scale, x.shape[1])
+        if self.y_null is None:
+            self.model.null_condition(self.y)   # raises: this model has no null class for CFG
         if cond_size == guid_size:
             n = x.shape[0]
             both = self._forward(torch.cat([x, x]), torch.cat([t, t]), self.y_cfg, cond_size)
@@ -188,7 +213,7 @@ class GuidedDenoiser:
 
     def prepare(self, x: torch.Tensor, phases: list[Phase]) -> list[torch.Tensor]:
         """Have the model build now what the forwards of these phases build on first use
-        (`model.prepare`: positional tables, resized kernels, packings) for states like `x`, so
+        (`model.prepare`: positional tables, the kernels' resize matrices, packings) for states like `x`, so
         that no step copies between host and device; returns the device tensors it cached.
         `phases`: `DenoisingLoop.phases`."""
         return [tensor for _, _, cond_size, guid_size in phases

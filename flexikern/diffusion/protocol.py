@@ -7,11 +7,14 @@ a model from another library is converted first (`fk.FlexiDiT.from_diffusers`, .
 member fails there with its name rather than somewhere inside a step.
 Around its denoising loop `fk.sample` enters `flexikern.models.base.conditions_checked()`: the
 conditions were validated once by `check_condition`, so a forward may skip reading their values
-back (a device sync per step).
+back (a device sync per step). It runs the model in eval mode (`eval_mode`: thread-safe, each
+submodule's mode restored after), as does calibration.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,7 +22,7 @@ import torch
 
 from flexikern.ops.patch_size import PatchSize
 
-__all__ = ["FlexibleDenoiser", "check_denoiser"]
+__all__ = ["FlexibleDenoiser", "check_denoiser", "eval_mode"]
 
 
 @runtime_checkable
@@ -110,3 +113,39 @@ def check_denoiser(model: Any, caller: str = "fk.sample") -> None:
                     f"{', '.join(missing)} (flexikern.diffusion.FlexibleDenoiser). Convert the model "
                     f"first, e.g. fk.FlexiDiT.from_diffusers(model) (or FlexiPixArt / FlexiLatte."
                     f"from_diffusers), or implement these members.")
+
+
+_EVAL_LOCK = threading.Lock()
+_EVAL_USERS: dict[int, tuple[int, list[tuple[Any, bool]]]] = {}   # id(model) -> (users, saved modes)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Inside, `model` is in eval mode; after, every submodule is back in the train/eval mode it had.
+
+    Samplers need eval mode: in training mode DiT's label embedder drops labels at random, and
+    dropout is active. Safe across threads and nestable: the uses of one model share one switch,
+    under a lock; the first to enter saves the modes and switches, the last to leave restores
+    them, so two threads sampling one model leave it as it was. (A `model.train()` called by
+    someone else while a sampling runs is not undone.)
+    """
+    key = id(model)   # the model is alive while an entry exists: the entry leaves with its last user
+    with _EVAL_LOCK:
+        users, saved = _EVAL_USERS.get(key, (0, []))
+        if users == 0:
+            modules = model.modules() if callable(getattr(model, "modules", None)) else [model]
+            saved = [(m, m.training) for m in modules]
+            model.eval()
+        _EVAL_USERS[key] = (users + 1, saved)
+    try:
+        yield model
+    finally:
+        with _EVAL_LOCK:
+            users, saved = _EVAL_USERS.pop(key)
+            if users > 1:
+                _EVAL_USERS[key] = (users - 1, saved)
+            else:
+                model.train(saved[0][1])
+                for module, mode in saved[1:]:   # submodules whose mode differed from the model's
+                    if module.training != mode:
+                        module.training = mode

@@ -16,21 +16,23 @@ no host data to it, so the host queues the next step while the GPU runs this one
 tests/test_nosync.py). `sample` validates its conditions once and runs the steps inside
 `conditions_checked()` (forwards skip the value checks that would read them back); before the
 first step `GuidedDenoiser.prepare` has the model build its per-size caches (packings with their
-host boundaries, positional tables, resized kernels) for every phase. What is left: with the
+host boundaries, positional tables, the kernels' resize matrices) for every phase. What is left: with the
 default `noise_device="cpu"` on CUDA, a step waits on an event for the previous step's noise copy
 before refilling the pinned buffer (`StepNoise`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flexikern.diffusion._checks import SEED_LIMIT, check_flag, check_seed
 from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
-from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser
+from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser, eval_mode
 from flexikern.diffusion.schedule import Schedule
 from flexikern.models.base import conditions_checked
 from flexikern.ops.patch_size import PatchSize
@@ -44,10 +46,21 @@ LATENT_SCALE = 0.18215   # Stable Diffusion's VAE latent scale, as DiT samples
 
 
 def sample_seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    """Per-sample seeds: `seed + i` for an int, the given list otherwise."""
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return [seed + i for i in range(n)]
-    seeds = [int(s) for s in seed]
+    """Per-sample seeds: `seed + i` for an int, the given sequence otherwise.
+
+    Every seed is an int in [0, 2**63) (`_checks.check_seed`: numpy ints are fine; bools, floats
+    and strings are not).
+
+    Raises:
+        ValueError: naming the seed and what was expected, or a sequence of the wrong length.
+    """
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable) or getattr(seed, "ndim", None) == 0:
+        first = check_seed(seed, "seed")
+        if first + n > SEED_LIMIT:
+            raise ValueError(f"seed={seed!r}: sample i uses seed + i, which must stay below 2**63 for {n} "
+                             f"samples; pass a smaller seed")
+        return [first + i for i in range(n)]
+    seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
     if len(seeds) != n:
         raise ValueError(f"seed: got {len(seeds)} seeds for {n} samples; pass an int or one seed per sample")
     return seeds
@@ -56,13 +69,13 @@ def sample_seeds(seed: int | Sequence[int], n: int) -> list[int]:
 class DenoisingLoop:
     """A schedule, a guidance rule and a sampler bound to one model and one batch of conditions."""
 
-    def __init__(self, model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | None,
+    def __init__(self, model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | float | None,
                  sampler: _Sampler, packed: bool | None = None):
         if schedule.num_steps != sampler.num_steps:
             raise ValueError(f"schedule has {schedule.num_steps} steps but the {sampler.name} sampler has "
                              f"{sampler.num_steps}; build both with the same step count")
         self.model, self.schedule, self.sampler = model, schedule.validate(model), sampler
-        self.guidance = guidance or Guidance(1.0, "none")
+        self.guidance = Guidance.of(guidance)
         self.denoiser = GuidedDenoiser(model, y, self.guidance, packed)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
@@ -86,26 +99,33 @@ class DenoisingLoop:
         return self.schedule.flops(self.model, batch, self.guided)
 
 
-def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | None = None,
+def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | float | None = None,
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
            shift: float = 1.0, cuda_graphs: bool | GraphRunner = False, noise_device: str = "cpu",
            packed: bool | None = None) -> torch.Tensor:
     """Sample from a (flexible) DiT with a patch-size schedule.
 
+    Every argument is checked before any compute (see Raises).
+
     Args:
         model: a `FlexibleDenoiser` (FlexiDiT, FlexiPixArt, FlexiLatte); run in eval mode,
-            restored after.
+            restored after (`eval_mode`: threads may sample one model at once).
         y: the conditions, checked by `model.check_condition`: (N,) class labels, or a
             `TextCondition` for a text model.
-        schedule: per-step patch sizes (`Schedule`); its step count is the sampler's.
-        guidance: `Guidance(scale, mode)`; None = the conditional branch only.
+        schedule: per-step patch sizes (`Schedule`); its step count is the sampler's. A schedule
+            built for a budget (`Schedule.for_budget`, `calibrate`) warns when this run costs more
+            than the budget (e.g. built for guidance, sampled without it).
+        guidance: `Guidance(scale, mode)`; a number s = `Guidance(s)` (1 = no guidance, as
+            diffusers' `guidance_scale`); None = the conditional branch only.
         sampler: "ddpm" (DiT's ancestral sampler), "ddim" (with `eta`), "flow" (rectified-flow
-            Euler for velocity models, with `shift`) or a sampler object.
-        seed: an int (sample i uses seed + i) or one seed per sample.
+            Euler for velocity models, with `shift`) or a sampler object (`make_sampler(...)`,
+            which then holds its own eta and shift).
+        seed: an int in [0, 2**63) (sample i uses seed + i) or one such seed per sample.
         progress: show a tqdm bar.
-        vae: if given, returns `decode(vae, latents)`.
-        noise: the initial noise (N, C, H, W) instead of drawing it.
+        vae: if given, an object with `decode` (diffusers' `AutoencoderKL`); returns
+            `decode(vae, latents)`.
+        noise: the initial noise (N, *model.latent_shape), a finite float tensor, instead of drawing it.
         cuda_graphs: True (or a `flexikern.runtime.graphs.GraphRunner`) captures one CUDA graph
             per patch-size phase and replays it per step; the graphs are cached per model and
             reused by later calls. On CPU it warns once and runs eagerly (same results).
@@ -121,56 +141,113 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     Returns:
         (N, *model.latent_shape) latents on the model's device, or the decoded images.
     Raises:
-        TypeError: `model` lacks part of the `FlexibleDenoiser` protocol (checked before any compute).
+        TypeError: `model` lacks part of the `FlexibleDenoiser` protocol; `schedule`, `guidance`,
+            `sampler`, `vae`, `noise` or a flag of the wrong type.
+        ValueError: a bad value (conditions, seeds, eta, shift, noise shape or NaN, a schedule the
+            model cannot run, CFG on a model without a null class), naming the argument.
     """
     check_denoiser(model)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a flexikern.Schedule (e.g. Schedule.static(250, 2)), "
                         f"got {type(schedule).__name__}")
+    guidance = Guidance.of(guidance)
+    _check_options(progress, packed, cuda_graphs, vae)
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
     y = model.check_condition(y, device=device)
     n = len(y)
+    seeds = sample_seeds(seed, n)
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, schedule.num_steps, eta=eta, shift=shift)
+    else:
+        _check_sampler(sampler, eta, shift)
     sampler.to(device)
     loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed)
-
     shape = tuple(model.latent_shape)
-    generators = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, n)]
-    if noise is None:
-        x = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    else:
-        if tuple(noise.shape) != (n, *shape):
-            raise ValueError(f"noise: expected shape {(n, *shape)}, got {tuple(noise.shape)}")
-        x = noise.float()
+    if noise is not None:
+        _check_noise(noise, (n, *shape))
+    _warn_over_budget(loop)
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    step_noise = StepNoise(generators, (n, *shape), device, noise_device, seeds[0])
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]) if noise is None else noise.float()
     x = x.to(device)
-    step_noise = StepNoise(generators, (n, *shape), device, noise_device, sample_seeds(seed, n)[0])
 
     from tqdm.auto import tqdm
-    was_training = model.training
-    model.eval()   # DiT's label embedder drops labels at random in training mode
-    try:
-        with torch.inference_mode(), conditions_checked(), tqdm(
-                total=sampler.num_steps, disable=not progress, desc=f"sampling {schedule!r}", leave=False) as bar:
-            loop.denoiser.prepare(x, loop.phases)
-            if cuda_graphs is not False and cuda_graphs is not None:   # True or a GraphRunner
-                from flexikern.runtime.graphs import run_graphed
-                x = run_graphed(loop, x, step_noise.draw if sampler.stochastic else None,
-                                cuda_graphs, on_step=lambda: bar.update(1))
-            else:
-                for start, stop, cond_size, guid_size in loop.phases:
-                    for k in range(start, stop):
-                        noise_k = step_noise.draw(torch.empty_like(x)) if sampler.stochastic else None
-                        # A Python int: indexing a table with a 0-dim CUDA tensor calls .item(),
-                        # a host sync per step.
-                        x = loop.step(x, k, noise_k, cond_size, guid_size)
-                        bar.update(1)
-            if vae is not None:
-                x = decode(vae, x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode(), conditions_checked(), tqdm(
+            total=sampler.num_steps, disable=not progress, desc=f"sampling {schedule!r}", leave=False) as bar:
+        loop.denoiser.prepare(x, loop.phases)
+        if cuda_graphs is not False:   # True or a GraphRunner
+            from flexikern.runtime.graphs import run_graphed
+            x = run_graphed(loop, x, step_noise.draw if sampler.stochastic else None,
+                            cuda_graphs, on_step=lambda: bar.update(1))
+        else:
+            for start, stop, cond_size, guid_size in loop.phases:
+                for k in range(start, stop):
+                    noise_k = step_noise.draw(torch.empty_like(x)) if sampler.stochastic else None
+                    # A Python int: indexing a table with a 0-dim CUDA tensor calls .item(),
+                    # a host sync per step.
+                    x = loop.step(x, k, noise_k, cond_size, guid_size)
+                    bar.update(1)
+        if vae is not None:
+            x = decode(vae, x)
     return x
+
+
+def _check_options(progress: Any, packed: Any, cuda_graphs: Any, vae: Any) -> None:
+    """`sample`'s flags and `vae`: their types, before any compute."""
+    check_flag(progress, "progress")
+    if packed is not None and not isinstance(packed, bool):
+        raise TypeError(f"packed={packed!r}: expected True, False or None (auto: packed on CUDA)")
+    if not isinstance(cuda_graphs, bool):
+        from flexikern.runtime.graphs import GraphRunner
+        if not isinstance(cuda_graphs, GraphRunner):
+            raise TypeError(f"cuda_graphs={cuda_graphs!r}: expected True, False or a "
+                            f"flexikern.runtime.graphs.GraphRunner")
+    if vae is not None and not callable(getattr(vae, "decode", None)):
+        raise TypeError(f"vae={vae!r}: expected a loaded VAE with a decode method, e.g. diffusers' "
+                        f"AutoencoderKL.from_pretrained(path); got {type(vae).__name__} (a path is not "
+                        f"loaded here)")
+
+
+def _check_sampler(sampler: Any, eta: Any, shift: Any) -> None:
+    """A sampler object: what the loop uses of it; it holds its own eta and shift."""
+    missing = [name for name in ("num_steps", "stochastic", "model_timesteps", "step", "to")
+               if getattr(sampler, name, None) is None]
+    if missing:
+        raise TypeError(f"sampler={sampler!r}: expected one of 'ddpm', 'ddim', 'flow' or a sampler object "
+                        f"(make_sampler(...)); a {type(sampler).__name__} lacks {', '.join(missing)}")
+    if not (eta == 0 and shift == 1):
+        raise ValueError(f"eta={eta!r}, shift={shift!r}: a sampler object holds its own; pass them to "
+                         f"make_sampler(...) instead (or pass the sampler by name)")
+
+
+def _check_noise(noise: Any, shape: tuple[int, ...]) -> None:
+    """The initial noise: a finite float tensor of `shape`."""
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise: expected a float tensor of shape {shape}, got "
+                        f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise: expected shape {shape} (N, *model.latent_shape), got {tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):   # once, before sampling
+        raise ValueError("noise: contains NaN or inf; every sample would be NaN")
+
+
+def _warn_over_budget(loop: DenoisingLoop) -> None:
+    """Warn when a schedule built for a FLOPs budget costs more in this run (another guidance setting)."""
+    schedule = loop.schedule
+    if schedule.budget is None:
+        return
+    achieved = schedule.relative_flops(loop.model, loop.guided)
+    if achieved <= schedule.budget * (1 + 1e-9):
+        return
+    steps = sum(loop.guided)
+    run = ("without guidance" if steps == 0 else f"with guidance at {steps} of {len(loop.guided)} steps"
+           if steps < len(loop.guided) else "with guidance")
+    warnings.warn(f"schedule: built for {schedule.budget:g} of the static FLOPs "
+                  f"{'with' if schedule.budget_guidance else 'without'} guidance, but sampled {run} it "
+                  f"costs {achieved:.2f}; build it for this run (Schedule.for_budget(..., "
+                  f"guidance={steps > 0}))", stacklevel=3)
 
 
 class StepNoise:

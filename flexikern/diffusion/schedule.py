@@ -6,16 +6,20 @@ high-noise steps and the powerful (original) one for the rest; the paper writes 
 "x/y": powerful for the last x conditional and the last y guidance steps.
 
 Cost: a step costs F(p_cond) + F(p_guidance) with guidance and F(p_cond) without, where F is the
-model's analytic forward FLOPs (`model.flops`).
+model's analytic forward FLOPs (`model.flops`). A schedule built for a budget (`for_budget`,
+`calibrate`) records it and the guidance setting it assumed; `fk.sample` warns when a run (without
+guidance, or with a guidance interval) would cost more than that budget.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from flexikern.diffusion._checks import check_flag
 from flexikern.diffusion.calibrate import gap_profile, weak_size
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
@@ -32,6 +36,37 @@ def _check_steps(steps: Any) -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r}: expected a positive int")
     return steps
+
+
+def _check_budget(budget: Any) -> float:
+    """`budget` as a float in (0, 1]: a fraction of the static schedule's FLOPs."""
+    if (isinstance(budget, numbers.Real) and not isinstance(budget, bool)
+            and 0 < budget <= 1):   # NaN fails the comparison
+        return float(budget)
+    hint = (f"; {budget} looks like a percentage: pass {budget / 100:g}"
+            if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and 1 < budget <= 100 else "")
+    raise ValueError(f"budget={budget!r}: expected a fraction in (0, 1] of the static schedule's FLOPs, "
+                     f"e.g. 0.6{hint}")
+
+
+def _weak_and_powerful(weak: PatchSizeLike, powerful: PatchSizeLike) -> tuple[PatchSize, PatchSize]:
+    """Both parsed; raises if they are the same size (the schedule would be static)."""
+    weak, powerful = PatchSize.parse(weak, name="weak"), PatchSize.parse(powerful, name="powerful")
+    if weak == powerful:
+        raise ValueError(f"weak={weak.name} == powerful={powerful.name}: a schedule of one size is static; "
+                         f"pass a larger weak size, or use Schedule.static(steps, {powerful.name!r})")
+    if weak.volume <= powerful.volume:
+        raise ValueError(f"weak={weak.name} is not a larger patch than powerful={powerful.name}: the weak "
+                         f"(cheaper) size has more pixels per patch; swap them, or use Schedule.from_list")
+    return weak, powerful
+
+
+def _check_sizes(sizes: Any, name: str) -> tuple:
+    """A sequence of per-step patch sizes as a tuple; raises for a single size or a string."""
+    if isinstance(sizes, (str, int, PatchSize)) or not isinstance(sizes, Iterable):
+        raise TypeError(f"{name}={sizes!r}: expected a sequence of patch sizes, one per step, e.g. "
+                        f"[4, 4, 2, 2]; for one size at every step use Schedule.static(steps, size)")
+    return tuple(sizes)
 
 
 def _check_count(value: Any, name: str, steps: int) -> int:
@@ -66,10 +101,15 @@ class Schedule:
 
     cond: tuple[PatchSize, ...]
     guidance: tuple[PatchSize, ...]
+    # What `for_budget` / `calibrate` built it for (not part of its identity): the relative FLOPs,
+    # and whether the guidance branch was counted. `fk.sample` warns when a run costs more.
+    budget: float | None = field(default=None, compare=False)
+    budget_guidance: bool | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        cond = tuple(PatchSize.parse(s, name=f"cond[{i}]") for i, s in enumerate(self.cond))
-        guid = tuple(PatchSize.parse(s, name=f"guidance[{i}]") for i, s in enumerate(self.guidance))
+        cond = tuple(PatchSize.parse(s, name=f"cond[{i}]") for i, s in enumerate(_check_sizes(self.cond, "cond")))
+        guid = tuple(PatchSize.parse(s, name=f"guidance[{i}]")
+                     for i, s in enumerate(_check_sizes(self.guidance, "guidance")))
         if not cond:
             raise ValueError("Schedule: expected at least one step")
         if len(cond) != len(guid):
@@ -94,7 +134,7 @@ class Schedule:
         steps = _check_steps(steps)
         wc = _check_count(weak_steps, "weak_steps", steps)
         wg = wc if guidance_weak_steps is None else _check_count(guidance_weak_steps, "guidance_weak_steps", steps)
-        weak, powerful = PatchSize.parse(weak, name="weak"), PatchSize.parse(powerful, name="powerful")
+        weak, powerful = _weak_and_powerful(weak, powerful)
         return cls((weak,) * wc + (powerful,) * (steps - wc), (weak,) * wg + (powerful,) * (steps - wg))
 
     @classmethod
@@ -104,7 +144,7 @@ class Schedule:
         steps = _check_steps(steps)
         wc = _check_count(weak_steps, "weak_steps", steps)
         wg = wc if guidance_weak_steps is None else _check_count(guidance_weak_steps, "guidance_weak_steps", steps)
-        weak, powerful = PatchSize.parse(weak, name="weak"), PatchSize.parse(powerful, name="powerful")
+        weak, powerful = _weak_and_powerful(weak, powerful)
         return cls((powerful,) * (steps - wc) + (weak,) * wc, (powerful,) * (steps - wg) + (weak,) * wg)
 
     @classmethod
@@ -126,8 +166,13 @@ class Schedule:
 
     @classmethod
     def from_list(cls, cond: Sequence[PatchSizeLike], guidance: Sequence[PatchSizeLike] | None = None) -> Schedule:
-        """One patch size per step for the conditional branch and (default: the same) the guidance one."""
-        return cls(tuple(cond), tuple(cond if guidance is None else guidance))
+        """One patch size per step for the conditional branch and (default: the same) the guidance one.
+
+        Raises:
+            TypeError: `cond` or `guidance` is a single size, not one per step.
+        """
+        cond = _check_sizes(cond, "cond")
+        return cls(cond, cond if guidance is None else _check_sizes(guidance, "guidance"))
 
     @classmethod
     def for_budget(cls, model: FlexibleDenoiser, steps: int, budget: float, guidance: bool = True,
@@ -141,13 +186,21 @@ class Schedule:
         `equal_branches=True` searches only "x/x" schedules, whose two branches share a size at every
         step and so run as ONE batched forward: fewer powerful steps for the budget, but no step
         with two smaller forwards of different sizes (slower per FLOP at small batch sizes).
+
+        The schedule records `budget` and `guidance`: `fk.sample` warns when a run costs more (e.g.
+        a schedule for guidance, sampled without it, whose weak steps then save less).
+
+        Raises:
+            ValueError: `budget` is not a fraction in (0, 1] (60 for 0.6, True), no schedule fits it,
+                `weak` is not larger than `powerful`, or the model lacks one of them.
+            TypeError: `guidance` or `equal_branches` is not a bool.
         """
         steps = _check_steps(steps)
-        if not isinstance(budget, (int, float)) or not budget > 0:
-            raise ValueError(f"budget={budget!r}: expected a positive fraction of the static schedule's "
-                             f"FLOPs, e.g. 0.6")
+        budget = _check_budget(budget)
+        guidance, equal_branches = check_flag(guidance, "guidance"), check_flag(equal_branches, "equal_branches")
         powerful = PatchSize.parse(model.original_patch_size if powerful is None else powerful, name="powerful")
-        weak = weak_size(model, powerful, "for_budget") if weak is None else PatchSize.parse(weak, name="weak")
+        weak = weak_size(model, powerful, "for_budget") if weak is None else weak
+        weak, powerful = _weak_and_powerful(weak, powerful)
         cls.static(1, powerful).validate(model)
         cls.static(1, weak).validate(model)
         f_weak, f_pow = int(model.flops(weak)), int(model.flops(powerful))
@@ -168,13 +221,14 @@ class Schedule:
             raise ValueError(f"budget={budget}: no weak-first schedule of {steps} steps fits; the cheapest "
                              f"(all steps at weak={weak}) costs {lowest:.3f} of the static schedule. Raise "
                              f"the budget to at least {lowest:.3f} or add a weaker patch size")
-        return cls.weak_first(steps, best[1], weak, powerful, guidance_weak_steps=best[2])
+        return replace(cls.weak_first(steps, best[1], weak, powerful, guidance_weak_steps=best[2]),
+                       budget=budget, budget_guidance=guidance)
 
     @classmethod
     def calibrate(cls, model: FlexibleDenoiser, steps: int, budget: float | None = None,
                   tolerance: float | None = None, guidance: bool = True, num_samples: int = 16, seed: int = 0,
                   sampler: str = "ddim", weak: PatchSizeLike | None = None,
-                  profile: Sequence[float] | None = None) -> Schedule:
+                  profile: Sequence[float] | None = None, y: Any = None) -> Schedule:
         """A schedule whose weak steps are the steps where the weak model is measured closest to
         the powerful one (`flexikern.diffusion.calibrate.gap_profile`).
 
@@ -182,24 +236,40 @@ class Schedule:
         `tolerance` (every step whose gap, relative to the largest gap, is <= tolerance) is given.
         Both branches use the same size at each step, so `guidance` does not change the choice.
         `weak` defaults to the next larger patch size; `profile` reuses a `gap_profile` result.
+        `y`: the conditions to measure with (`gap_profile`; needed for a text model). Works for any
+        `FlexibleDenoiser` (class or text conditions, image or video). With `budget`, the schedule
+        records it, as `for_budget`'s does.
+
+        Raises:
+            ValueError: not exactly one of `budget` and `tolerance`, either out of range (`budget` a
+                fraction in (0, 1], `tolerance` finite >= 0), a profile of the wrong length or with
+                NaN/negative gaps, `weak` not larger than the original size.
         """
         if (budget is None) == (tolerance is None):
             raise ValueError(f"calibrate: pass exactly one of budget (e.g. 0.6) and tolerance (e.g. 0.05); "
                              f"got budget={budget!r}, tolerance={tolerance!r}")
         steps = _check_steps(steps)
-        powerful = PatchSize.parse(model.original_patch_size, ndim=2, name="original_patch_size")
-        weak = weak_size(model, powerful, "calibrate") if weak is None else PatchSize.parse(weak, ndim=2, name="weak")
-        gaps = list(profile) if profile is not None else gap_profile(model, steps, num_samples, seed, sampler, weak)
-        if len(gaps) != steps:
-            raise ValueError(f"profile: expected {steps} gaps (one per step), got {len(gaps)}")
+        budget = None if budget is None else _check_budget(budget)
+        if tolerance is not None and not (isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
+                                          and 0 <= tolerance < math.inf):
+            raise ValueError(f"tolerance={tolerance!r}: expected a finite fraction >= 0 of the largest gap, "
+                             f"e.g. 0.05")
+        guidance = check_flag(guidance, "guidance")
+        powerful = PatchSize.parse(model.original_patch_size, name="original_patch_size")
+        weak = weak_size(model, powerful, "calibrate") if weak is None else weak
+        weak, powerful = _weak_and_powerful(weak, powerful)
+        cls.static(1, weak).validate(model)
+        if profile is None:
+            gaps = gap_profile(model, steps, num_samples, seed, sampler, weak, y=y)
+        else:
+            gaps = list(profile)
+            if len(gaps) != steps or not all(isinstance(g, numbers.Real) and 0 <= g < math.inf for g in gaps):
+                raise ValueError(f"profile: expected {steps} finite gaps >= 0 (one per step, from gap_profile), "
+                                 f"got {len(gaps)}: {gaps[:4]}{' ...' if len(gaps) > 4 else ''}")
         if tolerance is not None:
-            if not tolerance >= 0:
-                raise ValueError(f"tolerance={tolerance!r}: expected a fraction >= 0 of the largest gap")
             top = max(gaps) or 1.0
             chosen = {k for k in range(steps) if gaps[k] / top <= tolerance}
         else:
-            if not (isinstance(budget, (int, float)) and budget > 0):
-                raise ValueError(f"budget={budget!r}: expected a positive fraction of the static FLOPs, e.g. 0.6")
             f_w, f_p = model.flops(weak), model.flops(powerful)
             # The fewest weak steps that bring the cost under the budget: the most powerful schedule.
             n_weak = max(0, math.ceil((1 - budget) * steps * f_p / (f_p - f_w) - 1e-9))
@@ -208,7 +278,7 @@ class Schedule:
                                  f"{f_w / f_p:.3f} of the static schedule; raise the budget")
             chosen = set(sorted(range(steps), key=lambda k: (gaps[k], k))[:n_weak])
         sizes = [weak if k in chosen else powerful for k in range(steps)]
-        return cls.from_list(sizes, sizes)
+        return cls(tuple(sizes), tuple(sizes), budget=budget, budget_guidance=None if budget is None else guidance)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -299,10 +369,10 @@ class Schedule:
     def _guided(self, guidance: bool | Sequence[bool]) -> list[bool]:
         if isinstance(guidance, bool):
             return [guidance] * self.num_steps
-        guided = [bool(g) for g in guidance]
-        if len(guided) != self.num_steps:
-            raise ValueError(f"guidance: expected a bool or {self.num_steps} bools (one per step), "
-                             f"got {len(guided)}")
+        guided = list(guidance) if isinstance(guidance, Iterable) and not isinstance(guidance, str) else None
+        if guided is None or len(guided) != self.num_steps or not all(isinstance(g, bool) for g in guided):
+            raise ValueError(f"guidance={guidance!r}: expected True, False or {self.num_steps} bools (one per "
+                             f"step, e.g. Guidance.active_steps(sampler.model_timesteps))")
         return guided
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from flexikern import ops
 from flexikern.ops.patch_size import PatchSize
-from flexikern.ops.resize import deembed_weight, lift_deembed_weight, lift_embed, pi_resize
+from flexikern.ops.resize import (compute_dtype, lift_deembed_weight, lift_embed, pi_resize_matrix,
+                                  resize_matrix)
 
 __all__ = ["LoRALinear", "SizeLayerNorm", "FlexiPatchEmbed", "FlexiDeEmbed", "SHARED_KERNEL"]
 
@@ -106,8 +107,11 @@ class _Resized(nn.Module):
     size runs. A weak size's own kernel is stored at its own size; the shared kernel at the
     largest, PI-resized on the fly to each size (2-D only: video kernels are never resized).
 
-    In inference (no gradient needed) the kernel resized to each patch size is cached, keyed by
-    the parameter's storage and version, so a sampling step allocates nothing.
+    Nothing derived from the weights is cached: every forward resizes the kernel it runs (the
+    fused Triton kernels inside their launch; the torch backend by one small matmul with a cached
+    constant resize matrix, a new tensor per forward), so any change to the weights (an optimizer
+    step, `load_state_dict`, a write through `.data`, an EMA swap) is in the next forward, and a
+    CUDA graph reads the live parameters. `resize_matrices` builds the constants ahead.
     """
 
     def __init__(self, patch: PatchSize) -> None:
@@ -116,9 +120,9 @@ class _Resized(nn.Module):
         self.bias = nn.ParameterDict()
         self.kernel_size: dict[str, PatchSize] = {}
         self.kernels: dict[PatchSize, str] = {patch: patch.name}
-        self._cache: dict[PatchSize, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
-    def _resize(self, weight, bias, kernel: PatchSize, patch: PatchSize):
+    def _resize_matrix(self, kernel: PatchSize, patch: PatchSize, device, dtype) -> torch.Tensor:
+        """The constant matrix the ops resize `kernel` to `patch` with (cached in `fk.ops.resize`)."""
         raise NotImplementedError
 
     def _lift(self, weight, bias, kernel: PatchSize, size: PatchSize):
@@ -143,29 +147,25 @@ class _Resized(nn.Module):
                 self.kernels[p] = p.name
 
     def weights(self, patch) -> tuple[torch.Tensor, torch.Tensor, PatchSize]:
-        """(weight, bias, kernel size) to run `patch` with.
+        """(weight, bias, kernel size) that run `patch`: the underlying parameters themselves, at
+        the size they are stored at; the op resizes them to `patch` on the fly."""
+        name = self.kernels[PatchSize.parse(patch)]
+        return self.weight[name], self.bias[name], self.kernel_size[name]
 
-        When a gradient can flow, the underlying kernel itself: the op resizes it on the fly (the
-        fused kernels do so inside the launch). Otherwise the kernel resized to `patch`, cached.
-        """
+    def resize_matrices(self, patch) -> list[torch.Tensor]:
+        """The constant matrices a forward at `patch` resizes its kernel with, built now (none
+        when the kernel is stored at `patch`): what `FlexibleModel.prepare` builds ahead, so
+        that a sampling step copies nothing to the device."""
         patch = PatchSize.parse(patch)
-        name = self.kernels[patch]
-        weight, bias, kernel = self.weight[name], self.bias[name], self.kernel_size[name]
-        if kernel == patch or (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)):
-            return weight, bias, kernel
-        stamp = (weight.data_ptr(), weight._version, bias._version, weight.dtype, weight.device)
-        hit = self._cache.get(patch)
-        if hit is None or hit[0] != stamp:
-            with torch.inference_mode(False), torch.no_grad():
-                hit = (stamp, *self._resize(weight, bias, kernel, patch))
-            self._cache[patch] = hit
-        return hit[1], hit[2], patch
+        weight, _, kernel = self.weights(patch)
+        if kernel == patch:
+            return []
+        return [self._resize_matrix(kernel, patch, weight.device, compute_dtype(weight.dtype))]
 
     def _set(self, name: str, weight: torch.Tensor, bias: torch.Tensor, kernel: PatchSize) -> None:
         self.weight[name] = nn.Parameter(weight)
         self.bias[name] = nn.Parameter(bias)
         self.kernel_size[name] = kernel
-        self._cache.clear()
 
 
 class FlexiPatchEmbed(_Resized):
@@ -183,8 +183,8 @@ class FlexiPatchEmbed(_Resized):
         self._set(patch.name, torch.empty(hidden_size, in_channels, *patch), torch.zeros(hidden_size), patch)
         self.size_embed = nn.ParameterDict()
 
-    def _resize(self, weight, bias, kernel, patch):
-        return pi_resize(weight, patch), bias
+    def _resize_matrix(self, kernel, patch, device, dtype):
+        return pi_resize_matrix(kernel, patch, device, dtype)   # `pi_resize`'s
 
     def _lift(self, weight, bias, kernel, size):
         if size.ndim == 3:   # (D, C, 1, p, p) -> spatial lift, duplicated over pt frames / pt
@@ -220,8 +220,8 @@ class FlexiDeEmbed(_Resized):
         n = patch.volume * out_channels
         self._set(patch.name, torch.empty(n, hidden_size), torch.zeros(n), patch)
 
-    def _resize(self, weight, bias, kernel, patch):
-        return deembed_weight(weight, bias, kernel, patch)
+    def _resize_matrix(self, kernel, patch, device, dtype):
+        return resize_matrix(kernel, patch, device, dtype)   # `deembed_weight`'s (its transpose)
 
     def _lift(self, weight, bias, kernel, size):
         # Videos: the (1, p, p) kernel's rows lifted spatially, then repeated over the pt frames.

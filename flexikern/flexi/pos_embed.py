@@ -4,14 +4,15 @@ A token of a patch `ratio` times the original patch size covers `ratio` original
 axis; it sits at the centre of those: coordinate `i * ratio + (ratio - 1) / 2`. At the original
 size this is DiT's `get_2d_sincos_pos_embed` (first half of the channels: the column
 coordinate, second half: the row coordinate; `sin` before `cos`; computed in float64).
-Tables are regenerated per grid and cached, never interpolated.
+Tables are regenerated per grid and cached (as ordinary tensors, even when first built under
+`torch.inference_mode()`: `flexikern.ops._cache`), never interpolated.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from flexikern.ops._cache import tensor_cache
 
 __all__ = ["sincos_1d", "sincos_2d", "sincos_2d_scaled", "sincos_frames"]
 
@@ -31,7 +32,7 @@ def _coords(n: int, ratio: float) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float64) * ratio + (ratio - 1) / 2).to(torch.float32)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _sincos_2d(dim: int, grid: tuple[int, int], ratio: tuple[float, float], device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
     if dim % 4:
@@ -55,7 +56,7 @@ def sincos_2d(dim: int, grid: tuple[int, int], ratio: tuple[float, float] = (1.0
 
 # ------------------------------------------------------------------ PixArt / Latte (diffusers numerics)
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float], base_size: int,
                       interpolation_scale: float, original_grid: tuple[int, int], frames: int,
                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -89,7 +90,7 @@ def sincos_2d_scaled(dim: int, grid: tuple[int, int], ratio: tuple[float, float]
                              torch.device(device or "cpu"), dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _sincos_frames(dim: int, frames: int, ratio: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return sincos_1d(dim, _coords(frames, float(ratio))).to(device=device, dtype=dtype)
 

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import numbers
+import operator
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from flexikern.flexi.layers import LoRALinear, SizeLayerNorm
+from flexikern.ops._cache import building
 from flexikern.ops.patch_size import PatchSize
 from flexikern.flexi.packing import Packing
 
-__all__ = ["FlexibleModel", "check_timesteps", "conditions_checked", "condition_values_trusted",
+__all__ = ["FlexibleModel", "check_labels", "check_timesteps", "conditions_checked", "condition_values_trusted",
            "group_samples"]
 
 _CONDITIONS_CHECKED = contextvars.ContextVar("flexikern_conditions_checked", default=False)
@@ -58,14 +62,108 @@ def condition_values_trusted(device: torch.device) -> bool:
 
 
 def check_timesteps(t, n: int, device) -> torch.Tensor:
-    """`t` as an (n,) tensor on `device` (a scalar is broadcast)."""
+    """Diffusion timesteps `t` as an (n,) tensor on `device`.
+
+    `t`: an (n,) tensor of any int or float dtype (not bool), a number or a list; a scalar is
+    broadcast to the batch. Raises ValueError naming `t`, its value and what was expected.
+    """
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t, device=device)
+        try:
+            t = torch.as_tensor(t, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"t: expected timesteps (a number, a list of numbers or a tensor), got "
+                             f"{type(t).__name__} {t!r:.60}") from None
+    if not (t.is_floating_point() or _is_integer(t.dtype)):
+        raise ValueError(f"t: expected int or float timesteps, got a {t.dtype} tensor; pass numbers "
+                         f"(e.g. a long or float tensor)")
     if t.dim() == 0:
         t = t.expand(n)
     if t.shape != (n,):
-        raise ValueError(f"t: expected shape ({n},) to match x's batch, got {tuple(t.shape)}")
+        raise ValueError(f"t: expected shape ({n},) to match x's batch (or a scalar), got {tuple(t.shape)}")
     return t if t.device == device else t.to(device)   # already there (a sampling step): no call
+
+
+def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
+                 check_values: bool = True) -> torch.Tensor:
+    """Class labels as a long (N,) tensor, on `y`'s device (host data: the CPU). The one validation
+    of class labels: `FlexiDiT.check_condition` (hence `fk.sample`) and its forwards use it.
+
+    Args:
+        y: an int, a list or tuple of ints, numpy integers, or an integer (N,) tensor or numpy
+            array of any int dtype (unsigned included). Bools and floats are refused, integral
+            floats too: a float label is a mistake upstream, and truncating it would sample
+            another class. A scalar (0-dim) is broadcast to `n` (one label when `n` is None).
+        num_classes, null_class: valid labels are 0..num_classes-1, and `num_classes` (the null
+            class of classifier-free guidance) when `null_class`.
+        n: the batch size the labels must match, or None.
+        check_values: read the values (a device sync on CUDA) and check their range.
+    Raises:
+        ValueError: naming `y`, the offending values, what was expected and the fix.
+    """
+    if not isinstance(y, torch.Tensor):
+        y = _host_labels(y)
+    if not _is_integer(y.dtype):
+        raise ValueError(f"y: class labels must be integers, got a {y.dtype} tensor "
+                         f"{y.reshape(-1)[:8].tolist()}; pass ints (e.g. torch.tensor([1, 3]), or "
+                         f"y.long() if the values are whole numbers)")
+    if y.dim() > 1:
+        raise ValueError(f"y: expected (N,) class labels, got shape {tuple(y.shape)}; pass one label "
+                         f"per sample (y.reshape(-1))")
+    if y.dim() == 0:
+        y = y.reshape(1) if n is None else y.expand(n)
+    if n is not None and y.shape[0] != n:
+        raise ValueError(f"y: {y.shape[0]} labels for a batch of {n}")
+    if y.shape[0] == 0:
+        raise ValueError("y: expected at least one class label, got none")
+    y = y.long()   # a no-op for long labels; nn.Embedding takes int32 and int64 only
+    top = num_classes if null_class else num_classes - 1
+    if check_values and not bool(((y >= 0) & (y <= top)).all()):   # one host read
+        bad = sorted(set(y[(y < 0) | (y > top)].tolist()))
+        message = f"y: labels {bad[:8]}{' ...' if len(bad) > 8 else ''} out of range; expected 0..{num_classes - 1}"
+        if null_class:
+            message += f" (or {num_classes} = the null class, for unconditional samples)"
+        elif num_classes in bad:
+            message += (f". Label {num_classes} (= num_classes) is the null class of classifier-free "
+                        f"guidance, and this model has no null class: it was trained without class "
+                        f"dropout (class_dropout_prob=0). Classifier-free guidance needs a model trained "
+                        f"with class dropout; with this one, sample with Guidance(mode='none')")
+        else:
+            message += " (this model has no null class)"
+        raise ValueError(message)
+    return y
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is an integer dtype, signed or unsigned (bool is not)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _host_labels(y) -> torch.Tensor:
+    """Labels given as Python or numpy values (an int, a list or tuple of ints, numpy integers or
+    an integer array) as a long tensor; anything else (bools, floats, strings) is refused."""
+    if isinstance(y, (np.ndarray, np.generic)):
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"y: class labels must be integers, got a numpy {y.dtype} "
+                             f"{'array' if y.ndim else 'scalar'} {np.ravel(y)[:8].tolist()}; pass ints")
+        return torch.from_numpy(np.asarray(y, dtype=np.int64).copy())
+    items = y if isinstance(y, (list, tuple)) else [y]
+    bad = [v for v in items if isinstance(v, (bool, np.bool_)) or not _is_int(v)]
+    if bad:
+        shown = ", ".join(f"{v!r:.40} ({type(v).__name__})" for v in bad[:8])
+        raise ValueError(f"y: class labels must be ints (an int, a list of ints, an integer tensor or "
+                         f"numpy array), got {shown}; pass ints, not bools, floats or strings")
+    labels = torch.tensor([operator.index(v) for v in items], dtype=torch.long)
+    return labels if isinstance(y, (list, tuple)) else labels[0]
+
+
+def _is_int(v) -> bool:
+    """Whether `v` is an integer (a Python or numpy int, a 0-dim integer tensor); bools pass, so
+    callers refuse them first."""
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return not (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
 
 
 def group_samples(samples: list[tuple]) -> tuple[list[tuple], list[int]]:
@@ -82,7 +180,10 @@ def group_samples(samples: list[tuple]) -> tuple[list[tuple], list[int]]:
 
 
 def _describe(x: Any) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+    """A value's shape (a tensor), length (a list or tuple) or type, for an error message."""
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)}"
+    return f"a {type(x).__name__} of length {len(x)}" if isinstance(x, (list, tuple)) else type(x).__name__
 
 
 class FlexibleModel(nn.Module):
@@ -102,6 +203,14 @@ class FlexibleModel(nn.Module):
     def _setup(self, config: dict[str, Any], patch_size, ndim: int, in_channels: int, hidden_size: int,
                num_heads: int, learn_sigma: bool) -> PatchSize:
         """The attributes every family has; returns the original patch size."""
+        for name in ("input_size", "num_frames", "in_channels", "hidden_size", "depth", "num_heads",
+                     "num_classes", "text_len", "caption_channels", "cross_attention_dim"):
+            value = config.get(name)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                                      or value < (0 if name == "num_classes" else 1)):
+                raise ValueError(f"{name}={value!r}: expected a positive int")
+        if not (isinstance(config.get("mlp_ratio", 1.0), numbers.Real) and config.get("mlp_ratio", 1.0) > 0):
+            raise ValueError(f"mlp_ratio={config['mlp_ratio']!r}: expected a positive number, e.g. 4.0")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         patch = PatchSize.parse(patch_size, ndim)
@@ -167,6 +276,9 @@ class FlexibleModel(nn.Module):
         be among `patch_sizes`. Returns self.
         """
         original = self.original_patch_size
+        if isinstance(patch_sizes, (int, str, PatchSize)) or not isinstance(patch_sizes, Iterable):
+            raise TypeError(f"patch_sizes={patch_sizes!r}: expected a sequence of patch sizes including the "
+                            f"original size {original}, e.g. [{original[-1]}, {2 * original[-1]}]")
         sizes = tuple(dict.fromkeys(PatchSize.parse(p, original.ndim, "patch_sizes") for p in patch_sizes))
         if self.patch_sizes != (original,):
             raise RuntimeError(f"this model is already flexible (patch_sizes={self.patch_sizes})")
@@ -174,7 +286,7 @@ class FlexibleModel(nn.Module):
             raise ValueError(f"patch_sizes={sizes} must include the original patch size {original}")
         if adapter not in self.adapters:
             raise ValueError(f"adapter={adapter!r}: {type(self).__name__} supports {self.adapters}")
-        if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 1:
+        if not isinstance(lora_rank, numbers.Integral) or isinstance(lora_rank, bool) or lora_rank < 1:
             raise ValueError(f"lora_rank={lora_rank!r}: expected a positive int")
         latent = self.latent_shape[1:]
         for p in sizes:
@@ -183,7 +295,7 @@ class FlexibleModel(nn.Module):
         self.patch_sizes = tuple(sorted(sizes))
         if len(sizes) == 1:
             return self
-        self.adapter, self.lora_rank = adapter, (lora_rank if adapter == "lora" else None)
+        self.adapter, self.lora_rank = adapter, (int(lora_rank) if adapter == "lora" else None)
         embedders = [self.x_embedder, self.final_layer.linear]
         for layer in embedders:
             layer.flexify(original, list(sizes), adapter == "shared")
@@ -199,7 +311,7 @@ class FlexibleModel(nn.Module):
         for module in self.modules():
             if isinstance(module, LoRALinear):
                 for p in weak:
-                    module.add_adapter(p, lora_rank)
+                    module.add_adapter(p, self.lora_rank)
         for p in weak:
             for layer in embedders:
                 layer.weight[p.name].requires_grad_(True)
@@ -226,34 +338,62 @@ class FlexibleModel(nn.Module):
                              "or the converters' patch_sizes=)")
         return patch
 
-    def _check_x(self, x: torch.Tensor, patch: PatchSize, name: str = "x") -> None:
+    def _check_x(self, x: torch.Tensor, patch: PatchSize, name: str = "x") -> torch.Tensor:
+        """`x` checked against the model and `patch`, cast to the model's dtype (its weights').
+
+        The cast is the boundary's dtype rule: a float latent of any dtype runs in the model's
+        dtype, so a bf16 model takes fp32 latents (diffusers' pipelines prepare latents in
+        `transformer.dtype` for the same reason); the output is in the model's dtype. Everything
+        else is refused before any compute, naming `name`, its value and the fix.
+        """
         layout = "(N, C, H, W)" if patch.ndim == 2 else "a video (N, C, F, H, W)"
         if not isinstance(x, torch.Tensor) or x.dim() != patch.ndim + 2:
             raise ValueError(f"{name}: expected {layout}, got {_describe(x)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{name}: {x.shape[1]} channels, but the model expects in_channels={self.in_channels}")
         if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}; pass latents as "
+                            f"floats (e.g. {name}.float())")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: an empty batch, shape {tuple(x.shape)}; pass at least one sample")
+        if 0 in x.shape[2:]:
+            axes = "H, W" if patch.ndim == 2 else "F, H, W"
+            raise ValueError(f"{name}: {axes} = {tuple(x.shape[2:])} has an empty axis; expected positive "
+                             f"multiples of the patch size {tuple(patch)}")
         if patch.ndim == 3 and x.shape[2] % patch[0]:
             raise ValueError(f"{name}: {x.shape[2]} frames are not a multiple of the temporal patch "
                              f"{patch[0]} (patch_size {patch})")
         if x.shape[-2] % patch[-2] or x.shape[-1] % patch[-1]:
             raise ValueError(f"{name}: H, W = {tuple(x.shape[-2:])} are not multiples of patch_size "
                              f"{tuple(patch[-2:])}")
+        weight = self.t_embedder.mlp[0].weight   # the model's device and dtype (`embed_dtype`)
+        if weight.is_meta:
+            raise RuntimeError(f"{type(self).__name__} is on the meta device: its weights hold no data. "
+                               f"Load weights first, e.g. model.to_empty(device='cpu') then "
+                               f"model.load_state_dict(state_dict), or build it with from_pretrained")
+        if x.device != weight.device:
+            raise ValueError(f"{name}: on {x.device}, but the model is on {weight.device}; move it to the "
+                             f"model's device ({name}.to('{weight.device}'))")
+        return x.to(weight.dtype)   # no copy when it is already the model's dtype
 
-    def _check_packed(self, xs: list[torch.Tensor], patch_sizes: list) -> list[PatchSize]:
-        """Validate a packed batch (B latents without batch dim, B patch sizes); its patch sizes."""
+    def _check_packed(self, xs: list[torch.Tensor], patch_sizes: list) -> tuple[list[torch.Tensor], list[PatchSize]]:
+        """Validate a packed batch (B latents without batch dim, B patch sizes): (the latents cast
+        to the model's dtype as `_check_x` does, their patch sizes)."""
         layout = "(C, H, W)" if self.original_patch_size.ndim == 2 else "(C, F, H, W)"
         if not isinstance(xs, (list, tuple)) or not xs:
-            raise ValueError(f"xs: expected a non-empty list of {layout} latents")
+            raise ValueError(f"xs: expected a non-empty list of {layout} latents, got {_describe(xs)}")
+        if not isinstance(patch_sizes, (list, tuple)):
+            raise ValueError(f"patch_sizes: expected a list of one patch size per sample, got "
+                             f"{_describe(patch_sizes)} {patch_sizes!r:.60}")
         if len(patch_sizes) != len(xs):
             raise ValueError(f"patch_sizes: {len(patch_sizes)} entries for {len(xs)} samples")
         patches = [self._patch(p) for p in patch_sizes]
+        checked = []
         for i, (x, p) in enumerate(zip(xs, patches)):
             if not isinstance(x, torch.Tensor) or x.dim() != p.ndim + 1:
                 raise ValueError(f"xs[{i}]: expected {layout}, got {_describe(x)}")
-            self._check_x(x[None], p, f"xs[{i}]")
-        return patches
+            checked.append(self._check_x(x[None], p, f"xs[{i}]")[0])
+        return checked, patches
 
     def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
         """A block's forward, under activation checkpointing when `gradient_checkpointing` trains."""
@@ -298,11 +438,13 @@ class FlexibleModel(nn.Module):
     def _cached_packing(self, signature, build: Callable[[], tuple]):
         """`build()`'s packed layout for a batch signature, cached (the 16 latest): after the first
         call nothing is copied between host and device (so a step neither syncs nor breaks a
-        CUDA graph capture)."""
+        CUDA graph capture). Built outside inference mode (`flexikern.ops._cache.building`), so a
+        layout first built while sampling serves training too."""
         cache = self.__dict__.setdefault("_packings", {})
         hit = cache.get(signature)
         if hit is None:
-            hit = build()
+            with building():
+                hit = build()
             while len(cache) >= 16:
                 cache.pop(next(iter(cache)))
             cache[signature] = hit
@@ -315,10 +457,12 @@ class FlexibleModel(nn.Module):
     def prepare(self, patch_sizes: list, size: tuple[int, ...], device: torch.device,
                 packed: bool = False) -> list[torch.Tensor]:
         """Build now what forwards at `patch_sizes` on latents of spatial `size` build on first use:
-        positional tables and kernels resized to each patch size and, with `packed`, the packing
-        of one `forward_packed` call of one latent per patch size, in this order. Those forwards
-        then copy nothing between host and device; `fk.sample` calls this for every phase of its
-        schedule before the first step, under the grad mode of its steps (inference).
+        positional tables, the constant matrices that resize the embedding kernels to each patch
+        size and, with `packed`, the packing of one `forward_packed` call of one latent per patch
+        size, in this order. Those forwards then copy nothing between host and device;
+        `fk.sample` calls this for every phase of its schedule before the first step. Nothing
+        built depends on the weights (forwards resize the live kernels), and every cache builds
+        ordinary tensors, so what is built here serves any grad mode.
 
         Returns the device tensors built (a CUDA graph that reads them keeps them alive).
         """
@@ -327,7 +471,7 @@ class FlexibleModel(nn.Module):
         for patch in dict.fromkeys(patches):
             built += self._position_tables(tuple(size), patch, device)
             for layer in (self.x_embedder, self.final_layer.linear):
-                built += [t for t in layer.weights(patch)[:2] if t is not None]
+                built += layer.resize_matrices(patch)
         if packed:
             layout = self._packed_layout([(p, tuple(size)) for p in patches], device)
             built += [t for t in _tensors(layout)]
@@ -348,7 +492,7 @@ class FlexibleModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs):
-        """Load a directory written by `save_pretrained` (kwargs, e.g. device/dtype, go to `.to()`)."""
+        """Load a directory written by `save_pretrained`, in eval mode; `device=`/`dtype=` place it."""
         from flexikern.models.convert import from_pretrained
         return from_pretrained(cls, directory, **kwargs)
 

@@ -47,6 +47,11 @@ class FlexiLatte(TextConditioned):
 
     `forward(x, t, y, patch_size)` with x (N, C, F, H, W) and y a `TextCondition`; pre-trained
     patch (1, p, p), weak sizes e.g. (2, p, p) (frames merged) or (1, 2p, 2p).
+
+    `enable_temporal_attentions=False` skips the temporal blocks and the temporal positions (each
+    frame group is denoised on its own), as diffusers' forward argument of that name does; the
+    forwards and `flops` take it per call too. Text channels, `cross_attention_dim` and
+    `attention_bias` as in `FlexiPixArt`.
     """
 
     checkpoint_format = "flexikern.FlexiLatte"
@@ -54,27 +59,33 @@ class FlexiLatte(TextConditioned):
 
     def __init__(self, input_size: int = 32, num_frames: int = 16, patch_size: tuple[int, int, int] = (1, 2, 2),
                  in_channels: int = 4, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
-                 mlp_ratio: float = 4.0, caption_channels: int = 4096, text_len: int = 120,
+                 mlp_ratio: float = 4.0, caption_channels: int | None = 4096, text_len: int = 120,
                  learn_sigma: bool = True, interpolation_scale: float | None = None, norm_eps: float = 1e-6,
+                 cross_attention_dim: int | None = None, attention_bias: bool = True,
+                 enable_temporal_attentions: bool = True,
                  patch_sizes: Iterable[tuple[int, int, int]] | None = None, adapter: str = "lora",
                  lora_rank: int = 32) -> None:
         super().__init__()
         if interpolation_scale is None:
             interpolation_scale = max(input_size // 64, 1)
+        if not isinstance(enable_temporal_attentions, bool):
+            raise ValueError(f"enable_temporal_attentions={enable_temporal_attentions!r}: expected True or False")
         patch = self._setup(dict(input_size=input_size, num_frames=num_frames, in_channels=in_channels,
                                  hidden_size=hidden_size, depth=depth, num_heads=num_heads,
                                  mlp_ratio=mlp_ratio, caption_channels=caption_channels, text_len=text_len,
                                  learn_sigma=learn_sigma, interpolation_scale=interpolation_scale,
-                                 norm_eps=norm_eps),
+                                 norm_eps=norm_eps, cross_attention_dim=cross_attention_dim,
+                                 attention_bias=attention_bias, enable_temporal_attentions=enable_temporal_attentions),
                             patch_size, 3, in_channels, hidden_size, num_heads, learn_sigma)
         if patch[0] != 1 or patch[1] != patch[2]:
             raise ValueError(f"patch_size={patch}: the pre-trained (Latte) patch is (1, p, p)")
         self.input_size, self.num_frames = input_size, num_frames
         self.base_size = input_size // patch[1]
         self._build_text_model(patch, in_channels, hidden_size, depth, num_heads, mlp_ratio, caption_channels,
-                               text_len, norm_eps)
+                               text_len, norm_eps, cross_attention_dim, attention_bias)
         self.temporal_blocks = nn.ModuleList([PixArtBlock(hidden_size, num_heads, mlp_ratio, norm_eps,
-                                                          cross_attention=False) for _ in range(depth)])
+                                                          cross_attention=False, qkv_bias=attention_bias)
+                                              for _ in range(depth)])
         self.final_layer = PixArtFinalLayer(hidden_size, FlexiDeEmbed(hidden_size, self.out_channels, patch))
         self.initialize_weights()
         if patch_sizes is not None:
@@ -104,20 +115,32 @@ class FlexiLatte(TextConditioned):
                 self.temporal_pos_embed(size[0], patch, device, self.embed_dtype)]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y, patch_size: tuple[int, int, int] | None = None
-                ) -> torch.Tensor:
+    def _temporal(self, enable_temporal_attentions: bool | None) -> bool:
+        """Whether the temporal blocks run: the call's `enable_temporal_attentions`, else the model's."""
+        if enable_temporal_attentions is None:
+            return self.config["enable_temporal_attentions"]
+        if not isinstance(enable_temporal_attentions, bool):
+            raise ValueError(f"enable_temporal_attentions={enable_temporal_attentions!r}: expected True, False "
+                             "or None (the model's setting)")
+        return enable_temporal_attentions
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y, patch_size: tuple[int, int, int] | None = None,
+                enable_temporal_attentions: bool | None = None) -> torch.Tensor:
         """Latte's forward at a 3-D patch size.
 
         Args:
-            x: (N, C, F, H, W) latents; F, H, W multiples of the patch size.
-            t: (N,) timesteps (or a scalar).
+            x: (N, C, F, H, W) latents, any float dtype (cast to the model's dtype, as diffusers'
+                pipelines prepare latents in `transformer.dtype`); F, H, W multiples of the patch size.
+            t: (N,) timesteps, int or float (or a scalar).
             y: a `TextCondition` with N rows (or (N, L, C_text) embeddings, or (embeds, mask)).
             patch_size: one of `patch_sizes`; default the original (1, p, p).
+            enable_temporal_attentions: False skips the temporal blocks; default the model's setting.
         Returns:
-            (N, out_channels, F, H, W).
+            (N, out_channels, F, H, W), in the model's dtype.
         """
+        temporal_on = self._temporal(enable_temporal_attentions)
         patch = self._patch(patch_size)
-        self._check_x(x, patch)
+        x = self._check_x(x, patch)
         n, size = x.shape[0], tuple(x.shape[2:])
         t = check_timesteps(t, n, x.device)
         cond = self.check_condition(y, n, x.device)
@@ -129,6 +152,8 @@ class FlexiLatte(TextConditioned):
         t6_spatial, t6_temporal = t6.repeat_interleave(frames, 0), t6.repeat_interleave(spatial, 0)
         for i, (block, temporal) in enumerate(zip(self.blocks, self.temporal_blocks)):
             h = block(h.reshape(n * frames, spatial, d), t6_spatial, patch, text, bias)
+            if not temporal_on:
+                continue
             h = h.reshape(n, frames, spatial, d).transpose(1, 2).reshape(n * spatial, frames, d)
             if i == 0 and frames > 1:
                 h = h + self.temporal_pos_embed(size[0], patch, x.device, dtype)
@@ -137,14 +162,17 @@ class FlexiLatte(TextConditioned):
         return self.final_layer(h.reshape(n, frames * spatial, d), t_emb, patch, size)
 
     def forward_packed(self, xs: list[torch.Tensor], t: torch.Tensor, y,
-                       patch_sizes: list[tuple[int, int, int] | None]) -> list[torch.Tensor]:
+                       patch_sizes: list[tuple[int, int, int] | None],
+                       enable_temporal_attentions: bool | None = None) -> list[torch.Tensor]:
         """Videos of different patch sizes (and sizes) as ONE packed sequence; equal to `forward` per sample.
 
-        Spatial blocks: one varlen sequence per (sample, frame group); temporal blocks: the tokens
-        permuted so each (sample, position) is one sequence; per-token adaLN; each sample's
-        queries cross-attend to its own text.
+        Spatial blocks: one varlen sequence per (sample, frame group); temporal blocks (unless
+        `enable_temporal_attentions` is False, default the model's setting): the tokens permuted so
+        each (sample, position) is one sequence; per-token adaLN; each sample's queries
+        cross-attend to its own text.
         """
-        patches = self._check_packed(xs, patch_sizes)
+        temporal_on = self._temporal(enable_temporal_attentions)
+        xs, patches = self._check_packed(xs, patch_sizes)
         device, dtype = xs[0].device, self.embed_dtype
         t = check_timesteps(t, len(xs), device)
         cond = self.check_condition(y, len(xs), device)
@@ -152,18 +180,20 @@ class FlexiLatte(TextConditioned):
             [(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], device)
         h = self._embed_packed(xs, runs)
         temporal_pos = []
-        for p, size, members in runs:
+        for p, size, members in runs if temporal_on else ():
             # In temporal order (position-major, frame-minor); none for one frame group, as unpacked.
             table = self.temporal_pos_embed(size[0], p, device, dtype)
             positions = len(members) * (size[1] // p[1]) * (size[2] // p[2])
             temporal_pos.append((table if size[0] // p[0] > 1 else torch.zeros_like(table)).repeat(positions, 1))
         t_emb, t6, text, bias = self._conditioning(t[order], cond[order])
-        pos_t, groups = torch.cat(temporal_pos), spatial_packing.groups
+        groups = spatial_packing.groups
         for i, (block, temporal) in enumerate(zip(self.blocks, self.temporal_blocks)):
             h = block(h, t6, groups, text, bias, spatial_packing)
+            if not temporal_on:
+                continue
             h = h[perm]
             if i == 0:
-                h = h + pos_t
+                h = h + torch.cat(temporal_pos)
             h = temporal(h, t6, groups, packing=temporal_packing)[inverse]
         return self._unpack(self.final_layer.modulated(h, t_emb, groups, spatial_packing), runs)
 
@@ -199,19 +229,26 @@ class FlexiLatte(TextConditioned):
 
     # ------------------------------------------------------------------ accounting
     def flops(self, patch_size: tuple[int, int, int] | None = None, batch: int = 1, num_frames: int | None = None,
-              input_size: int | None = None, text_len: int | None = None) -> int:
-        """Analytic forward FLOPs (multiply-add = 2): spatial, temporal and cross-attention, LoRA."""
+              input_size: int | None = None, text_len: int | None = None,
+              enable_temporal_attentions: bool | None = None) -> int:
+        """Analytic forward FLOPs (multiply-add = 2): spatial, temporal (unless disabled, as in
+        `forward`) and cross-attention, LoRA."""
+        temporal_depth = self.config["depth"] if self._temporal(enable_temporal_attentions) else 0
         patch = self._patch(patch_size)
         f, s = num_frames or self.num_frames, input_size or self.input_size
         frames, tokens = f // patch[0], patch.tokens((f, s, s))
         return int(batch * text_model_flops(self, tokens, patch.volume, patch, text_len or self.text_len,
-                                            frames=frames, temporal_depth=self.config["depth"]))
+                                            frames=frames, temporal_depth=temporal_depth))
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_diffusers(cls, model_or_dir, patch_sizes=None, adapter: str = "lora", lora_rank: int = 32,
-                       null_caption: torch.Tensor | None = None) -> "FlexiLatte":
-        """Convert a diffusers `LatteTransformer3DModel` (or a directory saved by it); see convert.py."""
+                       null_caption: torch.Tensor | None = None, enable_temporal_attentions: bool = True,
+                       subfolder: str | None = None) -> "FlexiLatte":
+        """Convert a diffusers `LatteTransformer3DModel` (or a pipeline holding one, or a folder or Hub
+        id of either; `subfolder` names its folder), in eval mode. `enable_temporal_attentions` is
+        the model's setting (diffusers passes it per call). See convert.py."""
         from flexikern.models.convert import latte_from_diffusers
         return latte_from_diffusers(cls, model_or_dir, patch_sizes=patch_sizes, adapter=adapter,
-                                    lora_rank=lora_rank, null_caption=null_caption)
+                                    lora_rank=lora_rank, null_caption=null_caption,
+                                    enable_temporal_attentions=enable_temporal_attentions, subfolder=subfolder)

@@ -71,12 +71,15 @@ class TimestepEmbedder(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    """Multi-head self-attention; packed (total, D) tokens attend block-diagonally per sequence."""
+    """Multi-head self-attention; packed (total, D) tokens attend block-diagonally per sequence.
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    `qkv_bias=False`: q, k, v without bias (diffusers' `attention_bias=False`); `proj` always has one.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = LoRALinear(dim, dim * 3)
+        self.qkv = LoRALinear(dim, dim * 3, bias=qkv_bias)
         self.proj = LoRALinear(dim, dim)
 
     def forward(self, x: torch.Tensor, patch, packing: Packing | None = None) -> torch.Tensor:
@@ -109,18 +112,21 @@ class CrossAttention(nn.Module):
     sequences share one text (Latte's frames). Packed, `x` is (total, D) and `bounds[i]` is the
     token range of text i, on the host (a packing's `sample_bounds`): one attention per text (keys
     differ per sample, so the block-diagonal varlen kernel does not apply; see docs/T2I_VIDEO.md).
+
+    `text` is (N_text, L, context_dim): keys and values project from `context_dim` channels (D by
+    default; diffusers' `cross_attention_dim`). `qkv_bias=False`: q, k, v without bias.
     """
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, dim * 2)
+        self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_linear = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, bias: torch.Tensor | None,
                 bounds: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
-        n_text, length, dim = text.shape
+        n_text, length, dim = *text.shape[:2], self.proj.out_features
         heads, hd = self.num_heads, dim // self.num_heads
         k, v = self.kv_linear(text).reshape(n_text, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
         if bounds is not None:
@@ -145,14 +151,18 @@ class CrossAttention(nn.Module):
 #################################################################################
 
 class PixArtBlock(nn.Module):
-    """Self-attention, cross-attention (optional: Latte's temporal blocks have none), MLP; adaLN-single."""
+    """Self-attention, cross-attention (optional: Latte's temporal blocks have none), MLP; adaLN-single.
+
+    `context_dim`: the channels of the text tokens cross-attended to (default `hidden_size`);
+    `qkv_bias`: whether the attentions' q, k, v have biases (diffusers' `attention_bias`).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6,
-                 cross_attention: bool = True) -> None:
+                 cross_attention: bool = True, context_dim: int | None = None, qkv_bias: bool = True) -> None:
         super().__init__()
         self.norm1 = SizeLayerNorm(hidden_size, eps=eps)
-        self.attn = Attention(hidden_size, num_heads)
-        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
+        self.attn = Attention(hidden_size, num_heads, qkv_bias)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, context_dim, qkv_bias) if cross_attention else None
         self.norm2 = SizeLayerNorm(hidden_size, eps=eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)

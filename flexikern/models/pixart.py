@@ -45,6 +45,11 @@ class FlexiPixArt(TextConditioned):
 
     `forward(x, t, y, patch_size)` with `y` a `TextCondition` (or embeddings (N, L, C_text), or an
     (embeds, mask) pair). `null_condition(y)` is the guidance branch's condition.
+
+    C_text is `caption_channels`, projected to `hidden_size` by the caption MLP; with
+    `caption_channels=None` there is no projection and the embeddings, of `cross_attention_dim`
+    channels (default `hidden_size`), go to the cross-attention as they are (diffusers' options of
+    the same names). `attention_bias=False`: the attentions' q, k, v have no biases.
     """
 
     checkpoint_format = "flexikern.FlexiPixArt"
@@ -52,8 +57,9 @@ class FlexiPixArt(TextConditioned):
 
     def __init__(self, input_size: int = 32, patch_size: int | tuple[int, int] = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 caption_channels: int = 4096, text_len: int = 120, learn_sigma: bool = True,
+                 caption_channels: int | None = 4096, text_len: int = 120, learn_sigma: bool = True,
                  interpolation_scale: float | None = None, norm_eps: float = 1e-6,
+                 cross_attention_dim: int | None = None, attention_bias: bool = True,
                  patch_sizes: Iterable[int | tuple[int, int]] | None = None, adapter: str = "lora",
                  lora_rank: int = 32) -> None:
         super().__init__()
@@ -63,12 +69,13 @@ class FlexiPixArt(TextConditioned):
                                  depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                  caption_channels=caption_channels, text_len=text_len,
                                  learn_sigma=learn_sigma, interpolation_scale=interpolation_scale,
-                                 norm_eps=norm_eps),
+                                 norm_eps=norm_eps, cross_attention_dim=cross_attention_dim,
+                                 attention_bias=attention_bias),
                             patch_size, 2, in_channels, hidden_size, num_heads, learn_sigma)
         self.input_size = input_size
         self.base_size = input_size // patch[0]
         self._build_text_model(patch, in_channels, hidden_size, depth, num_heads, mlp_ratio, caption_channels,
-                               text_len, norm_eps)
+                               text_len, norm_eps, cross_attention_dim, attention_bias)
         self.final_layer = PixArtFinalLayer(hidden_size, FlexiDeEmbed(hidden_size, self.out_channels, patch))
         self.initialize_weights()
         if patch_sizes is not None:
@@ -87,15 +94,16 @@ class FlexiPixArt(TextConditioned):
         """PixArt's forward at a patch size.
 
         Args:
-            x: (N, C, H, W) latents; H, W multiples of the patch size.
-            t: (N,) timesteps (or a scalar).
+            x: (N, C, H, W) latents, any float dtype (cast to the model's dtype, as diffusers'
+                pipelines prepare latents in `transformer.dtype`); H, W multiples of the patch size.
+            t: (N,) timesteps, int or float (or a scalar).
             y: a `TextCondition` with N rows (or (N, L, C_text) embeddings, or (embeds, mask)).
             patch_size: one of `patch_sizes`; default the original.
         Returns:
-            (N, out_channels, H, W).
+            (N, out_channels, H, W), in the model's dtype.
         """
         patch = self._patch(patch_size)
-        self._check_x(x, patch)
+        x = self._check_x(x, patch)
         t = check_timesteps(t, x.shape[0], x.device)
         cond = self.check_condition(y, x.shape[0], x.device)
         size = tuple(x.shape[2:])
@@ -118,7 +126,7 @@ class FlexiPixArt(TextConditioned):
         Returns:
             B outputs (out_channels, H_i, W_i) in input order.
         """
-        patches = self._check_packed(xs, patch_sizes)
+        xs, patches = self._check_packed(xs, patch_sizes)
         t = check_timesteps(t, len(xs), xs[0].device)
         cond = self.check_condition(y, len(xs), xs[0].device)
         runs, order, packing = self._packed_layout([(p, tuple(x.shape[1:])) for p, x in zip(patches, xs)], xs[0].device)
@@ -130,7 +138,8 @@ class FlexiPixArt(TextConditioned):
 
     def flops(self, patch_size: int | tuple[int, int] | None = None, batch: int = 1,
               input_size: int | tuple[int, int] | None = None, text_len: int | None = None) -> int:
-        """Analytic forward FLOPs (multiply-add = 2): self- and cross-attention, caption projection, LoRA.
+        """Analytic forward FLOPs (multiply-add = 2): self- and cross-attention, caption projection (if
+        any), LoRA.
 
         `text_len` defaults to the model's `text_len` (every token is computed; masks do not save work).
         """
@@ -141,8 +150,9 @@ class FlexiPixArt(TextConditioned):
 
     @classmethod
     def from_diffusers(cls, model_or_dir, patch_sizes=None, adapter: str = "lora", lora_rank: int = 32,
-                       null_caption: torch.Tensor | None = None) -> "FlexiPixArt":
-        """Convert a diffusers `PixArtTransformer2DModel` (or a directory saved by it); see convert.py."""
+                       null_caption: torch.Tensor | None = None, subfolder: str | None = None) -> "FlexiPixArt":
+        """Convert a diffusers `PixArtTransformer2DModel` (or a pipeline holding one, or a folder or Hub
+        id of either; `subfolder` names its folder), in eval mode; see convert.py."""
         from flexikern.models.convert import pixart_from_diffusers
         return pixart_from_diffusers(cls, model_or_dir, patch_sizes=patch_sizes, adapter=adapter,
-                                     lora_rank=lora_rank, null_caption=null_caption)
+                                     lora_rank=lora_rank, null_caption=null_caption, subfolder=subfolder)

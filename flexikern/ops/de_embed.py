@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flexikern.ops._checks import check_divides, check_tensor
+from flexikern.ops._checks import check_divides, check_same_dtype, check_size, check_tensor
 from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 from flexikern.ops.patch_embed import autocast_inputs, triton_reasons
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
@@ -167,13 +167,18 @@ def de_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         kernel_size: the size `weight` is stored at: (kh, kw), or (pt, ph, pw) equal to
             `patch_size` (3-D de-embeddings are not resized).
         patch_size: the size to run at; an image weight is resized to it.
-        size: the output (H, W) or (F, H, W).
+        size: the output (H, W) or (F, H, W), positive ints.
+    Returns:
+        (N, C_out, *size) in x's dtype (autocast's under autocast).
+    Raises:
+        TypeError: x or weight not a float tensor, or weight/bias of another dtype than x
+            (F.linear needs one dtype; autocast casts them).
+        ValueError: shapes, sizes or devices that do not fit.
     """
     check_tensor("x", x, ndim=3)
     check_tensor("weight", weight, ndim=2, device=x.device)
-    if not isinstance(size, (tuple, list, torch.Size)) or len(size) not in (2, 3):
-        raise ValueError(f"size={size!r}: expected (H, W) or (F, H, W)")
-    size = tuple(int(s) for s in size)
+    check_same_dtype("weight", weight, x)
+    size = check_size("size", size)
     # Plain tuples: torch.compile traces them.
     kernel = tuple(PatchSize.parse(kernel_size, ndim=len(size), name="kernel_size"))
     patch = tuple(PatchSize.parse(patch_size, ndim=len(size)))
@@ -187,6 +192,7 @@ def de_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          f"{kernel} and D={x.shape[2]}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=x.device)
+        check_same_dtype("bias", bias, x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     tokens = math.prod(s // p for s, p in zip(size, patch))

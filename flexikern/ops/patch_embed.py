@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flexikern.ops._checks import check_divides, check_tensor
+from flexikern.ops._checks import check_divides, check_same_dtype, check_tensor
 from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 from flexikern.ops.patchify import patchify_reference
@@ -220,9 +220,17 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         patch_size: an int or (ph, pw), or (pt, ph, pw) for videos, dividing the sizes of x.
         pos_embed: (T, D) positional table, added to every sample, or None.
         size_embed: (D,) patch-size embedding added to every token, or None.
+    Returns:
+        (N, T, D) tokens in x's dtype promoted with the added tables' (autocast's under autocast).
+    Raises:
+        TypeError: a tensor not of a float dtype, or weight or bias of another dtype than x
+            (F.conv2d needs one dtype; under autocast they may differ). pos_embed and size_embed
+            are added with type promotion (an fp32 table makes the output fp32).
+        ValueError: shapes or devices that do not fit, an empty spatial axis.
     """
     check_tensor("x", x, ndim=(4, 5))
     check_tensor("weight", weight, ndim=x.dim(), device=x.device)
+    check_same_dtype("weight", weight, x)
     patch = tuple(PatchSize.parse(patch_size, ndim=x.dim() - 2))  # plain: torch.compile traces it
     check_divides("x", x.shape[2:], patch)
     d, c = weight.shape[:2]
@@ -236,6 +244,8 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                            ("size_embed", size_embed, (d,))):
         if t is not None:
             check_tensor(name, t, device=x.device)
+            if name == "bias":
+                check_same_dtype(name, t, x)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     return dispatch("patch_embed", x=x, weight=weight, bias=bias, patch_size=patch,

@@ -10,6 +10,7 @@ per-size weights in checkpoints: written, never parsed back.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Union
 
 __all__ = ["PatchSize", "PatchSizeLike"]
@@ -23,7 +24,8 @@ class PatchSize(tuple):
     @classmethod
     def parse(cls, value: Any, ndim: int | None = None, name: str = "patch_size") -> "PatchSize":
         """A PatchSize from an int (a square image patch), a tuple or list of 2 or 3 ints, a
-        PatchSize, or text "4" / "2x4" / "1x2x2".
+        PatchSize, or text "4" / "2x4" / "1x2x2". Ints may be numpy integers; bools and floats
+        (even 2.0) are refused.
 
         Args:
             value: the patch size as the user gave it.
@@ -40,12 +42,12 @@ class PatchSize(tuple):
                 sizes = tuple(int(p) for p in value.lower().replace(" ", "").split("x"))
             except ValueError:
                 sizes = None
-        if isinstance(sizes, int) and not isinstance(sizes, bool):
+        if _is_int(sizes):
             sizes = (sizes, sizes) if ndim != 3 else None
         elif isinstance(sizes, tuple) and isinstance(value, str) and len(sizes) == 1 and ndim != 3:
             sizes = sizes * 2
         ok = (isinstance(sizes, (tuple, list)) and len(sizes) in ((2, 3) if ndim is None else (ndim,))
-              and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes))
+              and all(_is_int(s) and s > 0 for s in sizes))
         if not ok:
             expected = {2: "an int or (ph, pw)", 3: "(pt, ph, pw)",
                         None: "an int, (ph, pw) or (pt, ph, pw)"}[ndim]
@@ -79,3 +81,8 @@ class PatchSize(tuple):
 
 
 PatchSizeLike = Union[int, tuple, list, str, PatchSize]
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer (numbers.Integral), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

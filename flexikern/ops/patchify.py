@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import torch
 
-from flexikern.ops._checks import FLOAT_DTYPES, check_divides, check_tensor
+from flexikern.ops._checks import FLOAT_DTYPES, check_divides, check_size, check_tensor
 from flexikern.ops._dispatch import Backend, dispatch
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
@@ -152,9 +152,7 @@ def unpatchify(tokens: torch.Tensor, patch_size: PatchSizeLike,
                size: tuple[int, ...]) -> torch.Tensor:
     """The exact inverse of `patchify`: tokens (N, T, prod(patch)*C) -> (N, C, *size)."""
     check_tensor("tokens", tokens, ndim=3, dtypes=DTYPES)
-    if not isinstance(size, (tuple, list, torch.Size)) or len(size) not in (2, 3):
-        raise ValueError(f"size={size!r}: expected (H, W) or (F, H, W)")
-    size = tuple(int(s) for s in size)
+    size = check_size("size", size)
     patch = tuple(PatchSize.parse(patch_size, ndim=len(size)))
     check_divides("size", size, patch)
     _check_tokens_fit("tokens", tuple(tokens.shape), patch, size)

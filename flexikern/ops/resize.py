@@ -10,23 +10,30 @@ a patch from (h, w) to (h', w') is a linear map `R = resize(eye(h*w))` of shape 
 * `resize_deembed` (de-embedding): `w' = w @ R^T`, the plain bilinear resize of each output
   map, so the de-embedded patch at (h', w') is the resized de-embedded patch at (h, w).
 
-Both are a small matrix product on the flattened kernel; the matrices are cached per
-(sizes, device, dtype). `lift_embed` / `lift_deembed` go the other way (a kernel stored at a
-small size, lifted to a larger one), and `deembed_weight` applies `resize_deembed` to a
-de-embedding stored as a linear layer's weight. Sizes are (h, w) pairs, read by `PatchSize.parse`.
+Both are a small matrix product on the flattened kernel; the matrices are constants cached per
+(sizes, device, dtype), built outside inference mode (`flexikern.ops._cache`), so a matrix first
+built while sampling serves training too. `lift_embed` / `lift_deembed` go the other way (a
+kernel stored at a small size, lifted to a larger one), and `deembed_weight` applies
+`resize_deembed` to a de-embedding stored as a linear layer's weight. Sizes are (h, w) pairs,
+read by `PatchSize.parse`.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from flexikern.ops._cache import tensor_cache
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
 __all__ = ["resize_matrix", "pi_resize_matrix", "pi_resize", "resize_deembed", "lift_embed",
-           "lift_deembed", "lift_deembed_weight", "deembed_weight"]
+           "lift_deembed", "lift_deembed_weight", "deembed_weight", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel of `dtype` is resized in (its matrices' dtype): float64 for float64,
+    float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _size(value: PatchSizeLike, name: str) -> tuple[int, int]:
@@ -34,7 +41,7 @@ def _size(value: PatchSizeLike, name: str) -> tuple[int, int]:
     return tuple(PatchSize.parse(value, ndim=2, name=name))
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: torch.device,
                           dtype: torch.dtype) -> torch.Tensor:
     h, w = old
@@ -43,7 +50,7 @@ def _resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: to
     return resized.reshape(h * w, -1).T.contiguous().to(device=device, dtype=dtype)  # (h'w', hw)
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _pi_resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: torch.device,
                              dtype: torch.dtype) -> torch.Tensor:
     R = _resize_matrix_cached(old, new, torch.device("cpu"), torch.float64)
@@ -89,7 +96,7 @@ def _resized(weight: torch.Tensor, new_size: PatchSizeLike, matrix) -> torch.Ten
     old, new = tuple(weight.shape[-2:]), _size(new_size, "new_size")
     if old == new:
         return weight
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(weight.dtype)
     return _apply(weight, matrix(old, new, weight.device, compute), new)
 
 
@@ -104,7 +111,7 @@ def lift_embed(weight: torch.Tensor, size: PatchSizeLike) -> torch.Tensor:
     old, big = tuple(weight.shape[-2:]), _size(size, "size")
     if old == big:
         return weight.clone()
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(weight.dtype)
     return _apply(weight, resize_matrix(big, old, weight.device, compute), big)
 
 
@@ -116,7 +123,7 @@ def lift_deembed(weight: torch.Tensor, size: PatchSizeLike) -> torch.Tensor:
     old, big = tuple(weight.shape[-2:]), _size(size, "size")
     if old == big:
         return weight.clone()
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(weight.dtype)
     return _apply(weight, pi_resize_matrix(big, old, weight.device, compute).T, big)
 
 

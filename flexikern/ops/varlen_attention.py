@@ -52,6 +52,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from flexikern.ops._cache import tensor_cache
 from flexikern.ops._checks import check_tensor
 from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 
@@ -258,7 +259,7 @@ class XformersVarlenAttention(_VarlenBackend):
                                           scale=scale)[0]
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _block_diagonal_mask(bounds: tuple[int, ...]):
     """xformers' mask for one packing (cached: its seqstart tensor is built from host lengths,
     so a sampling loop does not rebuild and copy it in every layer and step)."""
@@ -308,7 +309,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _document_block_mask(bounds: tuple[int, ...], device: torch.device):
     """FlexAttention's block mask for one packing (cached: a sampling loop reuses its packing
     in every layer and step)."""

@@ -16,21 +16,32 @@ How (the stable-fast / vLLM recipe):
   labels, or the tensors of a text condition: the fields of a dataclass), so repeated sampling
   with new labels replays the same graphs (count: `GraphRunner.captures`); their shapes are part
   of the key. Nothing else of the denoiser is an input: an attribute it does not declare is
-  read at capture time like any constant.
+  read at capture time like any constant, so it is part of the key (below).
 * Inside a graph the two branches of a mixed-size step run as two forwards, never packed:
   building a `Packing` copies host lists to the device, which capture does not allow (and graphs
   already remove the launch overhead packing saves).
-* The model builds a phase's per-size caches first (`model.prepare`: positional tables, resized
-  kernels); the graph reads them in place, so it keeps the tensors `prepare` returns alive.
+* The model builds a phase's per-size caches first (`model.prepare`: positional tables, the
+  kernels' resize matrices: constants, none derived from the weights); the graph reads them in
+  place, so it keeps the tensors `prepare` returns alive.
   Warm-up runs on a side stream (Triton autotuning, cuBLAS/attention workspaces), then capture
   into one memory pool per runner (`torch.cuda.graph_pool_handle()`); a model lives on one
   device, so that is one pool per device.
-* The cache is an LRU of at most `max_graphs` graphs, keyed by `graph_key` (everything that
-  changes the kernels); `release()` (or dropping the runner) frees them. Phases shorter than
-  `min_phase_steps` run eagerly: capturing costs about `warmup + 1` steps.
-* Captured graphs read the model's weights in place: if the weights change (a training step,
-  `load_state_dict`) the runner notices (parameter pointers and versions) and recaptures.
-  Dispatch happens at capture time; the forced backends are part of the key.
+* The cache is an LRU of at most `max_graphs` graphs, keyed by `GraphRunner.key`: the patch
+  sizes, batch and dtypes, and the full state of everything the captured step reads, derived
+  rather than listed (`state_of`): every attribute of the sampler (but its per-step tables,
+  static inputs), of the denoiser (but its model and conditions; its guidance as `guidance`,
+  left out of a conditional-only step, which reads only its rule) and of the loop (but what
+  `step` does not read: the schedule and its phases), and of every module of the model its type,
+  mode (`training`), public attributes and hooks. A tensor among them counts by its values on
+  the host, by its identity (the address a graph reads) on the device. `release()` (or dropping
+  the runner) frees the graphs. Phases shorter than `min_phase_steps` run eagerly: capturing
+  costs about `warmup + 1` steps.
+* Captured graphs read the model's parameters and buffers in place, and nothing derived from
+  them is baked (the model resizes its kernels inside the step), so a change in place (an
+  optimizer step, `load_state_dict`, a write through `.data`, an EMA swap) is in the next replay.
+  A parameter given new storage (`.to()`, `p.data = t`, a new model) changes its address: the
+  runner notices and recaptures. Dispatch happens at capture time; the forced backends are part
+  of the key.
 
 On a CPU model `cuda_graphs=True` warns once per process and runs the same phase bodies (static
 buffers and all) eagerly, with results equal to plain sampling.
@@ -40,6 +51,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import hashlib
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -48,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from flexikern.ops.patch_size import PatchSize
 
@@ -56,7 +71,12 @@ from flexikern.ops.patch_size import PatchSize
 DenoisingLoop = GuidedDenoiser = FlexibleDenoiser = Any
 
 __all__ = ["GraphRunner", "GraphKey", "graph_key", "plan_phases", "runner_for", "release_graphs",
-           "run_graphed"]
+           "run_graphed", "state_of"]
+
+# The sampler's per-step tables: static inputs of a graph (refilled per step), not constants.
+STATIC_SAMPLER_TABLES = ("model_timesteps", "table")
+# What `DenoisingLoop.step` does not read (the phases say which sizes a step runs at).
+LOOP_NOT_READ_BY_STEP = ("schedule", "phases", "guided")
 
 
 @dataclass(frozen=True)
@@ -66,25 +86,96 @@ class GraphKey:
     cond_size: PatchSize
     guid_size: PatchSize | None
     rule: str                    # the denoiser's rule: "cond", "cfg" or "weak"
-    guidance: Any                # the Guidance (its scales are constants in the graph); None for "cond"
+    guidance: Any                # the guidance's state (its scales are constants in the graph); None for "cond"
     batch: int
     state_dtype: torch.dtype     # the sampling state x (float32)
     model_dtype: torch.dtype
-    sampler: tuple               # (class name, stochastic, coefficients per step)
+    sampler: tuple               # the sampler's state (`state_of`: class, settings, table shapes)
     device: str
     backends: tuple              # forced backends at capture time
     conditions: tuple = ()       # (name, shapes and dtypes) of the denoiser's declared conditions
+    settings: tuple = ()         # the state of the rest of the loop, the denoiser and the model
 
 
 def graph_key(cond_size: PatchSize, guid_size: PatchSize | None, *, rule: str, guidance: Any, batch: int,
               state_dtype: torch.dtype, model_dtype: torch.dtype, sampler: tuple, device: str,
-              backends: tuple = (), conditions: tuple = ()) -> GraphKey:
+              backends: tuple = (), conditions: tuple = (), settings: tuple = ()) -> GraphKey:
     """The cache key of one phase. A conditional-only step ("cond") ignores the guidance settings,
     so such graphs are shared across guidance scales and modes."""
     if rule == "cond":
         guid_size, guidance = None, None
     return GraphKey(cond_size, guid_size, rule, guidance, int(batch), state_dtype, model_dtype, tuple(sampler),
-                    str(device), tuple(backends), tuple(conditions))
+                    str(device), tuple(backends), tuple(conditions), tuple(settings))
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+
+
+def state_of(value: Any, static: frozenset = frozenset(), _seen: frozenset = frozenset()) -> Any:
+    """A hashable description of what a captured step can bake in from `value`, derived from all
+    of it: plain values as they are; containers and objects (their class and every attribute,
+    dataclasses included) item by item; a tensor by its metadata and, on the host, its values
+    (read at capture as constants) or, on a device, its identity (a graph reads its address,
+    and its values live). A tensor whose id is in `static` (a static input, refilled per run)
+    counts by its metadata only. Modules: see `_module_state`; functions by identity.
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _tensor_state(value, id(value) in static)
+    if id(value) in _seen:
+        return ("<cycle>", _type_name(value))
+    seen = _seen | {id(value)}
+    if isinstance(value, nn.Module):
+        return _module_state(value)
+    if isinstance(value, (tuple, list)):
+        return (_type_name(value), tuple(state_of(v, static, seen) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return (_type_name(value), tuple(sorted((state_of(v, static, seen) for v in value), key=repr)))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((state_of(k, static, seen), state_of(v, static, seen))
+                                      for k, v in value.items()), key=repr)))
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+        return ("callable", getattr(value, "__qualname__", ""), id(value))
+    attributes = _attributes(value)
+    if attributes is not None:
+        return (_type_name(value), state_of(attributes, static, seen))
+    return (_type_name(value), repr(value))
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _attributes(value: Any) -> dict[str, Any] | None:
+    """An object's attributes (`__dict__` and `__slots__`), or None for an object without any."""
+    found = dict(getattr(value, "__dict__", {}))
+    for cls in type(value).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if hasattr(value, name):
+                found[name] = getattr(value, name)
+    return found if found or hasattr(value, "__dict__") else None
+
+
+def _tensor_state(t: torch.Tensor, static: bool) -> tuple:
+    meta = (tuple(t.shape), t.dtype, str(t.device))
+    if static:
+        return ("static tensor", meta)
+    if t.device.type == "cpu":
+        data = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        return ("tensor", meta, hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest())
+    return ("device tensor", meta, t.stride(), t.data_ptr())
+
+
+def _module_state(model: nn.Module) -> tuple:
+    """Every module's name, type, mode and public attributes (sizes, settings, LoRA scales), and
+    its hooks: what a forward reads besides its parameters and buffers (which a graph reads in
+    place; their addresses are `_weights_stamp`)."""
+    return tuple((name, _type_name(module), module.training,
+                  state_of({k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}),
+                  tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
+                 for name, module in model.named_modules())
 
 
 def plan_phases(phases: Sequence[tuple], key: Callable[[PatchSize, PatchSize | None], GraphKey],
@@ -144,8 +235,10 @@ def _conditions_signature(denoiser: GuidedDenoiser) -> tuple:
 
 
 def _weights_stamp(model: FlexibleDenoiser) -> tuple:
-    # Parameters are read in place by the graphs, and resized kernels are cached per version.
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """Where the model's parameters and buffers are: graphs read them in place (their values live,
+    so a change in place needs no recapture), at these addresses."""
+    return tuple((name, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
+                 for named in (model.named_parameters(), model.named_buffers()) for name, t in named)
 
 
 class _PhaseGraph:
@@ -158,7 +251,7 @@ class _PhaseGraph:
         self.noise = torch.zeros_like(x) if stochastic else None
         self.t = sampler.model_timesteps[:1].clone()
         self.coefficients = sampler.table[:1].clone()
-        # A one-row view of the sampler's tables: the step runs at k = 0 of it.
+        # A one-row view of the sampler's tables (`STATIC_SAMPLER_TABLES`): the step runs at k = 0 of it.
         static_sampler = copy.copy(sampler)
         static_sampler.model_timesteps, static_sampler.table = self.t, self.coefficients
         # The denoiser on its own copies of its declared conditions, refilled per run (`bind`);
@@ -170,8 +263,8 @@ class _PhaseGraph:
         step_loop.sampler, step_loop.denoiser = static_sampler, denoiser
         self._step = lambda: self.x.copy_(step_loop.step(self.x, 0, self.noise, cond_size, guid_size))
         self.graph: torch.cuda.CUDAGraph | None = None
-        # The model's per-size caches the graph reads in place (positional tables in an LRU cache,
-        # resized kernels): kept alive as long as the graph.
+        # The model's per-size caches the graph reads in place (positional tables and resize
+        # matrices, in LRU caches): kept alive as long as the graph.
         self.keepalive = list(denoiser.prepare_step(x, cond_size, guid_size))
 
     def capture(self, pool: Any, warmup: int) -> None:
@@ -276,14 +369,31 @@ class GraphRunner:
         return torch.cuda.graph_pool_handle()
 
     def key(self, loop: DenoisingLoop, x: torch.Tensor, cond_size: PatchSize, guid_size: PatchSize | None,
-            backends: tuple = ()) -> GraphKey:
-        sampler, denoiser = loop.sampler, loop.denoiser
+            backends: tuple = (), states: tuple | None = None) -> GraphKey:
+        """The key of the phase (`cond_size`, `guid_size`) of `loop` from state `x` (see the module
+        docstring); `states`: `loop_states(loop)` when already derived (once per run)."""
+        denoiser = loop.denoiser
+        sampler_state, guidance_state, settings = states if states is not None else self.loop_states(loop)
         return graph_key(cond_size, guid_size, rule=denoiser.rule(cond_size, guid_size),
-                         guidance=loop.guidance, batch=x.shape[0], state_dtype=x.dtype,
-                         model_dtype=denoiser.dtype,
-                         sampler=(type(sampler).__name__, bool(sampler.stochastic), sampler.table.shape[1]),
+                         guidance=guidance_state, batch=x.shape[0], state_dtype=x.dtype,
+                         model_dtype=denoiser.dtype, sampler=sampler_state,
                          device=str(x.device), backends=backends,
-                         conditions=_conditions_signature(denoiser))
+                         conditions=_conditions_signature(denoiser), settings=settings)
+
+    @staticmethod
+    def loop_states(loop: DenoisingLoop) -> tuple:
+        """(sampler state, guidance state, the rest): `state_of` everything a captured step of
+        `loop` reads, but its per-step tables, conditions and weights (static inputs, or read in
+        place)."""
+        sampler, denoiser = loop.sampler, loop.denoiser
+        tables = frozenset(id(getattr(sampler, name)) for name in STATIC_SAMPLER_TABLES)
+        skip_loop = {"model", "sampler", "denoiser", "guidance", *LOOP_NOT_READ_BY_STEP}
+        skip_denoiser = {"model", "guidance", *denoiser.conditions}
+        settings = (state_of({k: v for k, v in vars(loop).items() if k not in skip_loop}),
+                    state_of({k: v for k, v in vars(denoiser).items() if k not in skip_denoiser}),
+                    (_type_name(denoiser), _type_name(loop)),
+                    _module_state(loop.model))
+        return state_of(sampler, tables), state_of(denoiser.guidance), settings
 
     def _entry(self, key: GraphKey, loop: DenoisingLoop, x: torch.Tensor, cond_size: PatchSize,
                guid_size: PatchSize | None, capture: bool) -> _PhaseGraph:
@@ -316,8 +426,8 @@ class GraphRunner:
         if stamp != self._stamp:   # new weights (or a new model): the graphs read stale tensors
             self.release()
             self._stamp = stamp
-        backends = _forced_backends()
-        plan = plan_phases(loop.phases, lambda c, g: self.key(loop, x, c, g, backends),
+        backends, states = _forced_backends(), self.loop_states(loop)
+        plan = plan_phases(loop.phases, lambda c, g: self.key(loop, x, c, g, backends, states),
                            self.min_phase_steps, lambda key: self.max_graphs > 0 or not on_cuda)
         with torch.inference_mode():
             for (start, stop, cond_size, guid_size), (_, _, key) in zip(loop.phases, plan):

@@ -7,9 +7,9 @@ front (`flexikern train`, `flexikern finetune`) in `flexikern.train.commands`.
 
 from flexikern.train.data import BatchOrder, TensorData, image_folder, shapes_data, teacher_samples
 from flexikern.train.losses import diffusion_loss, distillation_loss, vlb_term
-from flexikern.train.trainer import (EMA, RECIPES, TrainConfig, init_distributed, load_checkpoint,
-                                     save_checkpoint, train)
+from flexikern.train.trainer import (EMA, RECIPES, TrainConfig, TrainSetupError, init_distributed,
+                                     load_checkpoint, save_checkpoint, train)
 
-__all__ = ["train", "TrainConfig", "EMA", "RECIPES", "save_checkpoint", "load_checkpoint",
+__all__ = ["train", "TrainConfig", "TrainSetupError", "EMA", "RECIPES", "save_checkpoint", "load_checkpoint",
            "init_distributed", "TensorData", "BatchOrder", "image_folder", "shapes_data",
            "teacher_samples", "diffusion_loss", "distillation_loss", "vlb_term"]

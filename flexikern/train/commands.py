@@ -6,16 +6,21 @@
 
 Both run `flexikern.train.train` (one loop); `train` builds a randomly initialised single-size DiT
 and uses the "pretrain" recipe, `finetune` loads a model, makes it flexible and runs "shared" or
-"distill". Re-running a command with the same --out resumes from `<out>/checkpoint.pt`.
+"distill". Re-running a command with the same --out resumes from `<out>/checkpoint.pt` (with the
+same settings, unless --allow-changes). Every random choice (initialisation, LoRA init, data
+order, noise, teacher samples) comes from --seed: two identical commands give identical runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from flexikern.arguments import patch_size_arg, patch_sizes_arg, positive_int
+from flexikern.arguments import (add_threads_arg, device_arg, finite_float, model_arg, nonnegative_float,
+                                 nonnegative_int, output_dir_arg, patch_size_arg, patch_sizes_arg, positive_float,
+                                 positive_int, probability_arg, seed_arg, shipped_models)
 
 __all__ = ["add_train_parser", "run_train", "add_finetune_parser", "run_finetune", "load_data"]
 
@@ -38,22 +43,27 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, ema/, model/)")
+    g.add_argument("--out", type=output_dir_arg, required=True,
+                   help="run directory (checkpoint.pt, log.jsonl, ema/, model/)")
+    g.add_argument("--allow-changes", action="store_true",
+                   help="resume --out even if its checkpoint was written with other settings (--lr, --seed, "
+                        "--steps, model, data, ...); without it such a resume is refused, naming the changes")
     g.add_argument("--steps", type=positive_int, default=steps, help=f"optimiser steps (default: {steps})")
     g.add_argument("--batch-size", type=positive_int, default=64, help="global batch (default: 64)")
-    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default: {lr})")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, <= 0 off (default: 1)")
-    g.add_argument("--ema-decay", type=float, default=ema, help=f"EMA decay (default: {ema})")
-    g.add_argument("--class-dropout", type=float, default=0.1,
+    g.add_argument("--lr", type=positive_float, default=lr, help=f"AdamW learning rate (default: {lr})")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay (default: 0)")
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=0, help="linear learning-rate warm-up (default: 0)")
+    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="max gradient norm, <= 0 off (default: 1)")
+    g.add_argument("--ema-decay", type=probability_arg, default=ema, help=f"EMA decay in [0, 1) (default: {ema})")
+    g.add_argument("--class-dropout", type=probability_arg, default=0.1,
                    help="probability of training on the null class, for guidance (default: 0.1)")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    g.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed of every random choice: initialisation, data order, noise, teacher samples")
     g.add_argument("--log-every", type=positive_int, default=10, help="steps per log.jsonl line")
     g.add_argument("--ckpt-every", type=positive_int, default=100, help="steps per checkpoint")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_threads_arg(g, default=None)
+    g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,12 +87,13 @@ def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, model: 
             return image_folder(path, args.image_size)
         if path.suffix == ".npz" and path.exists():
             return TensorData.from_npz(path)
-    except ValueError as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         parser.error(f"--data {spec!r}: {e}")
     parser.error(f"--data {spec!r}: expected 'shapes', 'teacher', an .npz file or an image folder")
 
 
 def _config(args: argparse.Namespace, recipe: str) -> Any:
+    """The run's TrainConfig, or the usage error (built before any data or model work)."""
     from flexikern.train.trainer import TrainConfig
     try:
         return TrainConfig(out_dir=args.out, recipe=recipe, steps=args.steps, batch_size=args.batch_size,
@@ -96,15 +107,18 @@ def _config(args: argparse.Namespace, recipe: str) -> Any:
         args.parser.error(str(e))
 
 
-def _run(args: argparse.Namespace, model: Any, data: Any, recipe: str) -> int:
+def _run(args: argparse.Namespace, model: Any, data: Any, config: Any) -> int:
     import time
 
-    from flexikern.train.trainer import init_distributed, train
+    from flexikern.train.trainer import TrainSetupError, init_distributed, train
 
     rank, world = init_distributed()
-    config = _config(args, recipe)
+    recipe = config.recipe
     start = time.time()
-    train(model, data, config, device=args.device)
+    try:
+        train(model, data, config, device=args.device, allow_changes=args.allow_changes)
+    except TrainSetupError as e:    # raised before any step: a usage error, not a crash
+        args.parser.error(str(e))
     if rank == 0:
         print(f"{recipe}: {config.steps} steps on {world} process{'es' if world > 1 else ''} in "
               f"{time.time() - start:.0f} s; EMA weights in {Path(args.out) / 'ema'}")
@@ -139,19 +153,29 @@ def run_train(args: argparse.Namespace) -> int:
     parser = args.parser
     if args.data == "teacher":
         parser.error("--data teacher: pre-training needs real data ('shapes', an .npz or an image folder)")
+    config = _config(args, "pretrain")
     data = load_data(args, parser)
+    side, (ph, pw) = data.x.shape[-1], args.patch_size
+    if data.x.shape[-2] % ph or side % pw:
+        parser.error(f"--patch-size {args.patch_size.name}: the images are {data.x.shape[-2]}x{side}, not a multiple "
+                     f"of the patch size; pick a patch size that divides the image size (--image-size)")
+    if args.hidden_size % args.num_heads:
+        parser.error(f"--hidden-size {args.hidden_size}: not a multiple of --num-heads {args.num_heads}")
     torch.manual_seed(args.seed)
     try:
-        model = FlexiDiT(input_size=data.x.shape[-1], patch_size=args.patch_size, in_channels=data.x.shape[1],
+        model = FlexiDiT(input_size=side, patch_size=args.patch_size, in_channels=data.x.shape[1],
                          hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
                          num_classes=data.num_classes, learn_sigma=args.learn_sigma,
                          class_dropout_prob=max(args.class_dropout, 1e-6))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
-    return _run(args, model, data, "pretrain")
+    return _run(args, model, data, config)
 
 
 # ----------------------------------------------------------------------------- finetune
+
+DEFAULT_PATCH_SIZES = "2,4"
+
 
 def add_finetune_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -159,13 +183,15 @@ def add_finetune_parser(subparsers: Any) -> None:
         description="Fine-tune a DiT for weak patch sizes. --recipe distill (with --adapter lora): "
                     "||eps_powerful - eps_weak||^2 against the frozen original; --recipe shared (with "
                     "--adapter shared): DiT's loss at a random patch size per sample.")
-    p.add_argument("--model", required=True,
-                   help="a save_pretrained directory (e.g. runs/pre/ema) or a DiT .pt/.safetensors checkpoint")
+    p.add_argument("--model", type=model_arg, required=True,
+                   help="a save_pretrained directory (e.g. runs/pre/ema), a DiT .pt/.safetensors checkpoint, "
+                        "or a shipped model's name (shapes16)")
     p.add_argument("--recipe", choices=("shared", "distill"), default="shared")
     p.add_argument("--adapter", choices=("lora", "shared"), default=None,
                    help="default: lora for distill, shared for shared")
-    p.add_argument("--patch-sizes", type=patch_sizes_arg, default="2,4",
-                   help="patch sizes, original included, e.g. 2,4 or 2,2x4 (default: 2,4)")
+    p.add_argument("--patch-sizes", type=patch_sizes_arg, default=None,
+                   help=f"patch sizes, original included, e.g. 2,4 or 2,2x4 (default: {DEFAULT_PATCH_SIZES}; a "
+                        "model that is already flexible keeps its own)")
     p.add_argument("--lora-rank", type=positive_int, default=32)
     p.add_argument("--no-distill-sigma", action="store_true",
                    help="distill: match the eps channels only, not the learned variance")
@@ -182,13 +208,26 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     parser = args.parser
+    config = _config(args, args.recipe)
     path = Path(args.model)
     try:
         model = FlexiDiT.from_pretrained(path) if path.is_dir() else FlexiDiT.from_dit(path)
-        adapter = args.adapter or ("lora" if args.recipe == "distill" else "shared")
-        if len(model.patch_sizes) == 1:
-            model.flexify(args.patch_sizes, adapter=adapter, lora_rank=args.lora_rank)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(f"--model {args.model!r}: {e}")
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(f"--model {args.model!r}: {e} (shipped models: {', '.join(shipped_models())}; a path to a "
+                     "save_pretrained folder or a DiT checkpoint also works)")
+    adapter = args.adapter or ("lora" if args.recipe == "distill" else "shared")
+    torch.manual_seed(args.seed)   # the new weights of flexify (LoRA, weak embedders) come from --seed
+    if len(model.patch_sizes) == 1:
+        sizes = args.patch_sizes or patch_sizes_arg(DEFAULT_PATCH_SIZES)
+        try:
+            model.flexify(sizes, adapter=adapter, lora_rank=args.lora_rank)
+        except (ValueError, TypeError) as e:
+            parser.error(f"--patch-sizes {','.join(p.name for p in sizes)} / --adapter {adapter}: {e}")
+    elif args.patch_sizes and set(args.patch_sizes) != set(model.patch_sizes):
+        parser.error(f"--patch-sizes {','.join(p.name for p in args.patch_sizes)}: {args.model} is already flexible "
+                     f"with patch sizes {[p.name for p in model.patch_sizes]}; drop --patch-sizes")
+    elif args.adapter and args.adapter != model.adapter:
+        parser.error(f"--adapter {args.adapter}: {args.model} is already flexible with adapter {model.adapter!r}; "
+                     "drop --adapter")
     data = load_data(args, parser, model=model)
-    return _run(args, model, data, args.recipe)
+    return _run(args, model, data, config)

@@ -17,12 +17,17 @@ uninterrupted run would have seen, whatever the number of processes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from flexikern.files import atomic_write
 
 __all__ = ["TensorData", "BatchOrder", "image_folder", "teacher_samples", "shapes_data"]
 
@@ -55,11 +60,9 @@ class TensorData:
             return cls(f[xk], f[yk])
 
     def save_npz(self, path: str | os.PathLike) -> None:
-        """Write x and y as an .npz (atomically: a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, x=self.x.numpy(), y=self.y.numpy())
-        os.replace(tmp, path)
+        """Write x and y as an .npz (`flexikern.files.atomic_write`: the old file or the new one)."""
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, x=self.x.numpy(), y=self.y.numpy())
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -136,16 +139,23 @@ def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLik
                     sampler: str = "ddpm", progress: bool = False, clip_denoised: bool = False) -> TensorData:
     """x0 for data-free distillation: `n` class-balanced samples of the teacher at its original size.
 
-    With `cache`, an existing file is reused (if it holds `n` samples) and a new one is written.
+    With `cache`, an existing file is reused when it was made by the same call (same teacher
+    weights, n, steps, seed, guidance, sampler, clipping: a key stored in the file), otherwise the
+    samples are drawn again and the file is replaced.
     `guidance_scale` > 1 samples with classifier-free guidance (the teacher needs a null class).
     `clip_denoised` clips the predicted x0 to [-1, 1] (pixel-space models).
     """
     from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 
+    key = _teacher_key(model, n=n, steps=steps, seed=seed, guidance_scale=guidance_scale, sampler=sampler,
+                       clip_denoised=clip_denoised)
     if cache is not None and Path(cache).exists():
-        data = TensorData.from_npz(cache)
-        if len(data) == n:
-            return data
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                if "key" in f and str(f["key"]) == key:
+                    return TensorData(f["x"], f["y"])
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            pass    # not a readable cache: sample again and replace it
     schedule = Schedule.static(steps, model.original_patch_size)
     guidance = Guidance(guidance_scale, "cfg") if guidance_scale != 1.0 else None
     y = torch.arange(n) % model.num_classes
@@ -158,5 +168,15 @@ def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLik
     data = TensorData(torch.cat(chunks), y)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        data.save_npz(cache)
+        with atomic_write(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, x=data.x.numpy(), y=data.y.numpy(), key=np.array(key))
     return data
+
+
+def _teacher_key(model: Any, **settings: Any) -> str:
+    """What teacher samples depend on: the settings and a digest of the teacher's weights."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return json.dumps({**settings, "weights": digest.hexdigest()}, sort_keys=True)

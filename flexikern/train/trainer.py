@@ -18,36 +18,51 @@ gradients are summed over processes (one all-reduce of a flat buffer), so 1 or W
 the same math up to float summation order. AdamW, gradient clipping, an EMA of the weights, bf16
 autocast on CUDA, optional gradient checkpointing.
 
-Checkpoints (`<out>/checkpoint.pt`) hold model, EMA, optimiser, step and every RNG state (the
-trainer's generator, torch, numpy, python); they are written to a temporary file and renamed, so
-a crash never leaves a half-written checkpoint, and loaded with `weights_only=True`. Resuming
-continues bit for bit: the data order is a function of the step (`BatchOrder`). The log is
-`<out>/log.jsonl` (one line per `log_every` steps: loss overall and per patch size).
+Checkpoints (`<out>/checkpoint.pt`) hold model, EMA, optimiser, step, every RNG state (the
+trainer's generator, torch, numpy, python) and the run's settings (config, model shape, data);
+they are written with `flexikern.files.atomic_write`, so a crash or a full disk never leaves a
+half-written checkpoint, and loaded with `weights_only=True`. Resuming continues bit for bit (the
+data order is a function of the step, `BatchOrder`), and is refused when the settings differ
+unless `allow_changes=True`. The log is `<out>/log.jsonl` (one line per `log_every` steps: loss
+overall and per patch size); a line torn by a kill is dropped on resume. One run at a time holds
+`<out>/.lock`; a second one is refused, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from flexikern.diffusion import GaussianDiffusion
+from flexikern.files import atomic_write
+from flexikern.models.convert import load_checkpoint as read_checkpoint
 from flexikern.train.data import BatchOrder, TensorData
 from flexikern.train.losses import diffusion_loss, distillation_loss
 
-__all__ = ["TrainConfig", "train", "EMA", "save_checkpoint", "load_checkpoint", "RECIPES"]
+__all__ = ["TrainConfig", "train", "EMA", "save_checkpoint", "load_checkpoint", "RECIPES", "TrainSetupError"]
 
 RECIPES = ("pretrain", "shared", "distill")
+
+
+class TrainSetupError(ValueError):
+    """A run that cannot start as asked, raised before any training step: data that does not fit
+    the model, a checkpoint from other settings, a corrupt log, another run holding the directory."""
 
 
 @dataclass
@@ -77,12 +92,29 @@ class TrainConfig:
             raise ValueError(f"recipe={self.recipe!r}: expected one of {RECIPES}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive int")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise ValueError(f"max_steps={self.max_steps!r}: expected None or a positive int")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected an int >= 0")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed={self.seed!r}: expected an int in [0, 2**63)")
+        for name, ok, expected in (("lr", lambda v: v > 0, "a positive finite number"),
+                                   ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
+                                   ("grad_clip", lambda v: True, "a finite number (<= 0 turns clipping off)")):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and ok(value)):
+                raise ValueError(f"{name}={value!r}: expected {expected}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"class_dropout={self.class_dropout!r}: expected a probability in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay!r}: expected a value in [0, 1)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class EMA:
@@ -127,19 +159,116 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """torch.save to `<path>.tmp`, fsync, then `os.replace`: readers see the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """torch.save through `atomic_write`: readers see the old or the new file; a failed write (a
+    full disk) leaves the old one and no temporary file, and raises OSError naming `path`."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint written by `save_checkpoint`, loaded with `weights_only=True`."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by `save_checkpoint`, loaded with `weights_only=True`.
+
+    Raises FileNotFoundError when `path` does not exist, ValueError naming it when it is not a
+    readable checkpoint (e.g. truncated).
+    """
+    try:
+        return read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; delete it to start the run afresh") from e
+
+
+# ---------------------------------------------------------------------------------- the run directory
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold `<out>/.lock` (an flock, released when the process ends, even by kill -9) for the run;
+    the file names the holder. TrainSetupError when another run holds it."""
+    import fcntl
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "a process that did not say"
+        os.close(fd)
+        raise TrainSetupError(f"{out}: another training run is using this directory ({holder}; lock file "
+                              f"{path}); wait for it to end, or give this run another output directory") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)      # the holder's name goes with the lock
+        os.close(fd)
+
+
+# Settings that change neither the weights nor the data order: free to change on resume.
+_FREE_SETTINGS = ("out_dir", "max_steps", "progress", "log_every", "ckpt_every", "gradient_checkpointing")
+
+
+def _run_settings(config: TrainConfig, model: torch.nn.Module, data: TensorData) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint: the config, the model's shape, the data
+    (size, shape and a checksum of up to 1024 evenly spaced samples and all labels)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _FREE_SETTINGS}
+    model_desc = {"class": type(model).__name__, **model.config, "patch_sizes": [list(p) for p in model.patch_sizes],
+                  "adapter": model.adapter, "lora_rank": model.lora_rank}
+    settings.update({f"model.{k}": v for k, v in model_desc.items()})
+    rows = torch.linspace(0, len(data) - 1, min(len(data), 1024)).long()
+    digest = hashlib.sha1(data.x[rows].numpy().tobytes())
+    digest.update(data.y.numpy().tobytes())
+    settings.update({"data.size": len(data), "data.shape": list(data.x.shape[1:]),
+                     "data.checksum": digest.hexdigest()[:16]})
+    return json.loads(json.dumps(settings))     # tuples -> lists: comparable with a loaded checkpoint
+
+
+def _check_resume(ckpt: dict[str, Any], settings: dict[str, Any], path: Path, allow_changes: bool) -> None:
+    """Refuse (TrainSetupError) to resume `path` with other settings unless `allow_changes`."""
+    old = ckpt.get("settings")
+    if old is None:    # a checkpoint from before settings were stored: compare the config only
+        old = {k: v for k, v in ckpt.get("config", {}).items() if k not in _FREE_SETTINGS}
+        settings = {k: v for k, v in settings.items() if k in old}
+    def show(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(unset)"
+
+    changes = [f"{k} {show(old, k)} -> {show(settings, k)}" for k in sorted(set(old) | set(settings))
+               if show(old, k) != show(settings, k)]
+    if not changes:
+        return
+    message = f"{path} was written with other settings: {'; '.join(changes)}"
+    if not allow_changes:
+        raise TrainSetupError(f"{message}. Rerun with the original settings, use a new output directory, or "
+                              "pass allow_changes=True (command line: --allow-changes) to continue with the "
+                              "new ones")
+    warnings.warn(f"{message}; continuing with the new ones (allow_changes)", stacklevel=3)
+
+
+def _log_until(log_path: Path, step: int) -> str:
+    """The log's rows up to `step`. A torn last line (a write cut by a kill) is dropped with a
+    warning; any other line that is not a JSON row raises TrainSetupError naming it."""
+    lines = log_path.read_bytes().decode(errors="replace").splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{log_path}, line {i + 1}: dropped a torn last line ({line[:60]!r}), "
+                              "cut off when the run was interrupted", stacklevel=3)
+                break
+            raise TrainSetupError(f"{log_path}, line {i + 1}: not a log row ({type(e).__name__}: {e}): the log "
+                                  "is corrupt; delete that line (or the file, losing the history) to "
+                                  "resume") from None
+        if row_step <= step:
+            kept.append(line + "\n")
+    return "".join(kept)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 # ---------------------------------------------------------------------------------- distributed
@@ -192,25 +321,43 @@ def _sizes_for(recipe: str, model: torch.nn.Module) -> list[tuple[int, int]]:
 
 
 def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume: bool = True,
-          device: str | torch.device | None = None) -> torch.nn.Module:
+          device: str | torch.device | None = None, allow_changes: bool = False) -> torch.nn.Module:
     """Run (or resume) `config` on `model` with `data`; returns the EMA model.
 
-    At the end, rank 0 writes `<out>/ema/` and `<out>/model/` with `save_pretrained`.
+    Resuming from `<out>/checkpoint.pt` needs the settings it was written with (config, model
+    shape, data) unless `allow_changes`. At the end, rank 0 writes `<out>/ema/` and `<out>/model/`
+    with `save_pretrained`.
+
+    Raises TrainSetupError (a ValueError), before any step, when the data does not fit the model
+    or the recipe, the checkpoint was written with other settings, the log is corrupt, or another
+    run holds `<out>`.
     """
     rank, world = _world()
     if config.batch_size % world:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+        raise TrainSetupError(f"batch_size={config.batch_size} must be divisible by the number of processes "
+                              f"({world})")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        sizes = _sizes_for(config.recipe, model)
+    except ValueError as e:
+        raise TrainSetupError(str(e)) from None
+    if tuple(data.x.shape[1:]) != model.latent_shape:
+        raise TrainSetupError(f"data: images are {tuple(data.x.shape[1:])} but the model expects "
+                              f"{model.latent_shape}")
+    if int(data.y.max()) >= model.num_classes:
+        raise TrainSetupError(f"data: label {int(data.y.max())} >= model.num_classes={model.num_classes}")
     out = Path(config.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    sizes = _sizes_for(config.recipe, model)
-    if tuple(data.x.shape[1:]) != model.latent_shape:
-        raise ValueError(f"data: images are {tuple(data.x.shape[1:])} but the model expects "
-                         f"{model.latent_shape}")
-    if int(data.y.max()) >= model.num_classes:
-        raise ValueError(f"data: label {int(data.y.max())} >= model.num_classes={model.num_classes}")
+    with _run_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _train(model, data, config, sizes, device, resume, allow_changes)
 
+
+def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes: list, device: torch.device,
+           resume: bool, allow_changes: bool) -> torch.nn.Module:
+    rank, world = _world()
+    out = Path(config.out_dir)
+    settings = _run_settings(config, model, data)
     model.to(device).train()
     model.gradient_checkpointing = config.gradient_checkpointing
     params = model.trainable_parameters()
@@ -228,17 +375,18 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
     start = 0
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        _check_resume(ckpt, settings, ckpt_path, allow_changes)
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         _set_rng_state(ckpt["rng"], generator)
         start = int(ckpt["step"])
         if rank == 0 and log_path.exists():      # drop log lines written after the checkpoint
-            lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-            log_path.write_text("".join(ln + "\n" for ln in lines))
+            _write_text(log_path, _log_until(log_path, start))
     elif rank == 0:
-        log_path.write_text("")
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        _write_text(log_path, "")
+    if rank == 0:
+        _write_text(out / "train_config.json", json.dumps(dataclasses.asdict(config), indent=2))
 
     b_local = config.batch_size // world
     lo, hi = rank * b_local, (rank + 1) * b_local
@@ -309,7 +457,7 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.model.state_dict(),
                                             "opt": opt.state_dict(), "step": done,
                                             "rng": _rng_state(generator),
-                                            "config": dataclasses.asdict(config)})
+                                            "config": dataclasses.asdict(config), "settings": settings})
             if world > 1:
                 dist.barrier()
     bar.close()
