@@ -68,3 +68,13 @@ def kernel_device(request):
         pytest.skip(f"the kernels run {mode} in this process (TRITON_INTERPRET="
                     f"{os.environ.get('TRITON_INTERPRET', 'unset')})")
     return device
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (tiny models: a second thread of a busy shared CPU only
+    adds contention). Use it as `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,28 +25,22 @@ from flexikern.models.pixart import FlexiPixArt
 from flexikern.models.text import TextCondition, as_text_condition
 from flexikern.ops.patch_size import PatchSize
 
-
-def _randomize(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+from reference_dit import randomize_
 
 
 def dit(**kw):
-    return _randomize(FlexiDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
-                               num_heads=2, num_classes=10, **kw))
+    return randomize_(FlexiDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
+                               num_heads=2, num_classes=10, **kw), std=0.1).eval()
 
 
 def pixart():
-    return _randomize(FlexiPixArt(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
-                                  num_heads=2, caption_channels=16, text_len=5))
+    return randomize_(FlexiPixArt(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
+                                  num_heads=2, caption_channels=16, text_len=5), std=0.1).eval()
 
 
 def latte():
-    return _randomize(FlexiLatte(input_size=8, num_frames=2, patch_size=(1, 2, 2), in_channels=4,
-                                 hidden_size=32, depth=1, num_heads=2, caption_channels=16, text_len=5))
+    return randomize_(FlexiLatte(input_size=8, num_frames=2, patch_size=(1, 2, 2), in_channels=4,
+                                 hidden_size=32, depth=1, num_heads=2, caption_channels=16, text_len=5), std=0.1).eval()
 
 
 def family(name):

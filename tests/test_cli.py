@@ -17,7 +17,9 @@ from flexikern.cli import _build_schedule, build_parser, load_model, main
 from flexikern.diffusion import Schedule
 from flexikern.images import to_uint8
 
-from test_sampling import one_thread, tiny  # noqa: F401  (one_thread: autouse fixture)
+from test_sampling import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,9 @@ from flexikern.files import atomic_write
 from flexikern.images import save_grid
 from flexikern.models import FlexiDiT
 
-from test_sampling import one_thread, tiny  # noqa: F401  (one_thread: autouse fixture)
+from test_sampling import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import flexikern as fk
 from flexikern.models import FlexiLatte, FlexiPixArt, TextCondition
 
+from reference_dit import randomize_
+
 diffusers = pytest.importorskip("diffusers")
 
 # diffusers' PixArt test config: no caption projection, cross_attention_dim 8 != inner dim 2 * 2.
@@ -38,20 +40,12 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def randomize_(module, seed=0, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
 def pixart_reference(**kw):
-    return randomize_(diffusers.PixArtTransformer2DModel(**{**PIXART_TEST_CONFIG, **kw}).eval())
+    return randomize_(diffusers.PixArtTransformer2DModel(**{**PIXART_TEST_CONFIG, **kw}).eval(), std=0.3)
 
 
 def latte_reference(**kw):
-    return randomize_(diffusers.LatteTransformer3DModel(**{**LATTE_TEST_CONFIG, **kw}).eval())
+    return randomize_(diffusers.LatteTransformer3DModel(**{**LATTE_TEST_CONFIG, **kw}).eval(), std=0.3)
 
 
 def text_of(model, n, length=8, seed=2):

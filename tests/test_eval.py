@@ -17,12 +17,7 @@ from flexikern.metrics import ShapesClassifier, feature_stats, frechet_distance,
 from flexikern.models import FlexiDiT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 def tiny_flexible(seed: int = 0) -> FlexiDiT:

@@ -39,13 +39,7 @@ def tiny(seed=0, device="cpu", dtype=torch.float32, learn_sigma=True):
     return m.to(device=device, dtype=dtype).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import flexikern as fk
 from flexikern.flexi.pos_embed import sincos_2d_scaled
 from flexikern.models import FlexiPixArt, TextCondition
 
+from reference_dit import randomize_
+
 diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
@@ -18,16 +20,8 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def randomize_(module, seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
 def reference(**kw):
-    return randomize_(diffusers.PixArtTransformer2DModel(**{**TINY, **kw}).eval())
+    return randomize_(diffusers.PixArtTransformer2DModel(**{**TINY, **kw}).eval(), std=0.1)
 
 
 def text(n=3, length=5, channels=24, seed=0, masked=True):

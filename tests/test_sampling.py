@@ -28,13 +28,7 @@ def tiny(patch_sizes=(2, 4), learn_sigma=True, seed=0):
     return m.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and steadier on a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")

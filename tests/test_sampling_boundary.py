@@ -19,30 +19,17 @@ from flexikern.models import FlexiDiT, FlexiLatte, FlexiPixArt
 from flexikern.models.text import TextCondition
 from flexikern.ops.patch_size import PatchSize
 
-
-def randomised(model, seed=0):
-    """Random (not zero-initialised) weights, so that every branch and size matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+from reference_dit import randomize_
 
 
 def tiny(seed=0):
     torch.manual_seed(seed)
     m = FlexiDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                  num_classes=10, learn_sigma=True)
-    return randomised(m.flexify((2, 4), adapter="lora"), seed)
+    return randomize_(m.flexify((2, 4), adapter="lora"), seed, std=0.2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and steadier on a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")
@@ -350,12 +337,12 @@ def test_a_budget_schedule_warns_when_a_run_costs_more(model):
 def test_calibrate_works_for_text_and_video_models():
     torch.manual_seed(0)
     y = TextCondition(torch.randn(2, 3, 8))
-    pixart = randomised(FlexiPixArt(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
+    pixart = randomize_(FlexiPixArt(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1,
                                     num_heads=2, caption_channels=8, text_len=3, patch_sizes=[2, 4],
-                                    lora_rank=4)).eval()
-    latte = randomised(FlexiLatte(input_size=8, num_frames=2, patch_size=(1, 2, 2), in_channels=4,
+                                    lora_rank=4), std=0.2).eval()
+    latte = randomize_(FlexiLatte(input_size=8, num_frames=2, patch_size=(1, 2, 2), in_channels=4,
                                   hidden_size=32, depth=2, num_heads=2, caption_channels=8, text_len=3,
-                                  patch_sizes=[(1, 2, 2), (1, 4, 4)], lora_rank=4)).eval()
+                                  patch_sizes=[(1, 2, 2), (1, 4, 4)], lora_rank=4), std=0.2).eval()
     for m in (pixart, latte):
         gaps = gap_profile(m, 3, num_samples=2, y=y)
         assert len(gaps) == 3 and all(math.isfinite(g) and g > 0 for g in gaps)

@@ -27,29 +27,18 @@ from flexikern.runtime.graphs import GraphRunner
 from test_graphs import FakeGraph
 from test_nosync import _text, tiny_latte, tiny_pixart
 
+from reference_dit import randomize_
+
 varlen = importlib.import_module("flexikern.ops.varlen_attention")   # the module, not the op
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 def shared(seed=0):
     """A tiny shared-adapter DiT: one 4x4 kernel, PI-resized for patch size 2."""
-    return randomize(FlexiDiT(**TINY).flexify((2, 4), adapter="shared"), seed).eval()
+    return randomize_(FlexiDiT(**TINY).flexify((2, 4), adapter="shared"), seed, std=0.2).eval()
 
 
 def fresh_copy(model):
@@ -68,7 +57,7 @@ def batch(n=3, seed=1, dtype=torch.float32):
 # ----------------------------------------------------------------------------- weight changes
 
 def _data_copy(model):   # diffusers' EMAModel.copy_to, torch_ema: `param.data.copy_(shadow)`
-    new = randomize(FlexiDiT(**TINY).flexify((2, 4), adapter="shared"), seed=7)
+    new = randomize_(FlexiDiT(**TINY).flexify((2, 4), adapter="shared"), seed=7, std=0.2)
     for p, q in zip(model.parameters(), new.parameters()):
         p.data.copy_(q.data)
 
@@ -88,7 +77,7 @@ def _optimizer_step(model):
 
 
 def _load_state_dict(model):
-    model.load_state_dict(randomize(FlexiDiT(**TINY).flexify((2, 4), adapter="shared"), seed=8).state_dict())
+    model.load_state_dict(randomize_(FlexiDiT(**TINY).flexify((2, 4), adapter="shared"), seed=8, std=0.2).state_dict())
 
 
 def _to_bfloat16(model):
@@ -296,7 +285,7 @@ def test_reused_runner_with_clip_denoised(fake_capture, name):
 def test_reused_runner_with_a_new_lora_scale(fake_capture):
     """A model setting read as a constant (a LoRA scale) is part of the key."""
     torch.manual_seed(0)
-    model = randomize(FlexiDiT(**TINY).flexify((2, 4), adapter="lora", lora_rank=4), seed=3).eval()
+    model = randomize_(FlexiDiT(**TINY).flexify((2, 4), adapter="lora", lora_rank=4), seed=3, std=0.2).eval()
     loop = DenoisingLoop(model, torch.tensor([1, 7]), Schedule.static(3, 4), None, make_sampler("ddim", 3))
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     runner = GraphRunner()

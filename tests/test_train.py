@@ -25,13 +25,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, 
             num_classes=3, learn_sigma=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes 2 threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 def tiny_model(seed: int = 0, trained: bool = False, **overrides) -> FlexiDiT:

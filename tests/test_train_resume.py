@@ -21,12 +21,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, 
             learn_sigma=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster here
 
 
 def model(**overrides) -> FlexiDiT:
