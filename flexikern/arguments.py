@@ -18,7 +18,7 @@ from flexikern.ops.patch_size import PatchSize
 __all__ = ["patch_size_arg", "patch_sizes_arg", "classes_arg", "schedule_arg", "interval_arg", "positive_int",
            "nonnegative_int", "seed_arg", "fraction_arg", "positive_float", "nonnegative_float", "finite_float",
            "probability_arg", "device_arg", "output_file_arg", "output_dir_arg", "model_arg", "shipped_models",
-           "add_threads_arg", "IMAGE_SUFFIXES", "FIGURE_SUFFIXES"]
+           "add_threads_arg", "resolve_guidance", "IMAGE_SUFFIXES", "FIGURE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")   # what save_grid (Pillow) writes
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")                    # what matplotlib writes
@@ -40,17 +40,26 @@ def patch_sizes_arg(text: str) -> tuple[PatchSize, ...]:
     return sizes
 
 
+MAX_CLASSES = 1_000_000    # more class ids than any class-conditional model has: a typo like 0-99999999999
+
+
 def classes_arg(text: str) -> list[int]:
     """"1,2,3" or ranges "0-9,20" -> a list of class ids."""
     out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected class ids like 1,2,3 or a range like 0-999") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one class id")
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected class ids like 1,2,3 or a range like "
+                                             "0-999") from None
+        if first > last:
+            raise argparse.ArgumentTypeError(f"{text!r}: the range {part.strip()} is empty (from > to); write "
+                                             f"{last}-{first}")
+        if len(out) + last - first >= MAX_CLASSES:
+            raise argparse.ArgumentTypeError(f"{text!r}: more than {MAX_CLASSES} class ids; write the model's "
+                                             "classes, e.g. 0-999")
+        out.extend(range(first, last + 1))
     return out
 
 
@@ -151,6 +160,23 @@ def device_arg(text: str) -> str:
     return text
 
 
+def resolve_guidance(scale: float | None, mode: str | None, default_scale: float,
+                     default_mode: str) -> tuple[float, str]:
+    """(scale, mode) from --guidance and --guidance-mode (None: not given). A scale of 1 guides
+    nothing in every mode (DiT's `cfg_scale > 1`), so it means mode "none"; ValueError, naming both
+    flags, when they contradict each other (a scale with mode none, a mode with scale 1)."""
+    value = default_scale if scale is None else scale
+    if mode is None:
+        return value, (default_mode if value != 1 else "none")
+    if mode == "none" and scale is not None and scale != 1:
+        raise ValueError(f"--guidance {scale} --guidance-mode none: mode none does not guide, so the scale is "
+                         "unused; drop one of them")
+    if mode != "none" and value == 1:
+        raise ValueError(f"--guidance-mode {mode}: the guidance scale is 1{'' if scale else ' (the default)'}, "
+                         "which guides nothing; pass --guidance S with S != 1 (e.g. 1.5 or 4)")
+    return (1.0, mode) if mode == "none" else (value, mode)
+
+
 # ----------------------------------------------------------------------------- paths
 def _unwritable(path: Path) -> str | None:
     """Why nothing can be created at `path` (its folders made as needed), or None."""
@@ -171,6 +197,8 @@ def output_file_arg(*suffixes: str) -> Callable[[str], str]:
     """An argparse type for a file a command will write, with one of `suffixes` (".png", ...):
     checked before the command runs, so no work is lost to a bad path at the end."""
     def output_file(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty path; give a file name, e.g. out{suffixes[0]}")
         path = Path(text)
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r}: is a directory; give a file name, e.g. "
@@ -188,6 +216,9 @@ def output_file_arg(*suffixes: str) -> Callable[[str], str]:
 
 def output_dir_arg(text: str) -> str:
     """An argparse type for a folder a command will write into (made if missing)."""
+    if not text.strip():     # Path("") is the current folder: a run would scatter its files there
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty path; give a folder, e.g. runs/a (or . for "
+                                         "the current one)")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: is a file; expected a folder")

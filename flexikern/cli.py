@@ -10,11 +10,17 @@ a bad flag is one `error:` line (exit status 2) before any work.
     torchrun --nproc_per_node 8 -m flexikern sample --model DiT-XL-2-256x256.pt --num-samples 50000 \\
         --classes 0-999 --npz samples.npz
     flexikern flops --model DiT-XL/2
+    flexikern info                       # what this machine can use (python -m flexikern.info)
+
+A flag that does not apply to the run as asked (--weak with the static schedule, --guidance with
+--guidance-mode none, ...) is refused, not ignored. Files the commands write are replaced if they
+exist (atomically, `flexikern.files`); a full disk while writing is one `error:` line, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -24,8 +30,8 @@ from typing import Any, Callable
 
 from flexikern.arguments import (IMAGE_SUFFIXES, add_threads_arg, classes_arg, device_arg, finite_float,
                                  fraction_arg, interval_arg, model_arg, nonnegative_float, output_file_arg,
-                                 patch_size_arg, patch_sizes_arg, positive_int, schedule_arg, seed_arg,
-                                 shipped_models)
+                                 patch_size_arg, patch_sizes_arg, positive_int, resolve_guidance, schedule_arg,
+                                 seed_arg, shipped_models)
 from flexikern.files import atomic_write
 from flexikern.images import save_grid, to_uint8
 
@@ -34,8 +40,9 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_args", "load_model"
 
 # ----------------------------------------------------------------------------- shared: the model
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model and what shapes it: used by every subcommand that needs a model."""
+def add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+    """--model and what shapes it: used by every subcommand that needs a model (--device only by
+    those that run it)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, type=model_arg, metavar="NAME_OR_PATH",
                    help="a shipped model (shapes16), a DiT config name (random weights, e.g. DiT-S/2), a "
@@ -47,8 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how weak sizes are added to a plain DiT (default: lora)")
     g.add_argument("--input-size", type=positive_int, default=None,
                    help="latent side for a config name (default: 32 = 256 px images)")
-    g.add_argument("--device", type=device_arg, default=None,
-                   help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    if device:
+        g.add_argument("--device", type=device_arg, default=None,
+                       help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
@@ -139,13 +147,13 @@ def add_sample_parser(subparsers: Any) -> None:
                    help="with --budget: only x/x schedules (both branches at one size per step, one "
                         "batched forward each)")
     g.add_argument("--weak", type=patch_size_arg, default=None,
-                   help="weak patch size (default: the next larger than the original)")
+                   help="weak patch size of a flexible schedule (default: the next larger than the original)")
     g.add_argument("--powerful", type=patch_size_arg, default=None,
                    help="powerful patch size (default: the original)")
     g = p.add_argument_group("guidance")
-    g.add_argument("--guidance", type=finite_float, default=1.5, metavar="SCALE",
-                   help="guidance scale (default: 1.5)")
-    g.add_argument("--guidance-mode", choices=("flexi", "cfg", "none"), default="flexi",
+    g.add_argument("--guidance", type=finite_float, default=None, metavar="SCALE",
+                   help="guidance scale (default: 1.5; 1 = no guidance)")
+    g.add_argument("--guidance-mode", choices=("flexi", "cfg", "none"), default=None,
                    help="flexi (weak-model guidance when the guidance branch is weaker, else CFG), "
                         "cfg, or none (default: flexi)")
     g.add_argument("--guidance-interval", type=interval_arg, default=None, metavar="LO,HI",
@@ -154,9 +162,10 @@ def add_sample_parser(subparsers: Any) -> None:
                    help="guide only the first N channels (DiT's sample.py guides 3)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=output_file_arg(*IMAGE_SUFFIXES), default=None,
-                   help="image grid, .png or .jpg (default: samples.png unless --npz is given)")
+                   help="image grid, .png or .jpg, replaced if it exists (default: samples.png unless --npz "
+                        "is given)")
     g.add_argument("--npz", type=output_file_arg(".npz"), default=None,
-                   help="write all samples as uint8 NHWC under arr_0 (ADM/DiT eval format)")
+                   help="write all samples as uint8 NHWC under arr_0 (ADM/DiT eval format), replaced if it exists")
     g.add_argument("--compare", action="store_true",
                    help="also sample the static schedule from the same noise; the grid shows pairs "
                         f"(static, flexible); without --schedule/--budget the flexible one is --budget "
@@ -171,6 +180,9 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
 
     powerful = args.powerful or model.original_patch_size
     weak = args.weak or powerful.next_larger(model.patch_sizes)
+    if args.weak is not None and args.budget is None and (args.schedule or ("static",))[0] == "static":
+        parser.error(f"--weak {args.weak.name}: the static schedule has no weak steps; pass --budget or a "
+                     "flexible --schedule, or drop --weak")
     if getattr(args, "compare", False) and args.schedule == ("static", ()):
         parser.error("--compare compares the static schedule with a flexible one, and --schedule static is "
                      f"the static one: drop --schedule (then --budget {COMPARE_BUDGET}) or pick a flexible one")
@@ -246,6 +258,16 @@ def run_sample(args: argparse.Namespace) -> int:
             parser.error(f"--out (default {out}): {e}")
     if args.compare and args.schedule is None and args.budget is None:
         args.budget = COMPARE_BUDGET
+    try:
+        scale, mode = resolve_guidance(args.guidance, args.guidance_mode, 1.5, "flexi")
+        if mode == "none" and (args.guidance_interval or args.guidance_channels):
+            flag = "--guidance-interval" if args.guidance_interval else "--guidance-channels"
+            raise ValueError(f"{flag}: applies to guided sampling, and this run is not guided (--guidance "
+                             f"{scale} --guidance-mode {mode}); drop {flag} or pass --guidance S")
+        guidance = Guidance(scale, mode, interval=args.guidance_interval, first_channels=args.guidance_channels)
+        sampler = make_sampler(args.sampler, args.steps, eta=args.eta)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
     rank, world, dist = _distributed()
     device = pick_device(args)
     if dist is not None and device.type == "cuda":
@@ -258,14 +280,8 @@ def run_sample(args: argparse.Namespace) -> int:
     bad = [c for c in args.classes if not 0 <= c < model.num_classes]
     if bad:
         parser.error(f"--classes: {bad[:5]} out of range; this model has classes 0..{model.num_classes - 1}")
-    try:
-        guidance = Guidance(args.guidance, args.guidance_mode, interval=args.guidance_interval,
-                            first_channels=args.guidance_channels)
-        sampler = make_sampler(args.sampler, args.steps, eta=args.eta)
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))
     if guidance.enabled and not model.has_null_class:
-        parser.error(f"--guidance {args.guidance} --guidance-mode {args.guidance_mode}: this model has no null "
+        parser.error(f"--guidance {guidance.scale} --guidance-mode {guidance.mode}: this model has no null "
                      "class (it was trained without class dropout), so it cannot be guided; pass "
                      "--guidance-mode none")
     if args.guidance_channels is not None and args.guidance_channels > model.in_channels:
@@ -276,6 +292,9 @@ def run_sample(args: argparse.Namespace) -> int:
     relative = schedule.flops(model, 1, guided) / static.flops(model, 1, guided)
     vae = None
     if args.vae:
+        if args.vae.startswith((".", "/", "~")) and not Path(args.vae).expanduser().is_dir():
+            parser.error(f"--vae {args.vae!r}: no such folder; give a diffusers AutoencoderKL folder or a "
+                         "Hugging Face id (e.g. stabilityai/sd-vae-ft-ema)")
         try:
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
@@ -283,6 +302,9 @@ def run_sample(args: argparse.Namespace) -> int:
             parser.error(f"--vae {args.vae!r}: could not load a diffusers AutoencoderKL ({type(e).__name__}: {e})")
 
     n = args.num_samples or len(args.classes)
+    if args.seed + n > 2 ** 63:
+        parser.error(f"--seed {args.seed}: sample i uses seed + i, and seeds are below 2**63; with {n} samples "
+                     f"pass --seed {2 ** 63 - n} or less")
     labels = [args.classes[i % len(args.classes)] for i in range(n)]
     batches = [list(range(s, min(s + args.batch_size, n))) for s in range(0, n, args.batch_size)]
     mine = batches[rank::world]
@@ -373,15 +395,18 @@ def add_flops_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("flops", help="per-patch-size FLOPs of a model",
                               description="Forward FLOPs (a multiply-add counts 2) at every patch size of "
                                           "the model, and optionally the schedule a budget picks.")
-    add_model_args(p)
+    add_model_args(p, device=False)
     p.add_argument("--budget", type=fraction_arg, default=None,
                    help="also show the schedule Schedule.for_budget picks (with --steps)")
-    p.add_argument("--steps", type=positive_int, default=250, help="steps for --budget (default: 250)")
+    p.add_argument("--steps", type=positive_int, default=None, help="steps for --budget (default: 250)")
     p.set_defaults(run=run_flops, parser=p)
 
 
 def run_flops(args: argparse.Namespace) -> int:
     from flexikern.diffusion import Schedule
+    if args.steps is not None and args.budget is None:
+        args.parser.error(f"--steps {args.steps}: applies to --budget (the table is per forward); pass --budget or "
+                          "drop --steps")
     model = load_model(args, args.parser)
     base = model.flops(model.original_patch_size)
     side = model.input_size
@@ -392,7 +417,7 @@ def run_flops(args: argparse.Namespace) -> int:
     print("with guidance a step costs F(conditional size) + F(guidance size)")
     if args.budget is not None:
         try:
-            schedule = Schedule.for_budget(model, args.steps, args.budget)
+            schedule = Schedule.for_budget(model, args.steps or 250, args.budget)
         except ValueError as e:
             args.parser.error(f"--budget: {e}")
         print(f"budget {args.budget}: {schedule!r}, relative FLOPs {schedule.relative_flops(model):.3f}")
@@ -415,8 +440,21 @@ def _add_evaluation_parsers(subparsers: Any) -> None:
     add_demo_parser(subparsers)
 
 
+def add_info_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("info", help="what flexikern can use here (also: python -m flexikern.info)",
+                              description="Versions, the device, the compiled extension's build, and every "
+                                          "op's backends in priority order with why each one cannot run.")
+    p.set_defaults(run=run_info, parser=p)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from flexikern.info import report
+    print(report())
+    return 0
+
+
 SUBCOMMANDS: list[Callable[[Any], None]] = [add_sample_parser, add_flops_parser, _add_training_parsers,
-                                            _add_evaluation_parsers]
+                                            _add_evaluation_parsers, add_info_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,9 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the machine refuses while a command writes (the flags were checked before): one error line.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        print(f"{args.parser.prog}: error: {e.strerror if e.filename is None else e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

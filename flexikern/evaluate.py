@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from flexikern.arguments import (FIGURE_SUFFIXES, add_threads_arg, finite_float, fraction_arg, model_arg,
-                                 output_dir_arg, output_file_arg, positive_int, seed_arg, shipped_models)
+                                 output_dir_arg, output_file_arg, positive_int, resolve_guidance, seed_arg,
+                                 shipped_models)
 from flexikern.datasets import CLASS_NAMES, shapes_split
 from flexikern.diffusion import Guidance, Schedule
 from flexikern.files import atomic_write
@@ -47,15 +48,17 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--model", type=model_arg, default=None,
                    help="a save_pretrained directory or a shipped model's name (default: shapes16)")
     p.add_argument("--classifier", default=None, help="classifier .safetensors (default: the shipped one)")
-    p.add_argument("--out", type=output_dir_arg, default="out/eval", help="output directory (default: out/eval)")
+    p.add_argument("--out", type=output_dir_arg, default="out/eval",
+                   help="output directory; its eval.json, eval.md and eval.png are replaced (default: out/eval)")
     p.add_argument("--quick", action="store_true", help="fewer samples, one seed (a few minutes on 2 cores)")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="samples per point and seed, at least 2 (default 200; quick 100)")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick 1)")
     p.add_argument("--steps", type=positive_int, default=20, help="sampling steps of the static model (default: 20)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--guidance", type=finite_float, default=1.0, help="guidance scale (default: 1 = none)")
-    p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="none")
+    p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: 1 = none)")
+    p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default=None,
+                   help="how --guidance guides (default: flexi)")
     p.add_argument("--reference-samples", type=positive_int, default=None,
                    help="held-out real images, at least 2 (default 2000)")
     p.add_argument("--methods", type=_methods_arg, default=",".join(METHODS),
@@ -81,15 +84,14 @@ def _load_eval_models(args: argparse.Namespace) -> tuple[Any, ShapesClassifier]:
     from flexikern.models import FlexiDiT
     try:
         model = FlexiDiT.from_pretrained(args.model).eval() if args.model else load_shipped()[0]
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         args.parser.error(f"--model {args.model!r}: {e} (shipped models: {', '.join(shipped_models())}; a path "
                           "to a save_pretrained folder also works)")
     classifier_path = args.classifier or ASSETS / "shapes_classifier.safetensors"
     try:
         classifier = ShapesClassifier.load(classifier_path)
-    except Exception as e:   # safetensors raises its own types for a bad file
-        args.parser.error(f"--classifier {str(classifier_path)!r}: not a classifier written by "
-                          f"ShapesClassifier.save ({type(e).__name__}: {e})")
+    except (ValueError, OSError) as e:    # load names the file and what is wrong with it
+        args.parser.error(f"--classifier {str(classifier_path)!r}: {e}")
     return model, classifier
 
 
@@ -98,6 +100,10 @@ def run_eval(args: argparse.Namespace) -> int:
     for flag, value in (("--num-samples", args.num_samples), ("--reference-samples", args.reference_samples)):
         if value == 1:
             args.parser.error(f"{flag} 1: the Fréchet distance needs at least 2 samples")
+    try:
+        scale, mode = resolve_guidance(args.guidance, args.guidance_mode, 1.0, "flexi")
+    except ValueError as e:
+        args.parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, classifier = _load_eval_models(args)
@@ -105,12 +111,15 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         steps=args.steps, num_samples=args.num_samples or (100 if quick else 200),
         seeds=tuple(range(args.seeds or (1 if quick else 3))), sampler=args.sampler,
-        guidance_scale=args.guidance, guidance_mode=args.guidance_mode if args.guidance != 1.0 else "none",
+        guidance_scale=scale, guidance_mode=mode,
         methods=args.methods,
         reference_samples=args.reference_samples or (1000 if quick else 2000))
     if settings.guidance_mode != "none" and not model.has_null_class:
-        args.parser.error(f"--guidance {args.guidance}: the model has no null class to guide with (it was trained "
+        args.parser.error(f"--guidance {scale}: the model has no null class to guide with (it was trained "
                           "without class dropout); pass --guidance 1")
+    if len(model.patch_sizes) < 2:
+        args.parser.error(f"--model {args.model!r}: has one patch size ({model.patch_sizes[0].name}), so there is "
+                          "no flexible schedule to evaluate; make it flexible first (flexikern finetune)")
     x_ref, _ = shapes_split("heldout", settings.reference_samples, size=model.input_size)
     start = time.time()
     rows = evaluate_curves(model, classifier, torch.from_numpy(x_ref), settings)
@@ -133,14 +142,16 @@ def add_demo_parser(subparsers: Any) -> None:
                     "weak-first schedule from the same noise, writes a side-by-side PNG, prints relative "
                     "FLOPs, wall times and quick quality figures (FD, classifier accuracy).")
     p.add_argument("--out", type=output_file_arg(*FIGURE_SUFFIXES), default="out/demo.png",
-                   help="figure path, .png, .pdf, .svg or .jpg (default: out/demo.png)")
+                   help="figure path, .png, .pdf, .svg or .jpg, replaced if it exists (default: out/demo.png)")
     p.add_argument("--budget", type=fraction_arg, default=0.6,
                    help="relative FLOPs of the FlexiDiT schedule (default 0.6)")
     p.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default: 20)")
-    p.add_argument("--num-samples", type=positive_int, default=100, help="samples for the quality figures (default 100)")
-    p.add_argument("--guidance", type=finite_float, default=5.0,
-                   help="guidance scale (default 5: the best of 1/1.5/3/5/8 for the static shipped model)")
-    p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default="flexi")
+    p.add_argument("--num-samples", type=positive_int, default=100,
+                   help="samples for the quality figures, at least 2 (default 100)")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="guidance scale (default 5: the best of 1/1.5/3/5/8 for the static shipped model; 1 = none)")
+    p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default=None,
+                   help="how --guidance guides (default: flexi)")
     p.add_argument("--seed", type=seed_arg, default=0)
     add_threads_arg(p, default=1)
     p.set_defaults(run=run_demo, parser=p)
@@ -148,13 +159,19 @@ def add_demo_parser(subparsers: Any) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     plt = _pyplot(args.parser)
+    n = args.num_samples
+    if n == 1:
+        args.parser.error("--num-samples 1: the Fréchet distance needs at least 2 samples")
+    if args.seed * 1_000_003 + max(n, 8) > 2 ** 63:   # sample i is seeded seed * 1_000_003 + i (metrics.generate)
+        args.parser.error(f"--seed {args.seed}: too large; seeds are below 2**63 and sample i uses seed * 1000003 "
+                          f"+ i: pass --seed {(2 ** 63 - max(n, 8)) // 1_000_003} or less")
+    try:
+        guidance = Guidance(*resolve_guidance(args.guidance, args.guidance_mode, 5.0, "flexi"))
+    except ValueError as e:
+        args.parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, classifier = load_shipped()
-    try:
-        guidance = Guidance(args.guidance, args.guidance_mode if args.guidance != 1.0 else "none")
-    except (ValueError, TypeError) as e:
-        args.parser.error(f"--guidance {args.guidance}: {e}")
     static = Schedule.static(args.steps, model.original_patch_size)
     try:
         flexi = Schedule.for_budget(model, args.steps, args.budget, guidance=guidance.enabled,
@@ -169,7 +186,6 @@ def run_demo(args: argparse.Namespace) -> int:
           f"(F(4x4)/F(2x2) = {model.flops(4) / model.flops(2):.3f})")
     x_ref, _ = shapes_split("heldout", 1000, size=model.input_size)
     mu_ref, sigma_ref = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
-    n = max(args.num_samples, model.num_classes)
     results = {}
     for name, schedule in (("static", static), ("flexidit", flexi)):
         generate(model, schedule, guidance, 8, args.seed)             # warm-up, not timed
@@ -208,7 +224,9 @@ def _main_classifier(argv: list[str] | None = None) -> int:
     """`python -m flexikern.evaluate --out PATH`: train the shapes classifier (the shipped one)."""
     p = argparse.ArgumentParser(prog="python -m flexikern.evaluate",
                                 description="Train the feature classifier on the generated shapes data.")
-    p.add_argument("--out", type=output_file_arg(".safetensors"), default=str(ASSETS / "shapes_classifier.safetensors"))
+    p.add_argument("--out", type=output_file_arg(".safetensors"), required=True,
+                   help="the classifier file, replaced if it exists (the shipped one: "
+                        "flexikern/assets/shapes_classifier.safetensors)")
     p.add_argument("--num-images", type=positive_int, default=20000)
     p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--image-size", type=positive_int, default=16)
@@ -216,7 +234,10 @@ def _main_classifier(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    x, y = shapes_split("train", args.num_images, size=args.image_size)
+    try:
+        x, y = shapes_split("train", args.num_images, size=args.image_size)
+    except ValueError as e:
+        p.error(f"--image-size {args.image_size}: {e}")
     start = time.time()
     clf = train_classifier(torch.from_numpy(x), torch.from_numpy(y), epochs=args.epochs, progress=True)
     xt, yt = shapes_split("test", 2000, size=args.image_size)

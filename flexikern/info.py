@@ -94,7 +94,10 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    argparse.ArgumentParser(prog="python -m flexikern.info",
+                            description="Which op backends run here, and why the others do not.").parse_args(argv)
     print(report())
 
 

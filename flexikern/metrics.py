@@ -73,7 +73,15 @@ class ShapesClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "ShapesClassifier":
+        """The classifier in a file written by `save`, in eval mode.
+
+        Raises FileNotFoundError (no such file, or a folder) and ValueError (another file), naming it.
+        """
         from safetensors import safe_open
+        if not Path(path).is_file():
+            what = "a folder" if Path(path).is_dir() else "no such file"
+            raise FileNotFoundError(f"{path}: {what}; expected a classifier file written by ShapesClassifier.save "
+                                    f"(.safetensors)")
         try:
             with safe_open(str(path), "pt") as f:
                 config = json.loads(f.metadata()["config"])
@@ -157,13 +165,15 @@ def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sample
              batch_size: int = 500, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """n class-balanced samples (labels i mod num_classes, sample i seeded `seed * 1_000_003 + i`).
 
-    `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space).
+    `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space; DDPM and
+    DDIM: the flow sampler has no x0 to clip).
     """
     y = torch.arange(n) % model.num_classes
     out = []
     for start in range(0, n, batch_size):
         yb = y[start:start + batch_size]
-        steps_sampler = make_sampler(sampler, schedule.num_steps, clip_denoised=clip_denoised)
+        clip = clip_denoised if sampler != "flow" else False   # the flow sampler has no x0 to clip
+        steps_sampler = make_sampler(sampler, schedule.num_steps, clip_denoised=clip)
         out.append(sample(model, yb, schedule, guidance, sampler=steps_sampler, progress=False,
                           seed=[seed * 1_000_003 + i for i in range(start, start + len(yb))]).cpu())
     return torch.cat(out), y

@@ -12,6 +12,7 @@ expected and the fix. The rules:
 """
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -319,3 +320,141 @@ def test_guided_denoiser_cfg_without_null_class_names_the_null_class():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="null class"):
         denoiser(x, torch.tensor([10, 10]), PatchSize.parse(2), PatchSize.parse(2))
+
+
+# ----------------------------------------------------------------------------- model library (review)
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timesteps_must_be_finite_and_nonnegative(name):
+    """NaN, inf and negative timesteps were run (a NaN t gave an all-NaN output); `fk.sample`'s
+    own steps are trusted (no device read per step)."""
+    from flexikern.models.base import conditions_checked
+    model, x, t, y = family(name)
+    for bad, shown in [(torch.tensor([float("nan"), 3.0]), r"\[nan\]"), (float("inf"), r"\[inf, inf\]"),
+                       (-5, r"\[-5, -5\]"), (np.array([3.0, -0.5]), r"\[-0.5\]")]:
+        with pytest.raises(ValueError, match=rf"t: timesteps must be finite and >= 0, got {shown}; diffusion"):
+            model(x, bad, y)
+        with pytest.raises(ValueError, match=r"t: timesteps must be finite and >= 0"):
+            model.forward_packed(list(x), bad, y, [None, None])
+    with pytest.raises(ValueError, match=r"t: on the meta device, it holds no values"):
+        model(x, t.to("meta"), y)
+    torch.testing.assert_close(model(x, np.array([3, 700]), y), model(x, t, y), rtol=0, atol=0)
+    torch.testing.assert_close(model(x, 0, y), model(x, torch.zeros(2), y), rtol=0, atol=0)
+    with conditions_checked():   # trusted: not read
+        assert model(x, float("nan"), y).isnan().all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_flops_arguments_are_checked(name):
+    """`flops` silently took batch 0/-1/True/2.5 (0, negative or scaled counts), input_size 0 or
+    None-like (the default), sizes the patch does not divide (floored), and text_len 0."""
+    model, *_ = family(name)
+    for batch in (0, -1, True, 2.5, "2"):
+        with pytest.raises(ValueError, match=rf"batch={batch!r}: expected a positive int"):
+            model.flops(batch=batch)
+    for size in (0, -8, True, 8.0):
+        with pytest.raises(ValueError, match=rf"input_size={size!r}: expected an int or \(ph, pw\) of positive ints"):
+            model.flops(input_size=size)
+    with pytest.raises(ValueError, match=r"input_size\)?=\(.*7, 7\): not a multiple of patch_size"):
+        model.flops(input_size=7)
+    assert model.flops(batch=np.int64(3)) == 3 * model.flops()
+    assert model.flops(input_size=(8, 8)) == model.flops()
+    if name != "dit":
+        for text_len in (0, -1, 2.0):
+            with pytest.raises(ValueError, match=rf"text_len={text_len!r}: expected a positive int"):
+                model.flops(text_len=text_len)
+        assert model.flops(text_len=5) == model.flops()   # the model's text_len
+    if name == "latte":
+        with pytest.raises(ValueError, match=r"num_frames=0: expected a positive int"):
+            model.flops(num_frames=0)
+        assert model.flops(num_frames=4) > model.flops()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prepare_and_pos_embed_check_sizes(name):
+    """`prepare` built tables for sizes the patch does not divide or with an empty axis, and
+    raised raw TypeErrors for an int size or patch_sizes; `pos_embed` floored the grid."""
+    model, x, t, y = family(name)
+    size, patch = tuple(x.shape[2:]), model.original_patch_size
+    axes = r"\(H, W\)" if patch.ndim == 2 else r"\(F, H, W\)"
+    bad_divide = size[:-1] + (size[-1] - 1,)
+    with pytest.raises(ValueError, match=re.escape(f"size={bad_divide}: not a multiple of patch_size {tuple(patch)}")):
+        model.prepare([None], bad_divide, "cpu")
+    with pytest.raises(ValueError, match=r"not a multiple of patch_size"):
+        model.pos_embed(bad_divide, patch)
+    for bad in (8, size[:-1] + (0,), size[1:] if patch.ndim == 3 else size + (8,)):
+        with pytest.raises(ValueError, match=rf"size=.*: expected the latent's spatial size {axes}, positive ints"):
+            model.prepare([None], bad, "cpu")
+    for bad in (2, [], PatchSize.parse(patch)):
+        with pytest.raises(ValueError, match=r"patch_sizes=.*: expected a non-empty list of patch sizes"):
+            model.prepare(bad, size, "cpu")
+    built = model.prepare([None], torch.Size(size), "cpu", packed=True)
+    assert any(torch.equal(b, model.pos_embed(size, patch)) for b in built)
+    if name == "dit":
+        assert torch.equal(model.pos_embed(size, 2), model.pos_embed(size, patch))   # an int patch too
+
+
+def test_constructors_refuse_a_latent_the_patch_does_not_divide():
+    with pytest.raises(ValueError, match=r"input_size=7: not a multiple of patch_size \(2, 2\)"):
+        FlexiDiT(input_size=7, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"num_frames, input_size=\(2, 6, 6\): not a multiple of patch_size \(1, 4, 4\)"):
+        FlexiLatte(input_size=6, num_frames=2, patch_size=(1, 4, 4), in_channels=4, hidden_size=32, depth=1,
+                   num_heads=2, caption_channels=16, text_len=5)
+
+
+def test_check_condition_batch_size_is_a_positive_int():
+    model, *_ = family("dit")
+    for n in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match=rf"n={n!r}: expected a positive int"):
+            model.check_condition(1, n=n)
+    with pytest.raises(ValueError, match=r"y: class labels on the meta device hold no values"):
+        model.check_condition(torch.tensor([1, 2], device="meta"))
+    assert model.check_condition(3, n=np.int64(2)).tolist() == [3, 3]
+
+
+def test_resizes_refuse_integer_kernels_and_bad_shapes():
+    """pi_resize / lift_* of an integer kernel truncated the fractional weights back to ints, a
+    resize matrix of an int dtype was all zeros and ones; deembed_weight's shape errors were raw."""
+    from flexikern.ops import resize
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 4, 4, generator=g)
+    for fn in (lambda k: resize.pi_resize(k, 2), lambda k: resize.resize_deembed(k, 2),
+               lambda k: resize.lift_embed(k, 8), lambda k: resize.lift_deembed(k, 8)):
+        with pytest.raises(TypeError, match=r"weight: dtype torch.int64 is not supported; expected one of"):
+            fn(w.long())
+        with pytest.raises(TypeError, match=r"weight: expected a torch.Tensor, got ndarray"):
+            fn(w.numpy())
+        assert fn(w.double()).dtype == torch.float64
+    for matrix in (resize.resize_matrix, resize.pi_resize_matrix):
+        with pytest.raises(TypeError, match=r"dtype=torch.int64: expected a floating torch.dtype"):
+            matrix(4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"weight: shape \(17, 8\) is not \(kh\*kw\*C_out, D\) for kernel_size \(4, 4\)"):
+        resize.deembed_weight(torch.randn(17, 8), None, 4, 2)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(16,\) to match weight, got \(5,\)"):
+        resize.deembed_weight(torch.randn(16, 8), torch.randn(5), 4, 2)
+
+
+def test_varlen_attention_scale_and_numpy_lengths():
+    """A NaN, zero, negative or bool `scale` ran (NaN silently became the default scale); numpy
+    ints, which every other op takes, were refused as max_seqlen and host boundaries."""
+    from flexikern.ops.varlen_attention import varlen_attention_reference
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(10, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for scale in (float("nan"), float("inf"), 0, -1.0, True, "a", torch.tensor(0.5)):
+        with pytest.raises(ValueError, match=r"scale=.*: expected a positive finite float \(the softmax scale\), or None"):
+            fk.ops.varlen_attention(q, k, v, cu, 6, scale=scale)
+    expected = varlen_attention_reference(q, k, v, cu, 6, scale=0.3)
+    torch.testing.assert_close(fk.ops.varlen_attention(q, k, v, cu, np.int64(6), scale=np.float32(0.3),
+                                                       cu_seqlens_host=(0, np.int64(4), 10)), expected)
+
+
+def test_hidden_size_must_split_into_the_sincos_table():
+    with pytest.raises(ValueError, match="hidden_size=6: expected a multiple of 4"):
+        FlexiDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=6, depth=1, num_heads=2, num_classes=10)
+
+
+@pytest.mark.parametrize("value", [2.0, -0.1, 1.0, True])
+def test_class_dropout_is_a_probability(value):
+    with pytest.raises(ValueError, match=rf"class_dropout_prob={value!r}: expected a probability in \[0, 1\)"):
+        dit(class_dropout_prob=value)

@@ -284,3 +284,79 @@ def test_atomic_write_temporary_names_are_unique(tmp_path):
             tmp.write_text("x")
             raise PermissionError(errno.EACCES, "Permission denied")
     assert os.listdir(tmp_path) == ["a.npz"]
+
+
+# ------------------------------------------------------------------------------------ second review
+IGNORED_OR_CLAMPED = [
+    # flags that used to be silently ignored, clamped or dropped, each refused before any work
+    (["sample", "--model", "shapes16", "--classes", "1,5-2"], ["--classes", "5-2 is empty", "2-5"]),
+    (["sample", "--model", "shapes16", "--classes", "0-99999999999"], ["--classes", "more than 1000000"]),
+    (["sample", "--model", "shapes16", "--guidance", "4", "--guidance-mode", "none"],
+     ["--guidance 4.0 --guidance-mode none", "drop one"]),
+    (["sample", "--model", "shapes16", "--guidance", "1", "--guidance-channels", "2"],
+     ["--guidance-channels", "not guided"]),
+    (["sample", "--model", "shapes16", "--guidance-mode", "none", "--guidance-interval", "0,500"],
+     ["--guidance-interval", "not guided"]),
+    (["sample", "--model", "shapes16", "--out", ""], ["--out", "empty path"]),
+    (["flops", "--model", "shapes16", "--steps", "3"], ["--steps 3", "--budget"]),
+    (["eval", "--guidance-mode", "flexi"], ["--guidance-mode flexi", "scale is 1 (the default)", "--guidance S"]),
+    (["eval", "--out", ""], ["--out", "empty path"]),
+    (["demo", "--guidance", "3", "--guidance-mode", "none"], ["--guidance 3.0 --guidance-mode none"]),
+    (["demo", "--num-samples", "1"], ["--num-samples 1", "at least 2"]),
+    (["demo", "--seed", str(2 ** 63 - 1)], ["--seed", f"pass --seed {(2 ** 63 - 100) // 1_000_003} or less"]),
+    (["train", "--out", ""], ["--out", "empty path"]),
+    (["finetune", "--model", "shapes16", "--out", "unused", "--no-distill-sigma"],
+     ["--no-distill-sigma", "--recipe distill"]),
+]
+
+
+@pytest.mark.parametrize("argv,needles", IGNORED_OR_CLAMPED,
+                         ids=[" ".join(a[0:1] + a[-2:]) for a, _ in IGNORED_OR_CLAMPED])
+def test_ignored_or_clamped_flags_are_one_error_line(argv, needles, capsys, no_work):
+    fails(argv, capsys, *needles)
+
+
+def test_flags_that_apply_to_other_modes_are_refused(dirs, tmp_path, capsys):
+    base = ["--model", str(dirs / "flexible"), "--steps", "2", "--num-samples", "2", "--out", str(tmp_path / "g.png")]
+    fails(["sample", *base, "--weak", "4"], capsys, "--weak 4x4", "static schedule has no weak steps")
+    fails(["sample", *base, "--seed", str(2 ** 63 - 1)], capsys, "--seed", f"pass --seed {2 ** 63 - 2} or less")
+    train_args = ["--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"]
+    fails(["train", *train_args, "--teacher-steps", "5"], capsys, "--teacher-steps", "--data teacher")
+    np.savez(tmp_path / "d.npz", x=np.random.rand(4, 3, 8, 8).astype(np.float32), y=np.arange(4) % 3)
+    fails(["train", *train_args, "--data", str(tmp_path / "d.npz"), "--num-images", "9"], capsys,
+          "--num-images", "shapes or teacher")
+    fails(["finetune", "--model", "shapes16", *train_args, "--lora-rank", "3"], capsys,
+          "--lora-rank 3", "already flexible")
+    fails(["finetune", "--model", str(dirs / "plain"), *train_args, "--lora-rank", "3"], capsys,
+          "--lora-rank 3", "adapter is 'shared'")
+    fails(["eval", "--model", str(dirs / "plain"), "--out", str(tmp_path / "e")], capsys, "one patch size")
+    fails(["eval", "--model", str(dirs / "a_file"), "--out", str(tmp_path / "e")], capsys, "a file, not a folder")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
+
+
+def test_guidance_scale_one_means_no_guidance(dirs, tmp_path, capsys):
+    assert main(["sample", "--model", str(dirs / "flexible"), "--steps", "2", "--num-samples", "2", "--guidance", "1",
+                 "--out", str(tmp_path / "g.png"), "--no-progress"]) == 0
+    assert "guidance none 1.0" in capsys.readouterr().out
+
+
+def test_info_subcommand(capsys):
+    assert main(["info"]) == 0
+    assert "varlen_attention" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "--bogus"])
+
+
+def test_a_full_disk_while_writing_is_one_error_line(dirs, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    def full_disk(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    path = tmp_path / "g.png"
+    assert main(["sample", "--model", str(dirs / "flexible"), "--steps", "2", "--num-samples", "2",
+                 "--out", str(path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"flexikern sample: error: no space left on device while writing {path}; "
+                                        "no g.png was written"]
+    assert os.listdir(tmp_path) == []

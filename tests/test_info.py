@@ -45,3 +45,11 @@ def test_priority_lists_are_explicit_and_dispatch_imports_no_op():
                for alias in node.names}
     modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not [m for m in modules if m.startswith("flexikern")], modules
+
+
+def test_info_refuses_unknown_arguments(capsys):
+    import pytest
+    from flexikern.info import main
+    with pytest.raises(SystemExit) as e:
+        main(["--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

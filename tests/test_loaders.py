@@ -45,11 +45,12 @@ def write_config(folder, config):
     (lambda c: {**c, "patch_sizes": [[2, 2], "x"]}, "config.json: .*patch_sizes"),
     (lambda c: {**c, "adapter": "full"}, "config.json: .*adapter='full'"),
     (lambda c: {**c, "format_version": 2}, "config.json: format_version 2 is unknown"),
+    (lambda c: {**c, "format_version": 1.0}, "config.json: format_version 1.0 is unknown"),
     (lambda c: {**c, "format": "flexikern.FlexiPixArt"}, "config.json: format 'flexikern.FlexiPixArt'.*"
                                                           "FlexiPixArt.from_pretrained"),
     (lambda c: {**c, "colour": "red"}, r"config.json: unknown keys \['colour'\]"),
 ], ids=["empty", "invalid", "list", "no-patch-sizes", "str-int", "int-bool", "bool-int", "sizes-int",
-        "bad-size", "bad-adapter", "version", "format", "unknown-key"])
+        "bad-size", "bad-adapter", "version", "float-version", "format", "unknown-key"])
 def test_bad_configs_name_the_file_and_the_problem(saved, change, expected):
     folder, config = saved
     write_config(folder, change(config))
@@ -150,3 +151,63 @@ def test_diffusers_loader_errors(tmp_path):
         fk.FlexiDiT.from_pretrained(tmp_path)          # a pipeline folder
     with pytest.raises(IsADirectoryError, match="a diffusers model or pipeline folder: load it with from_diffusers"):
         fk.FlexiDiT.from_dit(folder)
+
+
+# ----------------------------------------------------------------------------- review: more loaders and arguments
+
+def test_from_dit_checks_its_arguments_and_loads_fp16_checkpoints():
+    state = randomize_(DiT(**TINY)).state_dict()
+    for name, bad in (("num_classes", "10"), ("num_classes", True), ("num_heads", 0), ("input_size", 8.0)):
+        with pytest.raises(ValueError, match=f"{name}={bad!r}: expected a positive int, or None"):
+            fk.FlexiDiT.from_dit(state, **{"num_heads": 2, name: bad})
+    with pytest.raises(ValueError, match=r"pos_embed has 16 positions, but input_size=16 .* needs 64"):
+        fk.FlexiDiT.from_dit(state, num_heads=2, input_size=16)
+    reference = fk.FlexiDiT.from_dit(state, num_heads=2)
+    for dtype in (torch.float16, torch.bfloat16):   # pos_embed rounded to the checkpoint's dtype
+        low = {k: v.to(dtype) for k, v in state.items()}
+        model = fk.FlexiDiT.from_dit({f"module.{k}": v for k, v in low.items()}, num_heads=2)
+        assert not model.training and next(model.parameters()).dtype == torch.float32   # as documented
+        weights = reference.state_dict()
+        assert all(torch.equal(v, weights[k].to(dtype).float()) for k, v in model.state_dict().items())
+
+
+def test_save_pretrained_to_a_file_and_from_pretrained_device_and_dtype(saved, tmp_path):
+    folder, _ = saved
+    model = fk.FlexiDiT.from_pretrained(folder)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="a_file: a file, not a folder; save_pretrained writes a folder"):
+        model.save_pretrained(a_file)
+    with pytest.raises(NotADirectoryError, match="a_file/sub: cannot make the folder"):
+        model.save_pretrained(a_file / "sub")
+    assert a_file.read_text() == "x"
+    for kw, error, match in ((dict(dtype="float16"), TypeError, "dtype='float16': expected a floating torch.dtype"),
+                             (dict(dtype=torch.int8), TypeError, "dtype=torch.int8"),
+                             (dict(device="banana"), ValueError, "device='banana': not a device")):
+        with pytest.raises(error, match=match) as info:
+            fk.FlexiDiT.from_pretrained(folder, **kw)
+        message(info)
+    half = fk.FlexiDiT.from_pretrained(folder, dtype=torch.float16)
+    half.save_pretrained(tmp_path / "half")
+    back = fk.FlexiDiT.from_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert not back.training and all(torch.equal(a, b) for a, b in zip(half.state_dict().values(),
+                                                                       back.state_dict().values()))
+
+
+def test_classifier_load_names_a_missing_file_or_a_folder(tmp_path):
+    from flexikern.metrics import ShapesClassifier
+    with pytest.raises(FileNotFoundError, match="absent.safetensors: no such file; expected a classifier file"):
+        ShapesClassifier.load(tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match=": a folder; expected a classifier file"):
+        ShapesClassifier.load(tmp_path)
+
+
+def test_an_unreachable_hub_id_says_so(monkeypatch):
+    """Without network (here: offline mode, so the test does not wait on retries) a Hub id fails
+    saying it is neither cached nor reachable, not that the repository lacks config.json."""
+    pytest.importorskip("diffusers")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="neither in the local cache nor reachable.*hf download") as info:
+        fk.FlexiDiT.from_diffusers("flexikern-tests/no-such-model")
+    assert "config.json" not in message(info)

@@ -351,3 +351,88 @@ def test_calibrate_works_for_text_and_video_models():
         assert s.relative_flops(m) <= 0.8 and s.budget == 0.8
         with pytest.raises(ValueError, match="y: gap_profile needs 2 conditions for .*pass y"):
             gap_profile(m, 3, num_samples=2)
+
+
+# ----------------------------------------------------------------------------- review: more arguments of the same kinds
+
+def test_step_counts_are_plain_digits():
+    """int() reads "1_0" as 10, "+1" as 1 and "１" (full width) as 1: typos taken silently."""
+    for bad in ("1_0", "+1", "１", "-1", "1/2/3", "", True, 1.5):
+        with pytest.raises(ValueError, match="notation=.*expected 'x/y'"):
+            Schedule.from_notation(bad, 12, 4, 2)
+    assert Schedule.from_notation(" 10 / 4 ", 12, 4, 2) == Schedule.weak_first(12, 2, 4, 2, guidance_weak_steps=8)
+    assert Schedule.from_notation(10, 12, 4, 2).notation == "10/10"
+    for bad in ("1_0", "1_0,5", "ddim１0", "+10"):
+        with pytest.raises(ValueError, match="section_counts="):
+            space_timesteps(1000, bad)
+    assert space_timesteps(1000, " 10, 5 ") == space_timesteps(1000, [10, 5])
+
+
+def test_schedule_flops_take_a_positive_batch(model):
+    schedule = Schedule.weak_first(3, 1, 4, 2)
+    per_sample = schedule.flops(model, 1)
+    assert schedule.flops(model, 3) == 3 * per_sample > 0
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match=f"batch={bad!r}: expected a positive int"):
+            schedule.flops(model, bad)
+
+
+def test_a_guidance_interval_that_guides_no_step_is_refused(model):
+    """DiT's timesteps run 999..0 and a flow model's 1000..: fractions (0.1, 0.9) or a range past
+    them would silently sample without guidance."""
+    for sampler, interval in (("ddpm", (0.1, 0.9)), ("ddpm", (1500, 2000)), ("flow", (0, 1))):
+        fails_before_sampling(model, ValueError, r"interval=.*guides none of the .* 2 steps.*not as fractions",
+                              guidance=Guidance(1.5, "cfg", interval=interval), sampler=sampler)
+    # An interval that selects the last step guides that step only.
+    guided = run(model, guidance=Guidance(1.5, "cfg", interval=(0, 10)))
+    assert not torch.equal(guided, run(model)) and torch.isfinite(guided).all()
+
+
+def test_first_channels_beyond_the_models_are_refused(model):
+    fails_before_sampling(model, ValueError, "first_channels=5: the model has 4 channels",
+                          guidance=Guidance(1.5, "cfg", first_channels=5))
+    all_four = run(model, guidance=Guidance(1.5, "cfg", first_channels=4))
+    assert torch.equal(all_four, run(model, guidance=Guidance(1.5, "cfg")))
+
+
+def test_unordered_seeds_and_meta_noise_are_refused(model):
+    fails_before_sampling(model, ValueError, "seed=.*a set has no order", seed={3, 4})
+    fails_before_sampling(model, ValueError, "seed=.*a dict has no order", seed={0: 3, 1: 4})
+    fails_before_sampling(model, ValueError, "noise: a meta tensor",
+                          noise=torch.empty(2, 4, 8, 8, device="meta"))
+
+
+def test_sampler_options_it_does_not_use_are_refused():
+    from flexikern.diffusion.gaussian import DDIMSampler, DDPMSampler, GaussianDiffusion
+    for name, kw, match in (("flow", dict(clip_denoised=True), "clip_denoised=True.*'flow' sampler takes neither"),
+                            ("flow", dict(num_train_timesteps=500), "num_train_timesteps=500.*takes neither"),
+                            ("ddpm", dict(eta=False), "eta=False: only the 'ddim'"),
+                            ("ddim", dict(shift=True), "shift=True: only the 'flow'")):
+        with pytest.raises(ValueError, match=match):
+            make_sampler(name, 4, **kw)
+    d = GaussianDiffusion.dit(10)
+    for cls in (DDPMSampler, DDIMSampler):
+        assert cls(diffusion=d).num_steps == 10 and cls(10).num_steps == 10
+        with pytest.raises(ValueError, match=r"steps=5 with a diffusion.*respace\(5\)"):
+            cls(5, diffusion=d)
+        with pytest.raises(TypeError, match="diffusion='250': expected a GaussianDiffusion"):
+            cls(diffusion="250")
+    assert DDPMSampler().num_steps == 250 and DDIMSampler().num_steps == 50
+    with pytest.raises(ValueError, match="betas: expected a non-empty"):
+        GaussianDiffusion(torch.empty(0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="timestep_map: 1 timesteps for 2 betas"):
+        GaussianDiffusion(torch.tensor([0.1, 0.2]), [0])
+
+
+def test_gap_profile_runs_the_flow_sampler_and_profiles_are_numbers(model):
+    """gap_profile clips x0 by default, which the flow sampler (now refusing clip_denoised) has no x0 for."""
+    gaps = gap_profile(model, 2, num_samples=2, sampler="flow")
+    assert len(gaps) == 2 and all(math.isfinite(g) and g > 0 for g in gaps)
+    with pytest.raises(ValueError, match="profile: expected 2 finite gaps"):
+        Schedule.calibrate(model, 2, tolerance=0.5, profile=[True, 1.0])
+
+
+@pytest.mark.parametrize("kw", [dict(interval=(0, 700)), dict(first_channels=3)])
+def test_guidance_none_refuses_settings_it_would_ignore(kw):
+    with pytest.raises(ValueError, match="mode='none' with .*pick mode 'cfg' or 'flexi'"):
+        Guidance(1.0, "none", **kw)

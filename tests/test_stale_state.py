@@ -22,6 +22,7 @@ from flexikern.diffusion import DenoisingLoop, Guidance, Schedule, make_sampler,
 from flexikern.flexi import pos_embed
 from flexikern.models import FlexiDiT
 from flexikern.ops import resize
+from flexikern.ops.patch_size import PatchSize
 from flexikern.runtime import graphs
 from flexikern.runtime.graphs import GraphRunner
 from test_graphs import FakeGraph
@@ -310,3 +311,122 @@ def test_state_of():
     other = make_sampler("ddim", 5)
     other.note = {"extra": [1.5, (2, "x")]}   # any attribute, however nested
     assert state(sampler) != state(other)
+
+
+# ----------------------------------------------------------------------------- model library (review)
+
+def test_a_warm_model_pickles_and_copies_without_its_caches():
+    """`torch.save(model)` (pickle) after a forward with a label tensor failed ("cannot pickle
+    'weakref.ReferenceType'": the checked-labels memo); a copy carries no derived cache."""
+    import copy
+    import io
+    import pickle
+    model = shared()
+    x, t, y = batch()
+    expected, packed = model(x, t, y, patch_size=2), model.forward_packed(list(x), t, y, [2, 4, 2])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model),
+                  torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert clone._checked_labels == [] and clone.__dict__.get("_packings", {}) == {}
+        assert torch.equal(clone(x, t, y, patch_size=2), expected)
+        for a, b in zip(clone.forward_packed(list(x), t, y, [2, 4, 2]), packed):
+            assert torch.equal(a, b)
+    assert model._checked_labels and model._packings   # the original keeps its own
+
+
+def test_host_labels_written_through_data_are_checked_again():
+    """A label tensor validated once, then changed through `.data` (which bumps no version): the
+    next forward raised a raw IndexError from the embedding (trusted stale check)."""
+    model = shared()
+    x, t, y = batch()
+    model(x, t, y)
+    y.data[0] = 55
+    with pytest.raises(ValueError, match=r"y: labels \[55\] out of range; expected 0..9"):
+        model(x, t, y)
+
+
+def test_a_cached_table_modified_by_a_caller_is_rebuilt():
+    """`model.pos_embed(...)` and the resize matrices are shared cached tensors: a caller's
+    in-place edit (`pe += ...`) changed every later forward. Now the edited tensor is never
+    returned again."""
+    model = shared()
+    x, t, y = batch()
+    expected = fresh_copy(model)(x, t, y, patch_size=2)
+    model.pos_embed((8, 8), PatchSize.parse(2)).mul_(3)
+    resize.pi_resize_matrix((4, 4), (2, 2)).zero_()
+    assert torch.equal(model(x, t, y, patch_size=2), expected)
+    assert resize.pi_resize_matrix((4, 4), (2, 2)).abs().sum() > 0
+
+
+def test_two_threads_share_one_model_packing_cache():
+    """Threads running one model evict from one packing cache: two evicting the same oldest
+    layout raised KeyError (forced here with a tiny switch interval); then a packed forward from
+    several threads equals the single-threaded one."""
+    import sys
+    import threading
+    model = shared()
+    errors = []
+
+    def run(target, *args):
+        threads = [threading.Thread(target=target, args=(k, *args)) for k in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def evict(k):
+        try:
+            for i in range(4000):
+                model._cached_packing((k, i), lambda: (i,))
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run(evict)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and len(model._packings) == 16
+    x, t, y = batch(n=2)
+    expected = model.forward_packed(list(x), t, y, [4, 2])
+    results = []
+    run(lambda k: results.append(model.forward_packed(list(x), t, y, [4, 2])))
+    assert len(results) == 4 and all(torch.equal(a, b) for out in results for a, b in zip(out, expected))
+
+
+def test_latte_reads_its_temporal_setting_per_call_and_checks_it():
+    """`config["enable_temporal_attentions"]` edited after construction: False is applied, a
+    non-bool ("no", truthy) is refused instead of silently running the temporal blocks."""
+    model = tiny_latte()
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([3, 700]), _text(n=2)
+    off = model(x, t, y, enable_temporal_attentions=False)
+    model.config["enable_temporal_attentions"] = False
+    assert torch.equal(model(x, t, y), off)
+    model.config["enable_temporal_attentions"] = "no"
+    with pytest.raises(ValueError, match=r"config\['enable_temporal_attentions'\]='no': expected True or False"):
+        model(x, t, y)
+
+
+@pytest.mark.parametrize("setting", ["autocast", "matmul_precision"])
+def test_reused_runner_after_a_global_torch_setting(fake_capture, setting):
+    """Autocast and the float32 matmul precision choose the kernels a graph captures: sampling
+    under another setting recaptures instead of replaying (before: one capture, replayed)."""
+    import contextlib
+    model = shared()
+    loop = DenoisingLoop(model, torch.tensor([1, 7]), Schedule.static(3, 4), None, make_sampler("ddim", 3))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    runner = GraphRunner()
+    runner.run(loop, x, None)
+    previous = torch.get_float32_matmul_precision()
+    changed = (torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast"
+               else contextlib.nullcontext(torch.set_float32_matmul_precision("medium")))
+    try:
+        with changed:
+            runner.run(loop, x, None)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert runner.captures == 2
+    runner.run(loop, x, None)   # back to the first setting: its graph again
+    assert runner.captures == 2

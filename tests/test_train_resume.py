@@ -107,9 +107,10 @@ def test_finetune_is_a_function_of_its_seed(tmp_path):
     model(num_classes=10).save_pretrained(tmp_path / "plain")        # the shapes data has 10 classes
 
     def finetune(name, seed, data_source="shapes"):
+        source_flags = ["--teacher-steps", "2"] if data_source == "teacher" else ["--image-size", "8"]
         assert main(["finetune", "--model", str(tmp_path / "plain"), "--recipe", "distill", "--patch-sizes", "2,4",
-                     "--lora-rank", "4", "--data", data_source, "--num-images", "8", "--image-size", "8",
-                     "--teacher-steps", "2", "--steps", "2", "--batch-size", "4", "--seed", str(seed),
+                     "--lora-rank", "4", "--data", data_source, "--num-images", "8", *source_flags,
+                     "--steps", "2", "--batch-size", "4", "--seed", str(seed),
                      "--threads", "1", "--no-progress", "--out", str(tmp_path / name)]) == 0
         return load_checkpoint(tmp_path / name / "checkpoint.pt")
 
@@ -202,3 +203,70 @@ def test_config_rejects_non_finite_and_out_of_range_values(tmp_path):
                        (dict(steps=True), "steps=True"), (dict(max_steps=0), "max_steps=0")]:
         with pytest.raises(ValueError, match=needle.replace("*", r"\*")):
             config(tmp_path, **kw)
+
+
+# ------------------------------------------------------------------------------------ second review
+def test_a_resume_that_cannot_load_is_a_setup_error(tmp_path):
+    out = tmp_path / "run"
+    train(model(), data(), config(out, steps=2))
+    with pytest.warns(UserWarning, match="model.depth 1 -> 2"), \
+            pytest.raises(TrainSetupError, match="its weights do not fit this model .*Missing key"):
+        train(model(depth=2), data(), config(out, steps=2), allow_changes=True)   # allowed, but cannot load
+
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"model": {"w": torch.randn(2)}}, other / "checkpoint.pt")         # e.g. a DiT state dict
+    with pytest.raises(TrainSetupError, match=r"not a training checkpoint of flexikern.train \(no \['ema', 'opt'"):
+        train(model(), data(), config(other))
+    (other / "checkpoint.pt").unlink()
+    (other / "checkpoint.pt").mkdir()
+    with pytest.raises(TrainSetupError, match="a folder, not a checkpoint file"):
+        train(model(), data(), config(other))
+
+
+def test_a_log_row_without_an_int_step_is_named(tmp_path):
+    out = tmp_path / "run"
+    train(model(), data(), config(out, max_steps=3))
+    log = out / "log.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text("\n".join([rows[0], '{"step": "2", "loss": 0.5}', *rows[2:]]) + "\n")
+    with pytest.raises(TrainSetupError, match=f"{log}, line 2: not a log row \\(TypeError: step '2' is not an int"):
+        train(model(), data(), config(out), resume=True)
+
+
+def test_an_interrupted_checkpoint_leaves_no_temporary_file(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), data(), config(out))
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl", "train_config.json"]
+    train(model(), data(), config(out))                                   # the lock went with the run
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from flexikern.train.trainer import _run_lock\n"
+                               f"with _run_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainSetupError, match=f"pid {holder.pid} on host"):
+            train(model(), data(), config(out))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    train(model(), data(), config(out))                                   # kill -9 released the flock
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4

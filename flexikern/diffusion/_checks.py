@@ -27,6 +27,16 @@ def check_positive_int(value: Any, name: str, expected: str = "a positive int") 
     return value
 
 
+def parse_counts(text: str, sep: str) -> list[int] | None:
+    """The counts in `text` separated by `sep` ("10,15" -> [10, 15]; spaces around each allowed),
+    or None when a part is not plain ASCII digits: no sign, and no "1_0" or other digits that
+    `int()` would silently read."""
+    parts = [part.strip() for part in text.split(sep)]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        return None
+    return [int(part) for part in parts]
+
+
 def is_finite(value: Any) -> bool:
     """A real number (numpy's too), not a bool, NaN or inf."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -52,6 +52,8 @@ def gap_profile(model: Any, steps: int | str, num_samples: int = 16, seed: int =
         y: `num_samples` conditions (`model.check_condition`); None = class labels 0, 1, ...
             cycling over the classes, for a class-conditional model (a text model needs `y`).
         weak: the weak size (default: the next larger than `model.original_patch_size`).
+        clip_denoised: clip the predicted x0 to [-1, 1] (DDPM and DDIM; the flow sampler has no
+            x0 to clip).
     Returns:
         one float per step.
     Raises:
@@ -66,7 +68,8 @@ def gap_profile(model: Any, steps: int | str, num_samples: int = 16, seed: int =
     if weak not in set(model.patch_sizes):
         raise ValueError(f"weak={weak.name}: not one of the model's patch sizes "
                          f"{[s.name for s in model.patch_sizes]}")
-    sampler_obj = make_sampler(sampler, steps, clip_denoised=clip_denoised)
+    clip = clip_denoised if sampler != "flow" else False   # the flow sampler has no x0 to clip
+    sampler_obj = make_sampler(sampler, steps, clip_denoised=clip)
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
     dtype = params.dtype if params is not None else torch.float32

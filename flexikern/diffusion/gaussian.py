@@ -51,12 +51,11 @@ Differences from diffusers' schedulers, where they compute the same thing (tests
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 
-from flexikern.diffusion._checks import check_finite, check_flag, check_positive_int
+from flexikern.diffusion._checks import check_finite, check_flag, check_positive_int, is_finite, parse_counts
 
 __all__ = ["linear_betas", "space_timesteps", "GaussianDiffusion", "DDPMSampler", "DDIMSampler",
            "FlowEulerSampler", "make_sampler", "SAMPLERS"]
@@ -89,7 +88,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = section_counts[len("ddim"):]
-            if not desired.isdigit():
+            if not (desired.isascii() and desired.isdigit()):
                 raise ValueError(f"section_counts={section_counts!r}: expected 'ddimN' with N a positive int, "
                                  f"e.g. 'ddim50'")
             if int(desired) == 1:
@@ -100,10 +99,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"section_counts={section_counts!r}: cannot create exactly {desired} "
                              f"evenly strided steps out of {num_timesteps}")
-        try:
-            counts = [int(part) for part in section_counts.split(",")]
-        except ValueError:
-            raise ValueError(f"section_counts={section_counts!r}: expected {expected}") from None
+        counts = parse_counts(section_counts, ",")
+        if counts is None:
+            raise ValueError(f"section_counts={section_counts!r}: expected {expected}")
     elif isinstance(section_counts, int) and not isinstance(section_counts, bool):
         counts = [section_counts]
     elif (isinstance(section_counts, Sequence) and section_counts
@@ -138,12 +136,15 @@ class GaussianDiffusion:
 
     def __init__(self, betas: torch.Tensor, timestep_map: Sequence[int] | None = None):
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.dim() != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("betas: expected a 1-D tensor with values in (0, 1]")
+        if betas.dim() != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas: expected a non-empty 1-D tensor with values in (0, 1]")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.timestep_map = torch.as_tensor(
             list(range(len(betas))) if timestep_map is None else list(timestep_map), dtype=torch.long)
+        if self.timestep_map.shape != betas.shape:
+            raise ValueError(f"timestep_map: {len(self.timestep_map)} timesteps for {len(betas)} betas; expected "
+                             f"the original timestep of each step")
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, 0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
@@ -174,6 +175,20 @@ class GaussianDiffusion:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t a (N,) tensor of this diffusion's steps."""
         acp = self.alphas_cumprod.to(x0.device)[t].float().view(-1, *[1] * (x0.dim() - 1))
         return acp.sqrt() * x0 + (1 - acp).sqrt() * noise
+
+
+def _diffusion(steps: int | str | None, num_train_timesteps: int, diffusion: GaussianDiffusion | None,
+               default_steps: int) -> GaussianDiffusion:
+    """A sampler's diffusion: `diffusion` as given, or DiT's respaced to `steps` (None: `default_steps`)."""
+    if diffusion is None:
+        return GaussianDiffusion.dit(default_steps if steps is None else steps, num_train_timesteps)
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion={diffusion!r}: expected a GaussianDiffusion (e.g. GaussianDiffusion.dit(250)) "
+                        f"or None")
+    if steps is not None:
+        raise ValueError(f"steps={steps!r} with a diffusion: the diffusion's {diffusion.num_timesteps} steps are "
+                         f"the sampler's; pass one of them (e.g. diffusion=diffusion.respace({steps!r}))")
+    return diffusion
 
 
 def _split_output(model_output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,9 +229,10 @@ class DDPMSampler(_Sampler):
     name = "ddpm"
     stochastic = True
 
-    def __init__(self, steps: int | str = 250, num_train_timesteps: int = 1000,
+    def __init__(self, steps: int | str | None = None, num_train_timesteps: int = 1000,
                  diffusion: GaussianDiffusion | None = None, clip_denoised: bool = False):
-        d = diffusion or GaussianDiffusion.dit(steps, num_train_timesteps)
+        """`steps` (default 250) respaces DiT's diffusion; or pass a `diffusion` instead."""
+        d = _diffusion(steps, num_train_timesteps, diffusion, 250)
         self.diffusion, self.clip_denoised = d, check_flag(clip_denoised, "clip_denoised")
         self.num_steps = d.num_timesteps
         order = torch.arange(d.num_timesteps - 1, -1, -1)   # sampling runs t = S-1, ..., 0
@@ -249,12 +265,13 @@ class DDIMSampler(_Sampler):
 
     name = "ddim"
 
-    def __init__(self, steps: int | str = 50, num_train_timesteps: int = 1000, eta: float = 0.0,
+    def __init__(self, steps: int | str | None = None, num_train_timesteps: int = 1000, eta: float = 0.0,
                  diffusion: GaussianDiffusion | None = None, clip_denoised: bool = False):
+        """`steps` (default 50) respaces DiT's diffusion; or pass a `diffusion` instead."""
         eta = check_finite(eta, "eta", "a finite float >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
         if eta < 0:
             raise ValueError(f"eta={eta!r}: expected a finite float >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
-        d = diffusion or GaussianDiffusion.dit(steps, num_train_timesteps)
+        d = _diffusion(steps, num_train_timesteps, diffusion, 50)
         self.diffusion, self.eta, self.stochastic = d, eta, eta > 0
         self.clip_denoised = check_flag(clip_denoised, "clip_denoised")
         self.num_steps = d.num_timesteps
@@ -312,17 +329,22 @@ def make_sampler(name: str, steps: int | str, eta: float = 0.0, shift: float = 1
     For "ddpm"/"ddim", `steps` is anything `space_timesteps` takes (250, "250", "ddim50", ...).
 
     Raises:
-        ValueError: an unknown name, bad steps, or `eta` / `shift` given to a sampler that does not
-            use them (`eta` is DDIM's, `shift` the flow sampler's).
+        ValueError: an unknown name, bad steps, or an option given to a sampler that does not use it
+            (`eta` is DDIM's, `shift` the flow sampler's, `clip_denoised` and `num_train_timesteps`
+            DDPM's and DDIM's: the flow sampler has no x0 to clip and always runs t in [0, 1]).
     """
     if name == "ddpm" or name == "flow":
-        if not (isinstance(eta, numbers.Real) and eta == 0):
+        if not (is_finite(eta) and eta == 0):
             raise ValueError(f"eta={eta!r}: only the 'ddim' sampler takes eta; the {name!r} sampler has none "
                              f"(pass sampler='ddim', or leave eta at 0)")
     if name == "ddpm" or name == "ddim":
-        if not (isinstance(shift, numbers.Real) and shift == 1):
+        if not (is_finite(shift) and shift == 1):
             raise ValueError(f"shift={shift!r}: only the 'flow' sampler takes shift; the {name!r} sampler has "
                              f"none (pass sampler='flow', or leave shift at 1)")
+    if name == "flow" and (clip_denoised is not False or num_train_timesteps != 1000):
+        raise ValueError(f"clip_denoised={clip_denoised!r}, num_train_timesteps={num_train_timesteps!r}: the "
+                         f"'flow' sampler takes neither (it predicts velocity, not x0, and runs t from 1 to 0); "
+                         f"leave them at False and 1000, or pass sampler='ddpm' or 'ddim'")
     if name == "ddpm":
         return DDPMSampler(steps, num_train_timesteps, clip_denoised=clip_denoised)
     if name == "ddim":

@@ -42,7 +42,6 @@ __all__ = ["Guidance", "GuidedDenoiser", "GUIDANCE_MODES"]
 GUIDANCE_MODES = ("none", "cfg", "flexi")
 
 
-
 @dataclass(frozen=True)
 class Guidance:
     """How the two branches of a step are combined (see the module docstring)."""
@@ -69,6 +68,9 @@ class Guidance:
                                                 or isinstance(self.first_channels, bool) or self.first_channels < 1):
             raise ValueError(f"first_channels={self.first_channels!r}: expected a positive int or None "
                              f"(DiT's behaviour: 3)")
+        if self.mode == "none" and (self.interval is not None or self.first_channels is not None):
+            raise ValueError(f"mode='none' with interval={self.interval!r}, first_channels={self.first_channels!r}: "
+                             f"these shape guidance, which mode 'none' does not run; pick mode 'cfg' or 'flexi'")
         ratio = check_finite(self.ratio, "ratio", "a finite float > 0 ((1 - s) / (1 - s2); paper: 2.5)")
         if not ratio > 0:
             raise ValueError(f"ratio={self.ratio!r}: expected a finite float > 0 ((1 - s) / (1 - s2); paper: 2.5)")

@@ -24,7 +24,7 @@ before refilling the pinned buffer (`StepNoise`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +54,9 @@ def sample_seeds(seed: int | Sequence[int], n: int) -> list[int]:
     Raises:
         ValueError: naming the seed and what was expected, or a sequence of the wrong length.
     """
+    if isinstance(seed, (Set, Mapping)):
+        raise ValueError(f"seed={seed!r}: a {type(seed).__name__} has no order; pass an int or a list of "
+                         f"seeds, one per sample")
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable) or getattr(seed, "ndim", None) == 0:
         first = check_seed(seed, "seed")
         if first + n > SEED_LIMIT:
@@ -78,6 +81,7 @@ class DenoisingLoop:
         self.guidance = Guidance.of(guidance)
         self.denoiser = GuidedDenoiser(model, y, self.guidance, packed)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
+        _check_guidance(self.guidance, self.guided, sampler, model)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
         if (not model.has_null_class
                 and any(self.denoiser.rule(c, g) == "cfg" for _, _, c, g in self.phases)):
@@ -144,7 +148,8 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
         TypeError: `model` lacks part of the `FlexibleDenoiser` protocol; `schedule`, `guidance`,
             `sampler`, `vae`, `noise` or a flag of the wrong type.
         ValueError: a bad value (conditions, seeds, eta, shift, noise shape or NaN, a schedule the
-            model cannot run, CFG on a model without a null class), naming the argument.
+            model cannot run, CFG on a model without a null class, a guidance interval that guides
+            no step, `first_channels` beyond the model's channels), naming the argument.
     """
     check_denoiser(model)
     if not isinstance(schedule, Schedule):
@@ -210,6 +215,20 @@ def _check_options(progress: Any, packed: Any, cuda_graphs: Any, vae: Any) -> No
                         f"loaded here)")
 
 
+def _check_guidance(guidance: Guidance, guided: list[bool], sampler: _Sampler, model: FlexibleDenoiser) -> None:
+    """What `Guidance` cannot check alone: its interval selects a step of this sampler, and its
+    `first_channels` are channels of this model."""
+    if guidance.enabled and guidance.interval is not None and not any(guided):
+        t = sampler.model_timesteps
+        raise ValueError(f"interval={guidance.interval}: guides none of the {sampler.name} sampler's "
+                         f"{len(guided)} steps, whose model timesteps run from {float(t[0]):g} to "
+                         f"{float(t[-1]):g}; give it in those units (e.g. (0, 700)), not as fractions, or "
+                         f"sample without guidance (guidance=None)")
+    if guidance.first_channels is not None and guidance.first_channels > model.in_channels:
+        raise ValueError(f"first_channels={guidance.first_channels}: the model has {model.in_channels} "
+                         f"channels; expected at most {model.in_channels} (DiT guides 3 of its 4)")
+
+
 def _check_sampler(sampler: Any, eta: Any, shift: Any) -> None:
     """A sampler object: what the loop uses of it; it holds its own eta and shift."""
     missing = [name for name in ("num_steps", "stochastic", "model_timesteps", "step", "to")
@@ -227,6 +246,8 @@ def _check_noise(noise: Any, shape: tuple[int, ...]) -> None:
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise: expected a float tensor of shape {shape}, got "
                         f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if noise.is_meta:
+        raise ValueError("noise: a meta tensor, which holds no values; pass noise with values (e.g. torch.randn)")
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise: expected shape {shape} (N, *model.latent_shape), got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):   # once, before sampling

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from flexikern.diffusion._checks import check_flag
+from flexikern.diffusion._checks import check_flag, check_positive_int, is_finite, parse_counts
 from flexikern.diffusion.calibrate import gap_profile, weak_size
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
@@ -33,9 +33,7 @@ Phase = tuple[int, int, PatchSize, "PatchSize | None"]
 
 
 def _check_steps(steps: Any) -> int:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps={steps!r}: expected a positive int")
-    return steps
+    return check_positive_int(steps, "steps")
 
 
 def _check_budget(budget: Any) -> float:
@@ -151,12 +149,9 @@ class Schedule:
     def from_notation(cls, notation: str, steps: int, weak: PatchSizeLike, powerful: PatchSizeLike) -> Schedule:
         """The paper's "x/y" (powerful for the last x conditional / last y guidance steps); "x" = "x/x"."""
         steps = _check_steps(steps)
-        parts = str(notation).split("/")
-        try:
-            counts = [int(p) for p in parts]
-        except ValueError:
-            counts = []
-        if len(counts) not in (1, 2):
+        is_text = isinstance(notation, (str, int)) and not isinstance(notation, bool)   # "x/y", "x" or x
+        counts = parse_counts(str(notation), "/") if is_text else None
+        if counts is None or len(counts) not in (1, 2):
             raise ValueError(f"notation={notation!r}: expected 'x/y' (powerful for the last x conditional "
                              f"and last y guidance steps), e.g. '130/130'")
         x, y = counts[0], counts[-1]
@@ -250,8 +245,7 @@ class Schedule:
                              f"got budget={budget!r}, tolerance={tolerance!r}")
         steps = _check_steps(steps)
         budget = None if budget is None else _check_budget(budget)
-        if tolerance is not None and not (isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
-                                          and 0 <= tolerance < math.inf):
+        if tolerance is not None and not (is_finite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance={tolerance!r}: expected a finite fraction >= 0 of the largest gap, "
                              f"e.g. 0.05")
         guidance = check_flag(guidance, "guidance")
@@ -263,7 +257,7 @@ class Schedule:
             gaps = gap_profile(model, steps, num_samples, seed, sampler, weak, y=y)
         else:
             gaps = list(profile)
-            if len(gaps) != steps or not all(isinstance(g, numbers.Real) and 0 <= g < math.inf for g in gaps):
+            if len(gaps) != steps or not all(is_finite(g) and g >= 0 for g in gaps):
                 raise ValueError(f"profile: expected {steps} finite gaps >= 0 (one per step, from gap_profile), "
                                  f"got {len(gaps)}: {gaps[:4]}{' ...' if len(gaps) > 4 else ''}")
         if tolerance is not None:
@@ -356,6 +350,7 @@ class Schedule:
 
         `guidance`: True/False for every step, or one bool per step (e.g. a guidance interval).
         """
+        check_positive_int(batch, "batch")
         self.validate(model)
         guided = self._guided(guidance)
         return (_model_steps_flops(model, self.cond, batch)

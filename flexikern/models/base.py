@@ -10,8 +10,9 @@ every `FlexibleModel` implements it.
 
 Host synchronisation: a forward reads nothing back from the device (and copies nothing to it)
 once its caches are built (`FlexibleModel.prepare` builds them ahead) and its conditions' values
-are trusted: checking class labels' range reads them on the host, so forwards skip it inside
-`conditions_checked()`, which `fk.sample` enters after validating its conditions once. (A text
+are trusted: checking class labels' range and that timesteps are finite and >= 0 reads them on
+the host, so forwards skip it inside `conditions_checked()`, which `fk.sample` enters after
+validating its conditions once. (A text
 condition's 0/1 mask is checked once, when the `TextCondition` is built.) Shapes and dtypes (host
 metadata) are always checked.
 """
@@ -22,6 +23,7 @@ import contextlib
 import contextvars
 import numbers
 import operator
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -38,6 +40,7 @@ __all__ = ["FlexibleModel", "check_labels", "check_timesteps", "conditions_check
            "group_samples"]
 
 _CONDITIONS_CHECKED = contextvars.ContextVar("flexikern_conditions_checked", default=False)
+_PACKINGS_LOCK = threading.Lock()   # models' packing caches, shared by threads that run one model
 
 
 @contextlib.contextmanager
@@ -64,22 +67,32 @@ def condition_values_trusted(device: torch.device) -> bool:
 def check_timesteps(t, n: int, device) -> torch.Tensor:
     """Diffusion timesteps `t` as an (n,) tensor on `device`.
 
-    `t`: an (n,) tensor of any int or float dtype (not bool), a number or a list; a scalar is
-    broadcast to the batch. Raises ValueError naming `t`, its value and what was expected.
+    `t`: an (n,) tensor of any int or float dtype (not bool), a number, a list or a numpy array; a
+    scalar is broadcast to the batch. Values must be finite and >= 0 (diffusion timesteps run from
+    0, clean, up to the last training step): read once per call, on the host (a device sync for a
+    CUDA tensor), unless trusted (`conditions_checked`, a CUDA graph capture). Raises ValueError
+    naming `t`, its value and what was expected.
     """
     if not isinstance(t, torch.Tensor):
         try:
-            t = torch.as_tensor(t, device=device)
+            t = torch.as_tensor(t)   # host values: checked on the host, then copied once
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"t: expected timesteps (a number, a list of numbers or a tensor), got "
                              f"{type(t).__name__} {t!r:.60}") from None
     if not (t.is_floating_point() or _is_integer(t.dtype)):
         raise ValueError(f"t: expected int or float timesteps, got a {t.dtype} tensor; pass numbers "
                          f"(e.g. a long or float tensor)")
+    if t.is_meta:
+        raise ValueError("t: on the meta device, it holds no values; pass real timesteps")
     if t.dim() == 0:
         t = t.expand(n)
     if t.shape != (n,):
         raise ValueError(f"t: expected shape ({n},) to match x's batch (or a scalar), got {tuple(t.shape)}")
+    if not condition_values_trusted(t.device):
+        valid = torch.isfinite(t) & (t >= 0)
+        if not bool(valid.all()):   # one host read
+            raise ValueError(f"t: timesteps must be finite and >= 0, got {t[~valid][:8].tolist()}; diffusion "
+                             f"timesteps run from 0 (clean) to the last training step (e.g. 999)")
     return t if t.device == device else t.to(device)   # already there (a sampling step): no call
 
 
@@ -100,8 +113,12 @@ def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
     Raises:
         ValueError: naming `y`, the offending values, what was expected and the fix.
     """
+    if n is not None:
+        n = _positive_int(n, "n")
     if not isinstance(y, torch.Tensor):
         y = _host_labels(y)
+    if y.is_meta:
+        raise ValueError("y: class labels on the meta device hold no values; pass real labels")
     if not _is_integer(y.dtype):
         raise ValueError(f"y: class labels must be integers, got a {y.dtype} tensor "
                          f"{y.reshape(-1)[:8].tolist()}; pass ints (e.g. torch.tensor([1, 3]), or "
@@ -131,6 +148,13 @@ def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
             message += " (this model has no null class)"
         raise ValueError(message)
     return y
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """`value` as an int (numpy ints too); bools, floats, strings and values < 1 are refused."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int")
+    return int(value)
 
 
 def _is_integer(dtype: torch.dtype) -> bool:
@@ -209,11 +233,22 @@ class FlexibleModel(nn.Module):
             if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
                                       or value < (0 if name == "num_classes" else 1)):
                 raise ValueError(f"{name}={value!r}: expected a positive int")
+        dropout = config.get("class_dropout_prob", 0.0)
+        if not (isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+            raise ValueError(f"class_dropout_prob={dropout!r}: expected a probability in [0, 1) (DiT: 0.1; 0 = no "
+                             f"null class, so no classifier-free guidance)")
         if not (isinstance(config.get("mlp_ratio", 1.0), numbers.Real) and config.get("mlp_ratio", 1.0) > 0):
             raise ValueError(f"mlp_ratio={config['mlp_ratio']!r}: expected a positive number, e.g. 4.0")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size={hidden_size}: expected a multiple of 4 (the 2-D sin-cos positional "
+                             f"table splits it in four)")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         patch = PatchSize.parse(patch_size, ndim)
+        latent = (config["input_size"],) * 2 if ndim == 2 else (config["num_frames"], *(config["input_size"],) * 2)
+        if any(s % p for s, p in zip(latent, patch)):
+            sizes = "input_size" if ndim == 2 else "num_frames, input_size"
+            raise ValueError(f"{sizes}={latent if ndim == 3 else latent[0]}: not a multiple of patch_size {tuple(patch)}")
         self.config = {**config, "patch_size": patch}
         self.in_channels, self.num_heads, self.learn_sigma = in_channels, num_heads, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -233,6 +268,15 @@ class FlexibleModel(nn.Module):
     def embed_dtype(self) -> torch.dtype:
         """The dtype tokens are embedded in (positional tables included): the model's weights'."""
         return self.t_embedder.mlp[0].weight.dtype
+
+    # Caches derived while running (packed layouts, label tensors already checked): rebuilt on
+    # use, so a pickled or copied model (torch.save(model), deepcopy) carries none of them.
+    _derived_state = ("_packings", "_checked_labels")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {k: ([] if k == "_checked_labels" else {}) if k in self._derived_state else v
+                for k, v in state.items()}
 
     # ------------------------------------------------------------------ initialisation
     def _normal_init(self) -> list[nn.Module]:
@@ -338,6 +382,29 @@ class FlexibleModel(nn.Module):
                              "or the converters' patch_sizes=)")
         return patch
 
+    def _check_size(self, size, patch: PatchSize, name: str = "size") -> tuple[int, ...]:
+        """A latent's spatial size, (H, W) (videos: (F, H, W)), as ints: positive multiples of `patch`."""
+        axes = "(H, W)" if patch.ndim == 2 else "(F, H, W)"
+        if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == patch.ndim
+                and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ValueError(f"{name}={size!r}: expected the latent's spatial size {axes}, positive ints")
+        size = tuple(int(s) for s in size)
+        if any(s % p for s, p in zip(size, patch)):
+            raise ValueError(f"{name}={size}: not a multiple of patch_size {tuple(patch)}; pass a size the "
+                             f"patch divides")
+        return size
+
+    def _flops_args(self, patch_size, batch, input_size, num_frames=None) -> tuple[PatchSize, int, tuple[int, ...]]:
+        """`flops`' (patch size, batch, latent size), checked: `batch` a positive int; `input_size`
+        an int or (H, W) and (videos) `num_frames`, default the model's, multiples of the patch size."""
+        patch = self._patch(patch_size)
+        batch = _positive_int(batch, "batch")
+        hw = PatchSize.parse(self.input_size if input_size is None else input_size, 2, "input_size")
+        if patch.ndim == 3:
+            frames = _positive_int(self.num_frames if num_frames is None else num_frames, "num_frames")
+            return patch, batch, self._check_size((frames, *hw), patch, "(num_frames, *input_size)")
+        return patch, batch, self._check_size(tuple(hw), patch, "input_size")
+
     def _check_x(self, x: torch.Tensor, patch: PatchSize, name: str = "x") -> torch.Tensor:
         """`x` checked against the model and `patch`, cast to the model's dtype (its weights').
 
@@ -440,15 +507,16 @@ class FlexibleModel(nn.Module):
         call nothing is copied between host and device (so a step neither syncs nor breaks a
         CUDA graph capture). Built outside inference mode (`flexikern.ops._cache.building`), so a
         layout first built while sampling serves training too."""
-        cache = self.__dict__.setdefault("_packings", {})
-        hit = cache.get(signature)
-        if hit is None:
-            with building():
-                hit = build()
-            while len(cache) >= 16:
-                cache.pop(next(iter(cache)))
-            cache[signature] = hit
-        return hit
+        with _PACKINGS_LOCK:   # two threads running one model evict from one cache
+            cache = self.__dict__.setdefault("_packings", {})
+            hit = cache.get(signature)
+            if hit is None:
+                with building():
+                    hit = build()
+                while len(cache) >= 16:
+                    cache.pop(next(iter(cache)))
+                cache[signature] = hit
+            return hit
 
     def _position_tables(self, size: tuple[int, ...], patch: PatchSize, device) -> list[torch.Tensor]:
         """The positional tables a forward at `patch` on latents of `size` reads (built and cached)."""
@@ -466,14 +534,20 @@ class FlexibleModel(nn.Module):
 
         Returns the device tensors built (a CUDA graph that reads them keeps them alive).
         """
+        if not isinstance(patch_sizes, (list, tuple)) or isinstance(patch_sizes, PatchSize) or not patch_sizes:
+            raise ValueError(f"patch_sizes={patch_sizes!r}: expected a non-empty list of patch sizes, e.g. "
+                             f"[{list(self.original_patch_size)}]")
         patches = [self._patch(p) for p in patch_sizes]
+        device = torch.device(device)
+        for patch in dict.fromkeys(patches):
+            size = self._check_size(size, patch)
         built: list[torch.Tensor] = []
         for patch in dict.fromkeys(patches):
-            built += self._position_tables(tuple(size), patch, device)
+            built += self._position_tables(size, patch, device)
             for layer in (self.x_embedder, self.final_layer.linear):
                 built += layer.resize_matrices(patch)
         if packed:
-            layout = self._packed_layout([(p, tuple(size)) for p in patches], device)
+            layout = self._packed_layout([(p, size) for p in patches], device)
             built += [t for t in _tensors(layout)]
         return built
 

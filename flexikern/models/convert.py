@@ -186,8 +186,14 @@ def from_dit(cls, path_or_state_dict, patch_sizes=None, adapter="lora", lora_ran
     """A FlexiDiT from facebookresearch/DiT weights (a release or training .pt, a .safetensors file,
     or a state dict) with DiT's numerics, exact at the original patch size; in eval mode.
 
+    The weights are loaded into a float32 model whatever their dtype (an fp16 checkpoint is upcast
+    exactly); `.to(dtype)` after. A DDP "module." prefix is removed; a training checkpoint's "ema"
+    weights are used over its "model" ones (as DiT's sample.py does).
     Errors name the file: see `load_checkpoint`; a folder is refused, naming the loader for it.
     """
+    for name, value in (("num_heads", num_heads), ("num_classes", num_classes), ("input_size", input_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}={value!r}: expected a positive int, or None to read it from the checkpoint")
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = str(path_or_state_dict)
         raw = load_checkpoint(path_or_state_dict)
@@ -204,7 +210,13 @@ def from_dit(cls, path_or_state_dict, patch_sizes=None, adapter="lora", lora_ran
     pos = state.pop("pos_embed", None)
     if pos is not None:
         table = model.pos_embed((config["input_size"],) * 2, model.original_patch_size)
-        if pos.shape[-2:] != table.shape or not torch.allclose(pos.reshape(table.shape).float(), table, atol=1e-5):
+        if pos.shape[-2:] != table.shape:
+            raise ValueError(f"{source}: pos_embed has {pos.shape[-2]} positions, but input_size="
+                             f"{config['input_size']} with patch size {key} needs {table.shape[0]}; leave "
+                             f"input_size=None to read it from the checkpoint")
+        # An fp16 or bf16 checkpoint holds the table rounded to its dtype: compare within a step of it.
+        atol = 1e-5 + torch.finfo(pos.dtype).eps
+        if not torch.allclose(pos.reshape(table.shape).float(), table.to(pos.dtype).float(), atol=atol):
             raise ValueError(f"{source}: pos_embed is not DiT's fixed sin-cos table; flexikern "
                              "regenerates that table per grid and cannot load a learned one")
     for name in ("x_embedder", "final_layer.linear"):
@@ -288,8 +300,23 @@ def _diffusers_from_pretrained(target, name: str | os.PathLike, subfolder: str |
         if local:
             raise ValueError(f"{folder / (subfolder or '')}: diffusers could not load a {cls_name} "
                              f"({_reason(e)})") from e
+        if _offline(e):
+            raise ValueError(f"{str(name)!r}: no such local folder, and as a Hugging Face Hub id it is neither "
+                             f"in the local cache nor reachable (no network?). Download it where there is "
+                             f"network (e.g. hf download {name} --local-dir FOLDER) and pass its local "
+                             f"folder") from e
         raise ValueError(f"{str(name)!r}: no such local folder, and diffusers could not load it as a Hugging "
                          f"Face Hub id ({_reason(e)})") from e
+
+
+def _offline(error: BaseException) -> bool:
+    """Whether a Hub download failed for want of a connection (diffusers reports it as a missing file)."""
+    names = {"LocalEntryNotFoundError", "ConnectError", "ConnectionError", "ConnectTimeout", "gaierror"}
+    while error is not None:
+        if type(error).__name__ in names:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _diffusers_map(depth: int, key: str, block_embedders: bool) -> dict[str, str]:
@@ -621,10 +648,20 @@ _JSON_NAMES = {int: "an int", float: "a number", bool: "true/false", str: "a str
 
 def save_pretrained(model, directory) -> None:
     """`config.json` + `model.safetensors` (flexible parts and adapters included), each written
-    atomically; the format is the model class's `checkpoint_format`."""
+    atomically, in the model's dtype; the format is the model class's `checkpoint_format`.
+
+    Raises NotADirectoryError (`directory`, or a folder above it, is a file) and OSError naming the
+    folder it cannot make or the file it cannot write (`atomic_write`: no partial file is left).
+    """
     from safetensors.torch import save_file
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"{directory}: a file, not a folder; save_pretrained writes a folder "
+                                 f"(config.json, model.safetensors): pass a new or existing folder") from None
+    except OSError as e:
+        raise type(e)(e.errno, f"{directory}: cannot make the folder ({e.strerror})") from None
     config = {**model.config, "patch_sizes": [list(p) for p in model.patch_sizes], "adapter": model.adapter,
               "lora_rank": model.lora_rank, "format": model.checkpoint_format, "format_version": FORMAT_VERSION}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -660,7 +697,7 @@ def _model_from_config(cls, config: dict[str, Any], path: Path):
         ours = isinstance(fmt, str) and fmt.startswith("flexikern.")
         hint = f" (load it with {fmt.removeprefix('flexikern.')}.from_pretrained)" if ours else ""
         raise ValueError(f"{path}: format {fmt!r}, not a {cls.checkpoint_format} config{hint}")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is unknown; this flexikern reads version "
                          f"{FORMAT_VERSION} (a newer flexikern writes newer versions: upgrade flexikern)")
     hints = typing.get_type_hints(cls.__init__)
@@ -689,12 +726,14 @@ def _model_from_config(cls, config: dict[str, Any], path: Path):
 
 def from_pretrained(cls, directory, **kwargs):
     """A model of class `cls` from a folder written by `save_pretrained`, in eval mode; `device=` and
-    `dtype=` move it (as `.to()`).
+    `dtype=` move it (as `.to()`); without `dtype=` it is float32, whatever the saved dtype (as
+    diffusers' `from_pretrained` without `torch_dtype`).
 
-    Raises TypeError (other keyword arguments), FileNotFoundError / NotADirectoryError (no such
-    folder, a file: names the loader for it, a missing config.json or model.safetensors) and
-    ValueError naming the file that is unreadable, incomplete or wrong (see `_model_from_config`,
-    `load_checkpoint`, `load_state_dict_strict`).
+    Raises TypeError (other keyword arguments, a `dtype` that is not a floating torch.dtype),
+    FileNotFoundError / NotADirectoryError (no such folder, a file: names the loader for it, a
+    missing config.json or model.safetensors) and ValueError (a `device` torch cannot use here, or
+    naming the file that is unreadable, incomplete or wrong: see `_model_from_config`,
+    `load_checkpoint`, `load_state_dict_strict`), all before any weights are read.
     """
     other = sorted(set(kwargs) - {"device", "dtype"})
     if other:
@@ -702,6 +741,15 @@ def from_pretrained(cls, directory, **kwargs):
                         + ", ".join(f"{k}={kwargs[k]!r}" for k in other)
                         + "; it takes device= and dtype= only (patch sizes, adapter and rank are the "
                           "saved model's, from its config.json)")
+    dtype = kwargs.get("dtype")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype, e.g. torch.float16")
+    if kwargs.get("device") is not None:
+        try:
+            torch.empty(0, device=kwargs["device"])
+        except (RuntimeError, TypeError, AssertionError) as e:   # AssertionError: torch without CUDA
+            raise ValueError(f"device={kwargs['device']!r}: not a device this torch can use here "
+                             f"({_reason(e)}); e.g. 'cpu' or 'cuda'") from None
     directory = Path(directory)
     if directory.is_file():
         hint = (f"a facebookresearch/DiT checkpoint file loads with {cls.__name__}.from_dit"

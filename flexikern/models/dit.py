@@ -189,19 +189,23 @@ class FlexiDiT(FlexibleModel):
         return torch.full_like(y, self.num_classes)
 
     def _check_conditions(self, t, y, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, y) as (n,) tensors on `device`; labels range-checked once per label tensor, and not
-        at all where their values are trusted (`base.conditions_checked`, e.g. in `fk.sample`)."""
+        """(t, y) as (n,) tensors on `device`; labels range-checked on every call (on the host) or
+        once per device label tensor, and not at all where their values are trusted
+        (`base.conditions_checked`, e.g. in `fk.sample`)."""
         t = check_timesteps(t, n, device)
         tensor = isinstance(y, torch.Tensor)
-        # Reading the values is a device sync on CUDA: done once per label tensor.
-        trusted = condition_values_trusted(y.device if tensor else device) or (tensor and self._labels_checked(y))
+        # Reading the values is a device sync on CUDA: done once per device label tensor. Host
+        # labels are read every call (no sync), so a write through `.data`, which bumps no
+        # version, cannot go unseen there.
+        trusted = condition_values_trusted(y.device if tensor else device) or (
+            tensor and y.device.type != "cpu" and self._labels_checked(y))
         labels = check_labels(y, self.num_classes, self.has_null_class, n, check_values=not trusted)
         if not trusted and tensor and not y.is_inference():
             self._checked_labels = [*self._checked_labels[-3:], (weakref.ref(y), y._version)]
         return t, (labels if labels.device == device else labels.to(device))
 
     def _labels_checked(self, y: torch.Tensor) -> bool:
-        """Whether this very label tensor, unmodified, was validated before (a sampler reuses it)."""
+        """Whether this very label tensor, unmodified (same version), was validated before."""
         return not y.is_inference() and any(ref() is y and version == y._version
                                             for ref, version in self._checked_labels)
 
@@ -209,7 +213,10 @@ class FlexiDiT(FlexibleModel):
     def pos_embed(self, size: tuple[int, int], patch: PatchSize, device=None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (T, D) sin-cos table for an (H, W) latent at `patch`, at original-grid patch centres:
-        DiT's, or with `pos_base_size` diffusers' `PatchEmbed`'s (positions scaled to that grid)."""
+        DiT's, or with `pos_base_size` diffusers' `PatchEmbed`'s (positions scaled to that grid).
+        `patch` is one of `patch_sizes` (an int too), and it divides `size`."""
+        patch = self._patch(patch)
+        size = self._check_size(size, patch)
         grid = (size[0] // patch[0], size[1] // patch[1])
         ratio = (patch[0] / self.original_patch_size[0], patch[1] / self.original_patch_size[1])
         base = self.config["pos_base_size"]
@@ -285,8 +292,7 @@ class FlexiDiT(FlexibleModel):
         Elementwise work (norms, activations, adds) is left out, as in DiT's own count. With
         `block_embedders` every block's timestep MLP counts.
         """
-        patch = self._patch(patch_size)
-        size = PatchSize.parse(input_size or self.input_size, 2, "input_size")
+        patch, batch, size = self._flops_args(patch_size, batch, input_size)
         cfg = self.config
         d, c_in, c_out = cfg["hidden_size"], self.in_channels, self.out_channels
         hidden = int(d * cfg["mlp_ratio"])

@@ -99,7 +99,10 @@ class FlexiLatte(TextConditioned):
     def pos_embed(self, size: tuple[int, int, int], patch: PatchSize, device=None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(F/pt * (H/ph)(W/pw), D): Latte's per-frame table (PixArt's base-size normalisation) at
-        original-grid patch centres, for each frame group."""
+        original-grid patch centres, for each frame group. `patch` is one of `patch_sizes`, dividing
+        the size."""
+        patch = self._patch(patch)
+        size = self._check_size(size, patch)
         o = self.original_patch_size
         grid = (size[1] // patch[1], size[2] // patch[2])
         return sincos_2d_scaled(self.config["hidden_size"], grid, (patch[1] / o[1], patch[2] / o[2]),
@@ -116,9 +119,13 @@ class FlexiLatte(TextConditioned):
 
     # ------------------------------------------------------------------ forward
     def _temporal(self, enable_temporal_attentions: bool | None) -> bool:
-        """Whether the temporal blocks run: the call's `enable_temporal_attentions`, else the model's."""
+        """Whether the temporal blocks run: the call's `enable_temporal_attentions`, else the model's
+        (`config["enable_temporal_attentions"]`, read per call, so an edit of it is checked too)."""
         if enable_temporal_attentions is None:
-            return self.config["enable_temporal_attentions"]
+            setting = self.config["enable_temporal_attentions"]
+            if not isinstance(setting, bool):
+                raise ValueError(f"config['enable_temporal_attentions']={setting!r}: expected True or False")
+            return setting
         if not isinstance(enable_temporal_attentions, bool):
             raise ValueError(f"enable_temporal_attentions={enable_temporal_attentions!r}: expected True, False "
                              "or None (the model's setting)")
@@ -234,10 +241,9 @@ class FlexiLatte(TextConditioned):
         """Analytic forward FLOPs (multiply-add = 2): spatial, temporal (unless disabled, as in
         `forward`) and cross-attention, LoRA."""
         temporal_depth = self.config["depth"] if self._temporal(enable_temporal_attentions) else 0
-        patch = self._patch(patch_size)
-        f, s = num_frames or self.num_frames, input_size or self.input_size
-        frames, tokens = f // patch[0], patch.tokens((f, s, s))
-        return int(batch * text_model_flops(self, tokens, patch.volume, patch, text_len or self.text_len,
+        patch, batch, size = self._flops_args(patch_size, batch, input_size, num_frames)
+        frames, tokens = size[0] // patch[0], patch.tokens(size)
+        return int(batch * text_model_flops(self, tokens, patch.volume, patch, self._text_len(text_len),
                                             frames=frames, temporal_depth=temporal_depth))
 
     # ------------------------------------------------------------------ loading and saving

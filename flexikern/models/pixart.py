@@ -83,7 +83,10 @@ class FlexiPixArt(TextConditioned):
 
     def pos_embed(self, size: tuple[int, int], patch: PatchSize, device=None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """PixArt's table for an (H, W) latent at `patch`, at original-grid patch centres."""
+        """PixArt's table for an (H, W) latent at `patch` (one of `patch_sizes`, dividing the size),
+        at original-grid patch centres."""
+        patch = self._patch(patch)
+        size = self._check_size(size, patch)
         o = self.original_patch_size
         grid = (size[0] // patch[0], size[1] // patch[1])
         return sincos_2d_scaled(self.config["hidden_size"], grid, (patch[0] / o[0], patch[1] / o[1]),
@@ -143,10 +146,9 @@ class FlexiPixArt(TextConditioned):
 
         `text_len` defaults to the model's `text_len` (every token is computed; masks do not save work).
         """
-        patch = self._patch(patch_size)
-        size = PatchSize.parse(input_size or self.input_size, 2, "input_size")
+        patch, batch, size = self._flops_args(patch_size, batch, input_size)
         return int(batch * text_model_flops(self, patch.tokens(size), patch.volume, patch,
-                                            text_len or self.text_len, frames=1))
+                                            self._text_len(text_len), frames=1))
 
     @classmethod
     def from_diffusers(cls, model_or_dir, patch_sizes=None, adapter: str = "lora", lora_rank: int = 32,

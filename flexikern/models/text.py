@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexikern.flexi.layers import FlexiPatchEmbed
-from flexikern.models.base import FlexibleModel
+from flexikern.models.base import FlexibleModel, _positive_int
 from flexikern.models.layers import MASK_BIAS, PixArtBlock, TimestepEmbedder
 
 __all__ = ["TextCondition", "as_text_condition", "CaptionEmbedder", "TextConditioned", "text_model_flops"]
@@ -215,6 +215,10 @@ class TextConditioned(FlexibleModel):
         if cond.embeds.shape[1] < 1:
             raise ValueError("y: expected at least one text token (L >= 1)")
         return cond.to(device) if device is not None and cond.device != torch.device(device) else cond
+
+    def _text_len(self, text_len) -> int:
+        """`flops`' text length: a positive int, default the model's `text_len`."""
+        return self.text_len if text_len is None else _positive_int(text_len, "text_len")
 
     def _conditioning(self, t: torch.Tensor, cond: TextCondition):
         """(timestep embedding (N, D), adaLN-single output (N, 6D), text tokens (N, L, D), mask bias)."""

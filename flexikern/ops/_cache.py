@@ -30,12 +30,30 @@ def building() -> Iterator[None]:
 
 def tensor_cache(maxsize: int) -> Callable[[F], F]:
     """`functools.lru_cache(maxsize)` for a function of hashable arguments that builds constant
-    tensors, each built inside `building()` (so `cache_clear` and `cache_info` work as usual)."""
+    tensors, each built inside `building()` (`cache_clear` and `cache_info` work as usual).
+
+    A cached tensor is shared by every caller; one a caller modified in place (its version
+    moved) is never returned again: the cache is cleared and the value rebuilt."""
     def decorate(fn: F) -> F:
         @functools.lru_cache(maxsize=maxsize)
+        def build(*args):
+            with building():
+                value = fn(*args)
+            return value, _version(value)
+
         @functools.wraps(fn)
         def cached(*args):
-            with building():
-                return fn(*args)
+            value, version = build(*args)
+            if _version(value) != version:   # modified in place by a caller
+                build.cache_clear()
+                value, _ = build(*args)
+            return value
+
+        cached.cache_clear, cached.cache_info = build.cache_clear, build.cache_info
         return cached
     return decorate
+
+
+def _version(value) -> int | None:
+    """A tensor's version counter (bumped by every in-place write); None for other values."""
+    return value._version if isinstance(value, torch.Tensor) else None

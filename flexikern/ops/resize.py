@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flexikern.ops._cache import tensor_cache
+from flexikern.ops._checks import FLOAT_DTYPES, check_tensor
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
 __all__ = ["resize_matrix", "pi_resize_matrix", "pi_resize", "resize_deembed", "lift_embed",
@@ -34,6 +35,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel of `dtype` is resized in (its matrices' dtype): float64 for float64,
     float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Kernels are resized in float32 (float64 for float64 kernels) and returned in their own dtype.
+DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _check_kernel(weight) -> None:
+    """A kernel (..., h, w) of a float dtype: an integer one would be truncated when cast back."""
+    check_tensor("weight", weight, dtypes=DTYPES)
+    if weight.dim() < 2:
+        raise ValueError(f"weight: expected (..., h, w), got shape {tuple(weight.shape)}")
+
+
+def _matrix_dtype(dtype) -> torch.dtype:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype (a resize matrix holds "
+                        f"fractional weights), e.g. torch.float32")
+    return dtype
 
 
 def _size(value: PatchSizeLike, name: str) -> tuple[int, int]:
@@ -60,13 +79,13 @@ def _pi_resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device:
 def resize_matrix(old, new, device=None, dtype=torch.float32) -> torch.Tensor:
     """The bilinear resize matrix R, shape (h'w', hw), mapping a flattened (h, w) patch to (h', w')."""
     return _resize_matrix_cached(_size(old, "old size"), _size(new, "new size"),
-                                 torch.device(device or "cpu"), dtype)
+                                 torch.device(device or "cpu"), _matrix_dtype(dtype))
 
 
 def pi_resize_matrix(old, new, device=None, dtype=torch.float32) -> torch.Tensor:
     """pinv(R), shape (hw, h'w'): `w_new = w.flatten(-2) @ pi_resize_matrix(old, new)`."""
     return _pi_resize_matrix_cached(_size(old, "old size"), _size(new, "new size"),
-                                    torch.device(device or "cpu"), dtype)
+                                    torch.device(device or "cpu"), _matrix_dtype(dtype))
 
 
 def _apply(weight: torch.Tensor, matrix: torch.Tensor, new: tuple[int, int]) -> torch.Tensor:
@@ -91,8 +110,7 @@ def resize_deembed(weight: torch.Tensor, new_size: PatchSizeLike) -> torch.Tenso
 def _resized(weight: torch.Tensor, new_size: PatchSizeLike, matrix) -> torch.Tensor:
     """`weight` (..., h, w) times `matrix(old, new, device, dtype)` (hw, h'w'), in float32 (float64
     for float64 weights), back in the input dtype."""
-    if weight.dim() < 2:
-        raise ValueError(f"weight: expected (..., h, w), got shape {tuple(weight.shape)}")
+    _check_kernel(weight)
     old, new = tuple(weight.shape[-2:]), _size(new_size, "new_size")
     if old == new:
         return weight
@@ -108,6 +126,7 @@ def lift_embed(weight: torch.Tensor, size: PatchSizeLike) -> torch.Tensor:
     patch is the stored kernel applied to that patch downsampled (average-pooled): how a new,
     larger patch size's kernel starts from a trained one.
     """
+    _check_kernel(weight)
     old, big = tuple(weight.shape[-2:]), _size(size, "size")
     if old == big:
         return weight.clone()
@@ -120,6 +139,7 @@ def lift_deembed(weight: torch.Tensor, size: PatchSizeLike) -> torch.Tensor:
 
     `w_big = w @ pinv(R)^T`; for a factor of 2 each weight is replicated over its 2x2 block.
     """
+    _check_kernel(weight)
     old, big = tuple(weight.shape[-2:]), _size(size, "size")
     if old == big:
         return weight.clone()
@@ -156,6 +176,13 @@ def _on_output_maps(weight, bias, kernel, fn):
     """Apply `fn` to a linear de-embedding's output maps: rows (kh, kw, C) of (kh*kw*C, D) are
     viewed as maps (C, D, kh, kw) (and the bias as (C, kh, kw)), and the result turned back."""
     kh, kw = kernel
+    check_tensor("weight", weight, ndim=2, dtypes=DTYPES)
+    if weight.shape[0] % (kh * kw):
+        raise ValueError(f"weight: shape {tuple(weight.shape)} is not (kh*kw*C_out, D) for kernel_size {kernel}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=DTYPES, device=weight.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
     d = weight.shape[1]
     c = weight.shape[0] // (kh * kw)
     w = fn(weight.reshape(kh, kw, c, d).permute(2, 3, 0, 1))            # (C, D, h, w)

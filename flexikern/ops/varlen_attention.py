@@ -47,6 +47,8 @@ confirms or reorders it.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import warnings
 
 import torch
@@ -92,12 +94,12 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
         if len(cu_seqlens_host) != cu_seqlens.numel():
             raise ValueError(f"cu_seqlens_host: {len(cu_seqlens_host)} entries, but cu_seqlens has "
                              f"{cu_seqlens.numel()}; it must hold the same boundaries")
-        wrong = [b for b in cu_seqlens_host if not isinstance(b, int) or isinstance(b, bool)]
+        wrong = [b for b in cu_seqlens_host if not isinstance(b, numbers.Integral) or isinstance(b, bool)]
         if wrong:
             raise TypeError(f"cu_seqlens_host: expected a tuple of ints, got the entry {wrong[0]!r} "
                             f"({type(wrong[0]).__name__})")
         # Cached: a sampling step passes its packing's tuple to every attention layer.
-        _check_bounds("cu_seqlens_host", tuple(cu_seqlens_host), total, max_seqlen)
+        _check_bounds("cu_seqlens_host", tuple(map(int, cu_seqlens_host)), total, max_seqlen)
     elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # reading values would synchronise; they were checked before capture
     else:
@@ -148,8 +150,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if t.shape != q.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} differs from q's {tuple(q.shape)} "
                              "(total, heads, head_dim must match)")
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
-        raise ValueError(f"max_seqlen={max_seqlen!r}: expected a positive int")
+    if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen={max_seqlen!r}: expected a positive int (e.g. seqlens.max().item())")
+    max_seqlen = int(max_seqlen)   # numpy ints too
+    if scale is not None:
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale={scale!r}: expected a positive finite float (the softmax scale), or None "
+                             f"for 1/sqrt(head_dim)")
+        scale = float(scale)
     check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device, cu_seqlens_host)
     return dispatch("varlen_attention", q=q, k=k, v=v, cu_seqlens=cu_seqlens,
                     max_seqlen=max_seqlen, scale=scale, cu_seqlens_host=cu_seqlens_host)

@@ -32,10 +32,11 @@ How (the stable-fast / vLLM recipe):
   static inputs), of the denoiser (but its model and conditions; its guidance as `guidance`,
   left out of a conditional-only step, which reads only its rule) and of the loop (but what
   `step` does not read: the schedule and its phases), and of every module of the model its type,
-  mode (`training`), public attributes and hooks. A tensor among them counts by its values on
-  the host, by its identity (the address a graph reads) on the device. `release()` (or dropping
-  the runner) frees the graphs. Phases shorter than `min_phase_steps` run eagerly: capturing
-  costs about `warmup + 1` steps.
+  mode (`training`), public attributes and hooks, and the global torch settings that choose the
+  captured kernels (`_torch_settings`: autocast, TF32 and reduced-precision matmul flags, SDPA's
+  enabled backends). A tensor among them counts by its values on the host, by its identity (the
+  address a graph reads) on the device. `release()` (or dropping the runner) frees the graphs.
+  Phases shorter than `min_phase_steps` run eagerly: capturing costs about `warmup + 1` steps.
 * Captured graphs read the model's parameters and buffers in place, and nothing derived from
   them is baked (the model resizes its kernels inside the step), so a change in place (an
   optimizer step, `load_state_dict`, a write through `.data`, an EMA swap) is in the next replay.
@@ -53,6 +54,7 @@ import copy
 import dataclasses
 import enum
 import hashlib
+import threading
 import types
 import warnings
 import weakref
@@ -234,6 +236,19 @@ def _conditions_signature(denoiser: GuidedDenoiser) -> tuple:
                  for name, tensors in sorted(_conditions(denoiser).items()))
 
 
+def _torch_settings() -> tuple:
+    """The global torch settings a captured step's kernels are chosen by (baked at capture):
+    autocast (on and its dtype, per device type), float32 matmul precision and the TF32 and
+    reduced-precision flags (cuBLAS, cuDNN), SDPA's enabled backends, deterministic algorithms."""
+    cuda = torch.backends.cuda
+    autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    return (autocast, torch.get_float32_matmul_precision(), cuda.matmul.allow_tf32,
+            cuda.matmul.allow_fp16_reduced_precision_reduction, cuda.matmul.allow_bf16_reduced_precision_reduction,
+            torch.backends.cudnn.enabled, torch.backends.cudnn.allow_tf32, cuda.flash_sdp_enabled(),
+            cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled(),
+            torch.are_deterministic_algorithms_enabled())
+
+
 def _weights_stamp(model: FlexibleDenoiser) -> tuple:
     """Where the model's parameters and buffers are: graphs read them in place (their values live,
     so a change in place needs no recapture), at these addresses."""
@@ -345,6 +360,7 @@ class GraphRunner:
         self._graphs: OrderedDict[GraphKey, _PhaseGraph] = OrderedDict()
         self._pool = None
         self._stamp: tuple | None = None
+        self._lock = threading.Lock()   # one run at a time: runs share the graphs, buffers and pool
         self.captures = self.replays = self.eager_steps = 0
 
     def __len__(self) -> int:
@@ -392,7 +408,7 @@ class GraphRunner:
         settings = (state_of({k: v for k, v in vars(loop).items() if k not in skip_loop}),
                     state_of({k: v for k, v in vars(denoiser).items() if k not in skip_denoiser}),
                     (_type_name(denoiser), _type_name(loop)),
-                    _module_state(loop.model))
+                    _module_state(loop.model), _torch_settings())
         return state_of(sampler, tables), state_of(denoiser.guidance), settings
 
     def _entry(self, key: GraphKey, loop: DenoisingLoop, x: torch.Tensor, cond_size: PatchSize,
@@ -417,8 +433,14 @@ class GraphRunner:
         """Run every step of `loop` from the state `x`; returns the final state (a new tensor).
 
         `draw_noise(out)` fills `out` with the next step's noise (called once per stochastic step,
-        in order); `on_step()` is called after each step (a progress bar).
+        in order); `on_step()` is called after each step (a progress bar). Runs from several
+        threads take turns (they would capture into one pool and share the static buffers).
         """
+        with self._lock:
+            return self._run(loop, x, draw_noise, on_step)
+
+    def _run(self, loop: DenoisingLoop, x: torch.Tensor, draw_noise: Callable[[torch.Tensor], torch.Tensor] | None,
+             on_step: Callable[[], None] | None) -> torch.Tensor:
         on_cuda = self._can_capture(x)
         if not on_cuda:
             _warn_cpu_once(x.device)

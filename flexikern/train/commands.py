@@ -31,11 +31,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="'shapes' (the generated dataset, flexikern.datasets), an .npz with x/y "
                         "(images or latents + labels), an image folder (one subfolder per class), or "
                         "'teacher' (data-free: x0 sampled from the model itself; finetune only)")
-    g.add_argument("--num-images", type=positive_int, default=20000,
+    g.add_argument("--num-images", type=positive_int, default=None,
                    help="shapes: how many images to generate; teacher: how many samples (default: 20000)")
-    g.add_argument("--image-size", type=positive_int, default=16,
+    g.add_argument("--image-size", type=positive_int, default=None,
                    help="shapes / image folder: image side in pixels (default: 16)")
-    g.add_argument("--teacher-steps", type=positive_int, default=50,
+    g.add_argument("--teacher-steps", type=positive_int, default=None,
                    help="teacher: DDPM steps per sample (default: 50)")
     g.add_argument("--teacher-clip", action="store_true",
                    help="teacher: clip predicted x0 to [-1, 1] while sampling (pixel-space models)")
@@ -72,20 +72,27 @@ def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, model: 
     from flexikern.train.data import TensorData, image_folder, shapes_data, teacher_samples
 
     spec = args.data
+    kind = spec if spec in ("shapes", "teacher") else "an image folder" if Path(spec).is_dir() else "a file"
+    for flag, kinds in (("--num-images", ("shapes", "teacher")), ("--image-size", ("shapes", "an image folder")),
+                        ("--teacher-steps", ("teacher",)), ("--teacher-clip", ("teacher",))):
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, False) and kind not in kinds:
+            parser.error(f"{flag}: applies to --data {' or '.join(kinds)}, not to --data {spec!r} ({kind}); "
+                         f"drop {flag}")
+    num_images, image_size = args.num_images or 20000, args.image_size or 16
     try:
         if spec == "shapes":
-            return shapes_data(args.num_images, size=args.image_size, seed=0)
+            return shapes_data(num_images, size=image_size, seed=0)
         if spec == "teacher":
             if model is None:
                 parser.error("--data teacher: data-free distillation needs a model to sample from (finetune)")
             cache = Path(args.out) / "teacher_samples.npz"
-            return teacher_samples(model, args.num_images, steps=args.teacher_steps, cache=cache,
+            return teacher_samples(model, num_images, steps=args.teacher_steps or 50, cache=cache,
                                    seed=args.seed, progress=not args.no_progress,
                                    clip_denoised=args.teacher_clip)
         path = Path(spec)
         if path.is_dir():
-            return image_folder(path, args.image_size)
-        if path.suffix == ".npz" and path.exists():
+            return image_folder(path, image_size)
+        if path.suffix == ".npz":
             return TensorData.from_npz(path)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         parser.error(f"--data {spec!r}: {e}")
@@ -192,7 +199,8 @@ def add_finetune_parser(subparsers: Any) -> None:
     p.add_argument("--patch-sizes", type=patch_sizes_arg, default=None,
                    help=f"patch sizes, original included, e.g. 2,4 or 2,2x4 (default: {DEFAULT_PATCH_SIZES}; a "
                         "model that is already flexible keeps its own)")
-    p.add_argument("--lora-rank", type=positive_int, default=32)
+    p.add_argument("--lora-rank", type=positive_int, default=None,
+                   help="rank of the LoRA adapters (--adapter lora) a plain DiT gets (default: 32)")
     p.add_argument("--no-distill-sigma", action="store_true",
                    help="distill: match the eps channels only, not the learned variance")
     _add_data_args(p)
@@ -208,6 +216,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     parser = args.parser
+    if args.no_distill_sigma and args.recipe != "distill":
+        parser.error(f"--no-distill-sigma: applies to --recipe distill, not {args.recipe}; drop it")
     config = _config(args, args.recipe)
     path = Path(args.model)
     try:
@@ -216,11 +226,16 @@ def run_finetune(args: argparse.Namespace) -> int:
         parser.error(f"--model {args.model!r}: {e} (shipped models: {', '.join(shipped_models())}; a path to a "
                      "save_pretrained folder or a DiT checkpoint also works)")
     adapter = args.adapter or ("lora" if args.recipe == "distill" else "shared")
+    if args.lora_rank is not None and (adapter != "lora" or len(model.patch_sizes) > 1):
+        why = (f"{args.model} is already flexible (adapter {model.adapter!r})" if len(model.patch_sizes) > 1
+               else f"the adapter is {adapter!r} (--adapter lora adds LoRA)")
+        parser.error(f"--lora-rank {args.lora_rank}: applies to the LoRA adapters of a plain DiT, and {why}; "
+                     "drop --lora-rank")
     torch.manual_seed(args.seed)   # the new weights of flexify (LoRA, weak embedders) come from --seed
     if len(model.patch_sizes) == 1:
         sizes = args.patch_sizes or patch_sizes_arg(DEFAULT_PATCH_SIZES)
         try:
-            model.flexify(sizes, adapter=adapter, lora_rank=args.lora_rank)
+            model.flexify(sizes, adapter=adapter, lora_rank=args.lora_rank or 32)
         except (ValueError, TypeError) as e:
             parser.error(f"--patch-sizes {','.join(p.name for p in sizes)} / --adapter {adapter}: {e}")
     elif args.patch_sizes and set(args.patch_sizes) != set(model.patch_sizes):

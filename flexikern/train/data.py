@@ -32,6 +32,7 @@ from flexikern.files import atomic_write
 __all__ = ["TensorData", "BatchOrder", "image_folder", "teacher_samples", "shapes_data"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TEACHER_SEED_STRIDE = 1_000_003    # teacher sample i is seeded seed * stride + i: seeds never overlap
 
 
 class TensorData:
@@ -147,6 +148,9 @@ def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLik
     """
     from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 
+    if not (isinstance(seed, int) and 0 <= seed and seed * TEACHER_SEED_STRIDE + n <= 2 ** 63):
+        raise ValueError(f"seed={seed!r}: sample i is seeded seed * {TEACHER_SEED_STRIDE} + i, below 2**63; "
+                         f"with n={n} pass a seed in [0, {(2 ** 63 - n) // TEACHER_SEED_STRIDE}]")
     key = _teacher_key(model, n=n, steps=steps, seed=seed, guidance_scale=guidance_scale, sampler=sampler,
                        clip_denoised=clip_denoised)
     if cache is not None and Path(cache).exists():
@@ -164,7 +168,7 @@ def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLik
         yb = y[start:start + batch_size]
         chunks.append(sample(model, yb, schedule, guidance, progress=progress,
                              sampler=make_sampler(sampler, steps, clip_denoised=clip_denoised),
-                             seed=[seed * 1_000_003 + i for i in range(start, start + len(yb))]).cpu())
+                             seed=[seed * TEACHER_SEED_STRIDE + i for i in range(start, start + len(yb))]).cpu())
     data = TensorData(torch.cat(chunks), y)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)

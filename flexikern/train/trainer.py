@@ -184,7 +184,10 @@ def _run_lock(out: Path) -> Iterator[None]:
     the file names the holder. TrainSetupError when another run holds it."""
     import fcntl
     path = out / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TrainSetupError(f"{path}: cannot open the run's lock file ({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -205,6 +208,7 @@ def _run_lock(out: Path) -> Iterator[None]:
 
 # Settings that change neither the weights nor the data order: free to change on resume.
 _FREE_SETTINGS = ("out_dir", "max_steps", "progress", "log_every", "ckpt_every", "gradient_checkpointing")
+_CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "rng")
 
 
 def _run_settings(config: TrainConfig, model: torch.nn.Module, data: TensorData) -> dict[str, Any]:
@@ -246,13 +250,18 @@ def _check_resume(ckpt: dict[str, Any], settings: dict[str, Any], path: Path, al
 def _log_until(log_path: Path, step: int) -> str:
     """The log's rows up to `step`. A torn last line (a write cut by a kill) is dropped with a
     warning; any other line that is not a JSON row raises TrainSetupError naming it."""
-    lines = log_path.read_bytes().decode(errors="replace").splitlines()
+    try:
+        lines = log_path.read_bytes().decode(errors="replace").splitlines()
+    except OSError as e:
+        raise TrainSetupError(f"{log_path}: cannot read the run's log ({e.strerror or e})") from None
     kept = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             row_step = json.loads(line)["step"]
+            if not isinstance(row_step, int):
+                raise TypeError(f"step {row_step!r} is not an int")
         except (ValueError, KeyError, TypeError) as e:
             if i == len(lines) - 1:
                 warnings.warn(f"{log_path}, line {i + 1}: dropped a torn last line ({line[:60]!r}), "
@@ -264,6 +273,16 @@ def _log_until(log_path: Path, step: int) -> str:
         if row_step <= step:
             kept.append(line + "\n")
     return "".join(kept)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """One log row; a failed write (a full disk) raises OSError naming the log (a torn row is dropped
+    on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} while appending to {path}") from e
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -374,11 +393,24 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
 
     start = 0
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except (ValueError, OSError) as e:
+            raise TrainSetupError(str(e)) from None
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise TrainSetupError(f"{ckpt_path}: not a training checkpoint of flexikern.train (no {missing}); "
+                                  "move it away to start the run afresh, or use a new output directory")
         _check_resume(ckpt, settings, ckpt_path, allow_changes)
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.model.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:   # allow_changes cannot change the weights' shapes
+            why = " ".join(line.strip() for line in str(e).splitlines()[:2])
+            raise TrainSetupError(f"{ckpt_path}: its weights do not fit this model ({why[:300]}); only the "
+                                  "original model continues from it: rerun with the original model settings, or "
+                                  "use a new output directory") from None
         _set_rng_state(ckpt["rng"], generator)
         start = int(ckpt["step"])
         if rank == 0 and log_path.exists():      # drop log lines written after the checkpoint
@@ -450,8 +482,7 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
             window, t_last = {}, now
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append_line(log_path, json.dumps(row))
         if done % config.ckpt_every == 0 or done == config.steps:
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.model.state_dict(),
