@@ -301,7 +301,8 @@ def test_patch_sizes_take_numpy_ints_and_refuse_bools_and_floats():
                                           ("input_size", 8.0), ("num_classes", -2), ("mlp_ratio", float("nan"))])
 def test_constructors_refuse_bad_sizes_by_name(field, value):
     kw = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-    with pytest.raises(ValueError, match=f"{field}={value!r}: expected a positive"):
+    expected = "an int >= 0" if field == "num_classes" else "a positive"
+    with pytest.raises(ValueError, match=f"{field}={value!r}: expected {expected}"):
         FlexiDiT(**{**kw, field: value})
 
 

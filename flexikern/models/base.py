@@ -12,9 +12,8 @@ Host synchronisation: a forward reads nothing back from the device (and copies n
 once its caches are built (`FlexibleModel.prepare` builds them ahead) and its conditions' values
 are trusted: checking class labels' range and that timesteps are finite and >= 0 reads them on
 the host, so forwards skip it inside `conditions_checked()`, which `fk.sample` enters after
-validating its conditions once. (A text
-condition's 0/1 mask is checked once, when the `TextCondition` is built.) Shapes and dtypes (host
-metadata) are always checked.
+validating its conditions once. (A text condition's 0/1 mask is checked once, when the
+`TextCondition` is built.) Shapes and dtypes (host metadata) are always checked.
 """
 
 from __future__ import annotations
@@ -232,7 +231,8 @@ class FlexibleModel(nn.Module):
             value = config.get(name)
             if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
                                       or value < (0 if name == "num_classes" else 1)):
-                raise ValueError(f"{name}={value!r}: expected a positive int")
+                raise ValueError(f"{name}={value!r}: expected " + ("an int >= 0" if name == "num_classes"
+                                                                   else "a positive int"))
         dropout = config.get("class_dropout_prob", 0.0)
         if not (isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1):
             raise ValueError(f"class_dropout_prob={dropout!r}: expected a probability in [0, 1) (DiT: 0.1; 0 = no "
