@@ -34,6 +34,7 @@ from flexikern.arguments import (IMAGE_SUFFIXES, add_threads_arg, classes_arg, d
                                  seed_arg, shipped_models)
 from flexikern.files import atomic_write
 from flexikern.images import save_grid, to_uint8
+from flexikern.ops._checks import max_seed
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "add_model_args", "load_model"]
 
@@ -302,9 +303,9 @@ def run_sample(args: argparse.Namespace) -> int:
             parser.error(f"--vae {args.vae!r}: could not load a diffusers AutoencoderKL ({type(e).__name__}: {e})")
 
     n = args.num_samples or len(args.classes)
-    if args.seed + n > 2 ** 63:
+    if args.seed > max_seed(n):
         parser.error(f"--seed {args.seed}: sample i uses seed + i, and seeds are below 2**63; with {n} samples "
-                     f"pass --seed {2 ** 63 - n} or less")
+                     f"pass --seed {max_seed(n)} or less")
     labels = [args.classes[i % len(args.classes)] for i in range(n)]
     batches = [list(range(s, min(s + args.batch_size, n))) for s in range(0, n, args.batch_size)]
     mine = batches[rank::world]

@@ -23,9 +23,10 @@ from flexikern.datasets import CLASS_NAMES, shapes_split
 from flexikern.diffusion import Guidance, Schedule
 from flexikern.files import atomic_write
 from flexikern.images import to_uint8
-from flexikern.metrics import (ASSETS, EvalSettings, ShapesClassifier, classify, evaluate_curves, feature_stats,
-                               frechet_distance, generate, load_shipped, pyplot, train_classifier,
+from flexikern.metrics import (ASSETS, SEED_STRIDE, EvalSettings, ShapesClassifier, classify, evaluate_curves,
+                               feature_stats, frechet_distance, generate, load_shipped, pyplot, train_classifier,
                                write_results)
+from flexikern.ops._checks import max_seed
 
 __all__ = ["add_eval_parser", "run_eval", "add_demo_parser", "run_demo"]
 
@@ -162,9 +163,9 @@ def run_demo(args: argparse.Namespace) -> int:
     n = args.num_samples
     if n == 1:
         args.parser.error("--num-samples 1: the Fréchet distance needs at least 2 samples")
-    if args.seed * 1_000_003 + max(n, 8) > 2 ** 63:   # sample i is seeded seed * 1_000_003 + i (metrics.generate)
-        args.parser.error(f"--seed {args.seed}: too large; seeds are below 2**63 and sample i uses seed * 1000003 "
-                          f"+ i: pass --seed {(2 ** 63 - max(n, 8)) // 1_000_003} or less")
+    if args.seed > max_seed(max(n, 8), SEED_STRIDE):   # sample i is seeded seed * stride + i (metrics.generate)
+        args.parser.error(f"--seed {args.seed}: too large; seeds are below 2**63 and sample i uses seed * "
+                          f"{SEED_STRIDE} + i: pass --seed {max_seed(max(n, 8), SEED_STRIDE)} or less")
     try:
         guidance = Guidance(*resolve_guidance(args.guidance, args.guidance_mode, 5.0, "flexi"))
     except ValueError as e:

@@ -36,6 +36,7 @@ from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 from flexikern.diffusion.calibrate import gap_profile
 from flexikern.files import atomic_write
 from flexikern.models.convert import load_state_dict_strict
+from flexikern.ops._checks import check_seed, max_seed
 
 __all__ = ["ShapesClassifier", "train_classifier", "classify", "frechet_distance", "feature_stats",
            "generate", "evaluate_curves", "write_results", "load_shipped", "pyplot", "ASSETS",
@@ -43,6 +44,7 @@ __all__ = ["ShapesClassifier", "train_classifier", "classify", "frechet_distance
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 FLOPS_LEVELS = (1.0, 0.8, 0.64, 0.5, 0.4, 0.3)
+SEED_STRIDE = 1_000_003   # `generate`'s sample i is seeded seed * stride + i: runs' seeds never overlap
 
 
 # ---------------------------------------------------------------------------------- classifier
@@ -163,11 +165,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # ---------------------------------------------------------------------------------- sampling
 def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sampler: str = "ddim",
              batch_size: int = 500, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """n class-balanced samples (labels i mod num_classes, sample i seeded `seed * 1_000_003 + i`).
+    """n class-balanced samples (labels i mod num_classes, sample i seeded `seed * SEED_STRIDE + i`).
 
     `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space; DDPM and
     DDIM: the flow sampler has no x0 to clip).
     """
+    if check_seed(seed) > max_seed(n, SEED_STRIDE):
+        raise ValueError(f"seed={seed}: sample i is seeded seed * {SEED_STRIDE} + i, below 2**63; with n={n} "
+                         f"pass a seed in [0, {max_seed(n, SEED_STRIDE)}]")
     y = torch.arange(n) % model.num_classes
     out = []
     for start in range(0, n, batch_size):
@@ -175,7 +180,7 @@ def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sample
         clip = clip_denoised if sampler != "flow" else False   # the flow sampler has no x0 to clip
         steps_sampler = make_sampler(sampler, schedule.num_steps, clip_denoised=clip)
         out.append(sample(model, yb, schedule, guidance, sampler=steps_sampler, progress=False,
-                          seed=[seed * 1_000_003 + i for i in range(start, start + len(yb))]).cpu())
+                          seed=[seed * SEED_STRIDE + i for i in range(start, start + len(yb))]).cpu())
     return torch.cat(out), y
 
 

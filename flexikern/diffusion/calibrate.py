@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from flexikern.diffusion._checks import check_positive_int, check_seed
+from flexikern.ops._checks import check_positive_int, check_seed
 from flexikern.diffusion.gaussian import make_sampler
 from flexikern.diffusion.protocol import check_denoiser, eval_mode
 from flexikern.ops.patch_size import PatchSize

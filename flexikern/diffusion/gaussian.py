@@ -55,7 +55,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flexikern.diffusion._checks import check_finite, check_flag, check_positive_int, is_finite, parse_counts
+from flexikern.ops._checks import check_finite, check_flag, check_positive_int, is_finite, is_int, parse_counts
 
 __all__ = ["linear_betas", "space_timesteps", "GaussianDiffusion", "DDPMSampler", "DDIMSampler",
            "FlowEulerSampler", "make_sampler", "SAMPLERS"]
@@ -102,10 +102,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
         counts = parse_counts(section_counts, ",")
         if counts is None:
             raise ValueError(f"section_counts={section_counts!r}: expected {expected}")
-    elif isinstance(section_counts, int) and not isinstance(section_counts, bool):
+    elif is_int(section_counts):
         counts = [section_counts]
     elif (isinstance(section_counts, Sequence) and section_counts
-          and all(isinstance(c, int) and not isinstance(c, bool) for c in section_counts)):
+          and all(is_int(c) for c in section_counts)):
         counts = list(section_counts)
     else:
         raise ValueError(f"section_counts={section_counts!r}: expected {expected}")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from flexikern.diffusion._checks import check_finite, is_finite
+from flexikern.ops._checks import check_finite, check_positive_int, is_finite
 from flexikern.diffusion.protocol import FlexibleDenoiser
 from flexikern.diffusion.schedule import Phase
 from flexikern.ops.patch_size import PatchSize
@@ -64,10 +64,8 @@ class Guidance:
                 raise ValueError(f"interval={self.interval!r}: expected (lo, hi) with 0 <= lo <= hi, finite, in "
                                  f"model timestep units, e.g. (0, 700) for DiT (timesteps are below 1000)")
             object.__setattr__(self, "interval", (float(self.interval[0]), float(self.interval[1])))
-        if self.first_channels is not None and (not isinstance(self.first_channels, int)
-                                                or isinstance(self.first_channels, bool) or self.first_channels < 1):
-            raise ValueError(f"first_channels={self.first_channels!r}: expected a positive int or None "
-                             f"(DiT's behaviour: 3)")
+        if self.first_channels is not None:
+            check_positive_int(self.first_channels, "first_channels", "a positive int or None (DiT's behaviour: 3)")
         if self.mode == "none" and (self.interval is not None or self.first_channels is not None):
             raise ValueError(f"mode='none' with interval={self.interval!r}, first_channels={self.first_channels!r}: "
                              f"these shape guidance, which mode 'none' does not run; pick mode 'cfg' or 'flexi'")

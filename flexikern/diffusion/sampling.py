@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flexikern.diffusion._checks import SEED_LIMIT, check_flag, check_seed
+from flexikern.ops._checks import check_flag, check_seed, max_seed
 from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
 from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser, eval_mode
@@ -59,7 +59,7 @@ def sample_seeds(seed: int | Sequence[int], n: int) -> list[int]:
                          f"seeds, one per sample")
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable) or getattr(seed, "ndim", None) == 0:
         first = check_seed(seed, "seed")
-        if first + n > SEED_LIMIT:
+        if first > max_seed(n):
             raise ValueError(f"seed={seed!r}: sample i uses seed + i, which must stay below 2**63 for {n} "
                              f"samples; pass a smaller seed")
         return [first + i for i in range(n)]

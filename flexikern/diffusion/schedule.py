@@ -14,12 +14,11 @@ guidance, or with a guidance interval) would cost more than that budget.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from flexikern.diffusion._checks import check_flag, check_positive_int, is_finite, parse_counts
+from flexikern.ops._checks import check_flag, check_positive_int, is_finite, is_int, parse_counts
 from flexikern.diffusion.calibrate import gap_profile, weak_size
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 
@@ -38,11 +37,9 @@ def _check_steps(steps: Any) -> int:
 
 def _check_budget(budget: Any) -> float:
     """`budget` as a float in (0, 1]: a fraction of the static schedule's FLOPs."""
-    if (isinstance(budget, numbers.Real) and not isinstance(budget, bool)
-            and 0 < budget <= 1):   # NaN fails the comparison
+    if is_finite(budget) and 0 < budget <= 1:
         return float(budget)
-    hint = (f"; {budget} looks like a percentage: pass {budget / 100:g}"
-            if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and 1 < budget <= 100 else "")
+    hint = f"; {budget} looks like a percentage: pass {budget / 100:g}" if is_finite(budget) and 1 < budget <= 100 else ""
     raise ValueError(f"budget={budget!r}: expected a fraction in (0, 1] of the static schedule's FLOPs, "
                      f"e.g. 0.6{hint}")
 
@@ -68,7 +65,7 @@ def _check_sizes(sizes: Any, name: str) -> tuple:
 
 
 def _check_count(value: Any, name: str, steps: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= steps:
+    if not is_int(value) or not 0 <= value <= steps:
         raise ValueError(f"{name}={value!r}: expected an int in [0, {steps}] (the schedule has {steps} steps)")
     return value
 

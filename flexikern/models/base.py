@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import numbers
 import operator
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -32,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flexikern.flexi.layers import LoRALinear, SizeLayerNorm
 from flexikern.ops._cache import building
+from flexikern.ops._checks import check_positive_int, is_finite, is_int
 from flexikern.ops.patch_size import PatchSize
 from flexikern.flexi.packing import Packing
 
@@ -113,7 +113,7 @@ def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
         ValueError: naming `y`, the offending values, what was expected and the fix.
     """
     if n is not None:
-        n = _positive_int(n, "n")
+        n = check_positive_int(n, "n")
     if not isinstance(y, torch.Tensor):
         y = _host_labels(y)
     if y.is_meta:
@@ -149,13 +149,6 @@ def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
     return y
 
 
-def _positive_int(value: Any, name: str) -> int:
-    """`value` as an int (numpy ints too); bools, floats, strings and values < 1 are refused."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return int(value)
-
-
 def _is_integer(dtype: torch.dtype) -> bool:
     """Whether `dtype` is an integer dtype, signed or unsigned (bool is not)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
@@ -170,7 +163,7 @@ def _host_labels(y) -> torch.Tensor:
                              f"{'array' if y.ndim else 'scalar'} {np.ravel(y)[:8].tolist()}; pass ints")
         return torch.from_numpy(np.asarray(y, dtype=np.int64).copy())
     items = y if isinstance(y, (list, tuple)) else [y]
-    bad = [v for v in items if isinstance(v, (bool, np.bool_)) or not _is_int(v)]
+    bad = [v for v in items if isinstance(v, (bool, np.bool_)) or not _is_index(v)]
     if bad:
         shown = ", ".join(f"{v!r:.40} ({type(v).__name__})" for v in bad[:8])
         raise ValueError(f"y: class labels must be ints (an int, a list of ints, an integer tensor or "
@@ -179,7 +172,7 @@ def _host_labels(y) -> torch.Tensor:
     return labels if isinstance(y, (list, tuple)) else labels[0]
 
 
-def _is_int(v) -> bool:
+def _is_index(v) -> bool:
     """Whether `v` is an integer (a Python or numpy int, a 0-dim integer tensor); bools pass, so
     callers refuse them first."""
     try:
@@ -229,15 +222,14 @@ class FlexibleModel(nn.Module):
         for name in ("input_size", "num_frames", "in_channels", "hidden_size", "depth", "num_heads",
                      "num_classes", "text_len", "caption_channels", "cross_attention_dim"):
             value = config.get(name)
-            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-                                      or value < (0 if name == "num_classes" else 1)):
+            if value is not None and (not is_int(value) or value < (0 if name == "num_classes" else 1)):
                 raise ValueError(f"{name}={value!r}: expected " + ("an int >= 0" if name == "num_classes"
                                                                    else "a positive int"))
         dropout = config.get("class_dropout_prob", 0.0)
-        if not (isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        if not (is_finite(dropout) and 0 <= dropout < 1):
             raise ValueError(f"class_dropout_prob={dropout!r}: expected a probability in [0, 1) (DiT: 0.1; 0 = no "
                              f"null class, so no classifier-free guidance)")
-        if not (isinstance(config.get("mlp_ratio", 1.0), numbers.Real) and config.get("mlp_ratio", 1.0) > 0):
+        if not (is_finite(config.get("mlp_ratio", 1.0)) and config.get("mlp_ratio", 1.0) > 0):
             raise ValueError(f"mlp_ratio={config['mlp_ratio']!r}: expected a positive number, e.g. 4.0")
         if hidden_size % 4:
             raise ValueError(f"hidden_size={hidden_size}: expected a multiple of 4 (the 2-D sin-cos positional "
@@ -330,8 +322,7 @@ class FlexibleModel(nn.Module):
             raise ValueError(f"patch_sizes={sizes} must include the original patch size {original}")
         if adapter not in self.adapters:
             raise ValueError(f"adapter={adapter!r}: {type(self).__name__} supports {self.adapters}")
-        if not isinstance(lora_rank, numbers.Integral) or isinstance(lora_rank, bool) or lora_rank < 1:
-            raise ValueError(f"lora_rank={lora_rank!r}: expected a positive int")
+        lora_rank = check_positive_int(lora_rank, "lora_rank")
         latent = self.latent_shape[1:]
         for p in sizes:
             if any(s % q for s, q in zip(latent, p)):
@@ -339,7 +330,7 @@ class FlexibleModel(nn.Module):
         self.patch_sizes = tuple(sorted(sizes))
         if len(sizes) == 1:
             return self
-        self.adapter, self.lora_rank = adapter, (int(lora_rank) if adapter == "lora" else None)
+        self.adapter, self.lora_rank = adapter, (lora_rank if adapter == "lora" else None)
         embedders = [self.x_embedder, self.final_layer.linear]
         for layer in embedders:
             layer.flexify(original, list(sizes), adapter == "shared")
@@ -386,7 +377,7 @@ class FlexibleModel(nn.Module):
         """A latent's spatial size, (H, W) (videos: (F, H, W)), as ints: positive multiples of `patch`."""
         axes = "(H, W)" if patch.ndim == 2 else "(F, H, W)"
         if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == patch.ndim
-                and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)):
+                and all(is_int(s) and s > 0 for s in size)):
             raise ValueError(f"{name}={size!r}: expected the latent's spatial size {axes}, positive ints")
         size = tuple(int(s) for s in size)
         if any(s % p for s, p in zip(size, patch)):
@@ -398,10 +389,10 @@ class FlexibleModel(nn.Module):
         """`flops`' (patch size, batch, latent size), checked: `batch` a positive int; `input_size`
         an int or (H, W) and (videos) `num_frames`, default the model's, multiples of the patch size."""
         patch = self._patch(patch_size)
-        batch = _positive_int(batch, "batch")
+        batch = check_positive_int(batch, "batch")
         hw = PatchSize.parse(self.input_size if input_size is None else input_size, 2, "input_size")
         if patch.ndim == 3:
-            frames = _positive_int(self.num_frames if num_frames is None else num_frames, "num_frames")
+            frames = check_positive_int(self.num_frames if num_frames is None else num_frames, "num_frames")
             return patch, batch, self._check_size((frames, *hw), patch, "(num_frames, *input_size)")
         return patch, batch, self._check_size(tuple(hw), patch, "input_size")
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from flexikern.files import atomic_write
+from flexikern.ops._checks import check_positive_int
 
 __all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "save_pretrained",
            "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers"]
@@ -192,8 +193,8 @@ def from_dit(cls, path_or_state_dict, patch_sizes=None, adapter="lora", lora_ran
     Errors name the file: see `load_checkpoint`; a folder is refused, naming the loader for it.
     """
     for name, value in (("num_heads", num_heads), ("num_classes", num_classes), ("input_size", input_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name}={value!r}: expected a positive int, or None to read it from the checkpoint")
+        if value is not None:
+            check_positive_int(value, name, "a positive int, or None to read it from the checkpoint")
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = str(path_or_state_dict)
         raw = load_checkpoint(path_or_state_dict)

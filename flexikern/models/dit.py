@@ -19,6 +19,7 @@ from flexikern.flexi.layers import FlexiDeEmbed, FlexiPatchEmbed, SizeLayerNorm
 from flexikern.flexi.pos_embed import sincos_2d, sincos_2d_scaled
 from flexikern.models.base import FlexibleModel, check_labels, check_timesteps, condition_values_trusted
 from flexikern.models.layers import Attention, Mlp, TimestepEmbedder, modulate, per_token
+from flexikern.ops._checks import check_positive_int
 from flexikern.ops.patch_size import PatchSize
 from flexikern.flexi.packing import Packing
 
@@ -131,9 +132,9 @@ class FlexiDiT(FlexibleModel):
                  lora_rank: int = 32, timestep_freq_shift: int = 0, norm2_eps: float = 1e-6,
                  pos_base_size: int | None = None, block_embedders: bool = False) -> None:
         super().__init__()
-        if pos_base_size is not None and (type(pos_base_size) is not int or pos_base_size < 1):
-            raise ValueError(f"pos_base_size={pos_base_size!r}: expected a positive int (diffusers' positions, "
-                             f"scaled to that many original patches) or None (DiT's table)")
+        if pos_base_size is not None:
+            pos_base_size = check_positive_int(pos_base_size, "pos_base_size", "a positive int (diffusers' "
+                                               "positions, scaled to that many original patches) or None (DiT's table)")
         patch = self._setup(dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden_size,
                                  depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                  class_dropout_prob=class_dropout_prob, num_classes=num_classes,

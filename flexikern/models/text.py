@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexikern.flexi.layers import FlexiPatchEmbed
-from flexikern.models.base import FlexibleModel, _positive_int
+from flexikern.models.base import FlexibleModel
 from flexikern.models.layers import MASK_BIAS, PixArtBlock, TimestepEmbedder
+from flexikern.ops._checks import check_positive_int
 
 __all__ = ["TextCondition", "as_text_condition", "CaptionEmbedder", "TextConditioned", "text_model_flops"]
 
@@ -218,7 +219,7 @@ class TextConditioned(FlexibleModel):
 
     def _text_len(self, text_len) -> int:
         """`flops`' text length: a positive int, default the model's `text_len`."""
-        return self.text_len if text_len is None else _positive_int(text_len, "text_len")
+        return self.text_len if text_len is None else check_positive_int(text_len, "text_len")
 
     def _conditioning(self, t: torch.Tensor, cond: TextCondition):
         """(timestep embedding (N, D), adaLN-single output (N, 6D), text tokens (N, L, D), mask bias)."""

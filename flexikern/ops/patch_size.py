@@ -10,8 +10,9 @@ per-size weights in checkpoints: written, never parsed back.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Union
+
+from flexikern.ops._checks import is_int
 
 __all__ = ["PatchSize", "PatchSizeLike"]
 
@@ -42,12 +43,12 @@ class PatchSize(tuple):
                 sizes = tuple(int(p) for p in value.lower().replace(" ", "").split("x"))
             except ValueError:
                 sizes = None
-        if _is_int(sizes):
+        if is_int(sizes):
             sizes = (sizes, sizes) if ndim != 3 else None
         elif isinstance(sizes, tuple) and isinstance(value, str) and len(sizes) == 1 and ndim != 3:
             sizes = sizes * 2
         ok = (isinstance(sizes, (tuple, list)) and len(sizes) in ((2, 3) if ndim is None else (ndim,))
-              and all(_is_int(s) and s > 0 for s in sizes))
+              and all(is_int(s) and s > 0 for s in sizes))
         if not ok:
             expected = {2: "an int or (ph, pw)", 3: "(pt, ph, pw)",
                         None: "an int, (ph, pw) or (pt, ph, pw)"}[ndim]
@@ -81,8 +82,3 @@ class PatchSize(tuple):
 
 
 PatchSizeLike = Union[int, tuple, list, str, PatchSize]
-
-
-def _is_int(value: Any) -> bool:
-    """A Python or numpy integer (numbers.Integral), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

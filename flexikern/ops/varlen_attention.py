@@ -47,15 +47,13 @@ confirms or reorders it.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from flexikern.ops._cache import tensor_cache
-from flexikern.ops._checks import check_tensor
+from flexikern.ops._checks import check_positive_int, check_tensor, is_finite, is_int
 from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens",
@@ -94,7 +92,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
         if len(cu_seqlens_host) != cu_seqlens.numel():
             raise ValueError(f"cu_seqlens_host: {len(cu_seqlens_host)} entries, but cu_seqlens has "
                              f"{cu_seqlens.numel()}; it must hold the same boundaries")
-        wrong = [b for b in cu_seqlens_host if not isinstance(b, numbers.Integral) or isinstance(b, bool)]
+        wrong = [b for b in cu_seqlens_host if not is_int(b)]
         if wrong:
             raise TypeError(f"cu_seqlens_host: expected a tuple of ints, got the entry {wrong[0]!r} "
                             f"({type(wrong[0]).__name__})")
@@ -150,11 +148,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if t.shape != q.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} differs from q's {tuple(q.shape)} "
                              "(total, heads, head_dim must match)")
-    if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) or max_seqlen < 1:
-        raise ValueError(f"max_seqlen={max_seqlen!r}: expected a positive int (e.g. seqlens.max().item())")
-    max_seqlen = int(max_seqlen)   # numpy ints too
+    max_seqlen = check_positive_int(max_seqlen, "max_seqlen", "a positive int (e.g. seqlens.max().item())")
     if scale is not None:
-        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        if not is_finite(scale) or scale <= 0:
             raise ValueError(f"scale={scale!r}: expected a positive finite float (the softmax scale), or None "
                              f"for 1/sqrt(head_dim)")
         scale = float(scale)

@@ -66,6 +66,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from flexikern.ops._checks import is_int
 from flexikern.ops.patch_size import PatchSize
 
 # The sampler's objects, by the names of their classes in `flexikern.diffusion` (which imports
@@ -354,7 +355,7 @@ class GraphRunner:
     def __init__(self, max_graphs: int = 8, min_phase_steps: int = 2, warmup: int = 2):
         for name, value, low in (("max_graphs", max_graphs, 0), ("min_phase_steps", min_phase_steps, 1),
                                  ("warmup", warmup, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{name}={value!r}: expected an int >= {low}")
         self.max_graphs, self.min_phase_steps, self.warmup = max_graphs, min_phase_steps, warmup
         self._graphs: OrderedDict[GraphKey, _PhaseGraph] = OrderedDict()

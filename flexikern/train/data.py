@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from flexikern.files import atomic_write
+from flexikern.ops._checks import is_int, max_seed
 
 __all__ = ["TensorData", "BatchOrder", "image_folder", "teacher_samples", "shapes_data"]
 
@@ -148,9 +149,9 @@ def teacher_samples(model: Any, n: int, steps: int = 50, cache: str | os.PathLik
     """
     from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
 
-    if not (isinstance(seed, int) and 0 <= seed and seed * TEACHER_SEED_STRIDE + n <= 2 ** 63):
+    if not (is_int(seed) and 0 <= seed <= max_seed(n, TEACHER_SEED_STRIDE)):
         raise ValueError(f"seed={seed!r}: sample i is seeded seed * {TEACHER_SEED_STRIDE} + i, below 2**63; "
-                         f"with n={n} pass a seed in [0, {(2 ** 63 - n) // TEACHER_SEED_STRIDE}]")
+                         f"with n={n} pass a seed in [0, {max_seed(n, TEACHER_SEED_STRIDE)}]")
     key = _teacher_key(model, n=n, steps=steps, seed=seed, guidance_scale=guidance_scale, sampler=sampler,
                        clip_denoised=clip_denoised)
     if cache is not None and Path(cache).exists():

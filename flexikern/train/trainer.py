@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import socket
@@ -52,6 +51,7 @@ import torch.distributed as dist
 from flexikern.diffusion import GaussianDiffusion
 from flexikern.files import atomic_write
 from flexikern.models.convert import load_checkpoint as read_checkpoint
+from flexikern.ops._checks import check_positive_int, check_seed, is_finite, is_int
 from flexikern.train.data import BatchOrder, TensorData
 from flexikern.train.losses import diffusion_loss, distillation_loss
 
@@ -92,29 +92,22 @@ class TrainConfig:
             raise ValueError(f"recipe={self.recipe!r}: expected one of {RECIPES}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive int")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            check_positive_int(value, name)
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ValueError(f"max_steps={self.max_steps!r}: expected None or a positive int")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r}: expected an int >= 0")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed={self.seed!r}: expected an int in [0, 2**63)")
+        check_seed(self.seed)
         for name, ok, expected in (("lr", lambda v: v > 0, "a positive finite number"),
                                    ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
                                    ("grad_clip", lambda v: True, "a finite number (<= 0 turns clipping off)")):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and ok(value)):
+            if not (is_finite(value) and ok(value)):
                 raise ValueError(f"{name}={value!r}: expected {expected}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"class_dropout={self.class_dropout!r}: expected a probability in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay!r}: expected a value in [0, 1)")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class EMA:
