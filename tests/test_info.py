@@ -30,7 +30,8 @@ def test_forced_backend_errors_name_the_choices(monkeypatch):
 
 def test_priority_lists_are_explicit_and_dispatch_imports_no_op():
     # Each op's backends, in the order written in its module's priority list (not import order),
-    # and flexikern.ops._dispatch imports nothing of flexikern (no op module: no cycle).
+    # and flexikern.ops._dispatch imports nothing of flexikern but the leaf `_cache` (no op
+    # module: no cycle).
     import ast
     from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_priority_lists_are_explicit_and_dispatch_imports_no_op():
     modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                for alias in node.names}
     modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not [m for m in modules if m.startswith("flexikern")], modules
+    assert not [m for m in modules if m.startswith("flexikern") and m != "flexikern.ops._cache"], modules
 
 
 def test_info_refuses_unknown_arguments(capsys):

@@ -59,7 +59,7 @@ class LoRALinear(nn.Linear):
         if isinstance(patch, PatchSize):
             if patch.name in self.lora_A:
                 out = out + self._delta(x, patch.name)
-        elif patch is not None and any(p.name in self.lora_A for p, _, _ in patch):
+        elif patch is not None and any([p.name in self.lora_A for p, _, _ in patch]):
             # Packed ranges cover all tokens; out-of-place so autograd can differentiate it.
             out = torch.cat([out[start:end] + self._delta(x[start:end], p.name) if p.name in self.lora_A
                              else out[start:end] for p, start, end in patch])
@@ -90,7 +90,7 @@ class SizeLayerNorm(nn.Module):
                                     self.eps)
             return F.layer_norm(x, (self.hidden_size,), None, None, self.eps)
         out = F.layer_norm(x, (self.hidden_size,), None, None, self.eps)
-        if patch is None or not any(p.name in self.weight for p, _, _ in patch):
+        if patch is None or not any([p.name in self.weight for p, _, _ in patch]):
             return out
         return torch.cat([out[start:end] * self.weight[p.name] + self.bias[p.name] if p.name in self.weight
                           else out[start:end] for p, start, end in patch])

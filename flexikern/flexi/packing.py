@@ -62,7 +62,8 @@ class Packing:
                 groups.append((patch, start, end))
         seqlens = [n // c for n, c in zip(lengths, counts) for _ in range(c)]
         bounds = tuple(itertools.accumulate(seqlens, initial=0))
-        segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths),
+                                              output_size=starts[-1])   # a size torch.compile knows
         return cls(segment_ids=segment_ids.to(device),
                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
                    max_seqlen=max(seqlens), groups=groups, cu_seqlens_host=bounds,

@@ -35,8 +35,8 @@ from flexikern.ops._checks import check_positive_int, is_finite, is_int
 from flexikern.ops.patch_size import PatchSize
 from flexikern.flexi.packing import Packing
 
-__all__ = ["FlexibleModel", "check_labels", "check_timesteps", "conditions_checked", "condition_values_trusted",
-           "group_samples"]
+__all__ = ["FlexibleModel", "assert_on_device", "check_labels", "check_timesteps", "conditions_checked",
+           "condition_values_trusted", "group_samples"]
 
 _CONDITIONS_CHECKED = contextvars.ContextVar("flexikern_conditions_checked", default=False)
 _PACKINGS_LOCK = threading.Lock()   # models' packing caches, shared by threads that run one model
@@ -87,12 +87,23 @@ def check_timesteps(t, n: int, device) -> torch.Tensor:
         t = t.expand(n)
     if t.shape != (n,):
         raise ValueError(f"t: expected shape ({n},) to match x's batch (or a scalar), got {tuple(t.shape)}")
-    if not condition_values_trusted(t.device):
+    hint = "diffusion timesteps run from 0 (clean) to the last training step (e.g. 999)"
+    if torch.compiler.is_compiling():
+        assert_on_device(torch.isfinite(t) & (t >= 0), f"t: timesteps must be finite and >= 0; {hint}")
+    elif not condition_values_trusted(t.device):
         valid = torch.isfinite(t) & (t >= 0)
         if not bool(valid.all()):   # one host read
-            raise ValueError(f"t: timesteps must be finite and >= 0, got {t[~valid][:8].tolist()}; diffusion "
-                             f"timesteps run from 0 (clean) to the last training step (e.g. 999)")
+            raise ValueError(f"t: timesteps must be finite and >= 0, got {t[~valid][:8].tolist()}; {hint}")
     return t if t.device == device else t.to(device)   # already there (a sampling step): no call
+
+
+def assert_on_device(valid: torch.Tensor, message: str) -> None:
+    """Inside torch.compile: fail with `message` unless every value of the bool tensor `valid` is
+    True, without reading it on the host (that would break the graph and sync the device).
+    `torch._assert_async`: on CPU the compiled call raises RuntimeError(message); on CUDA it is a
+    device-side assertion, as an out-of-range embedding index would be. Eager forwards read the
+    values on the host instead and raise ValueError with the values themselves."""
+    torch._assert_async(valid.all(), message)
 
 
 def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
@@ -108,7 +119,8 @@ def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
         num_classes, null_class: valid labels are 0..num_classes-1, and `num_classes` (the null
             class of classifier-free guidance) when `null_class`.
         n: the batch size the labels must match, or None.
-        check_values: read the values (a device sync on CUDA) and check their range.
+        check_values: check the values' range: read on the host (a device sync on CUDA), or,
+            inside torch.compile, by a device-side assertion (`assert_on_device`).
     Raises:
         ValueError: naming `y`, the offending values, what was expected and the fix.
     """
@@ -133,7 +145,10 @@ def check_labels(y, num_classes: int, null_class: bool, n: int | None = None,
         raise ValueError("y: expected at least one class label, got none")
     y = y.long()   # a no-op for long labels; nn.Embedding takes int32 and int64 only
     top = num_classes if null_class else num_classes - 1
-    if check_values and not bool(((y >= 0) & (y <= top)).all()):   # one host read
+    if check_values and torch.compiler.is_compiling():
+        assert_on_device((y >= 0) & (y <= top), f"y: class labels out of range; expected 0..{top}"
+                         + (f" ({num_classes} = the null class)" if null_class else ""))
+    elif check_values and not bool(((y >= 0) & (y <= top)).all()):   # one host read
         bad = sorted(set(y[(y < 0) | (y > top)].tolist()))
         message = f"y: labels {bad[:8]}{' ...' if len(bad) > 8 else ''} out of range; expected 0..{num_classes - 1}"
         if null_class:
@@ -185,7 +200,7 @@ def _is_index(v) -> bool:
 def group_samples(samples: list[tuple]) -> tuple[list[tuple], list[int]]:
     """(runs, packed order) of samples' (patch size, resolution): the order sorts equal samples
     together; a run is (patch size, resolution, [input indices]), embedded in one batched call."""
-    order = sorted(range(len(samples)), key=lambda i: samples[i])
+    order = [i for _, i in sorted([(tuple(map(tuple, sample)), i) for i, sample in enumerate(samples)])]
     runs: list[tuple] = []
     for i in order:
         if runs and runs[-1][:2] == samples[i]:
@@ -379,8 +394,8 @@ class FlexibleModel(nn.Module):
         if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == patch.ndim
                 and all(is_int(s) and s > 0 for s in size)):
             raise ValueError(f"{name}={size!r}: expected the latent's spatial size {axes}, positive ints")
-        size = tuple(int(s) for s in size)
-        if any(s % p for s, p in zip(size, patch)):
+        size = tuple([operator.index(s) for s in size])   # static under torch.compile (`is_int`)
+        if any([s % p for s, p in zip(size, patch)]):
             raise ValueError(f"{name}={size}: not a multiple of patch_size {tuple(patch)}; pass a size the "
                              f"patch divides")
         return size
@@ -497,7 +512,10 @@ class FlexibleModel(nn.Module):
         """`build()`'s packed layout for a batch signature, cached (the 16 latest): after the first
         call nothing is copied between host and device (so a step neither syncs nor breaks a
         CUDA graph capture). Built outside inference mode (`flexikern.ops._cache.building`), so a
-        layout first built while sampling serves training too."""
+        layout first built while sampling serves training too. Under torch.compile the layout is
+        built in the graph instead (from host constants: the compiler folds it)."""
+        if torch.compiler.is_compiling():
+            return build()
         with _PACKINGS_LOCK:   # two threads running one model evict from one cache
             cache = self.__dict__.setdefault("_packings", {})
             hit = cache.get(signature)

@@ -194,6 +194,8 @@ class FlexiDiT(FlexibleModel):
         once per device label tensor, and not at all where their values are trusted
         (`base.conditions_checked`, e.g. in `fk.sample`)."""
         t = check_timesteps(t, n, device)
+        if torch.compiler.is_compiling():   # values asserted on the device; nothing remembered
+            return t, check_labels(y, self.num_classes, self.has_null_class, n).to(device)
         tensor = isinstance(y, torch.Tensor)
         # Reading the values is a device sync on CUDA: done once per device label tensor. Host
         # labels are read every call (no sync), so a write through `.data`, which bumps no

@@ -50,15 +50,15 @@ def check_size(name: str, size) -> tuple[int, ...]:
           and all(is_int(s) and s > 0 for s in size))
     if not ok:
         raise ValueError(f"{name}={size!r}: expected (H, W) or (F, H, W) of positive ints")
-    return tuple(int(s) for s in size)
+    return tuple([operator.index(s) for s in size])   # static under torch.compile (`is_int`)
 
 
 def check_divides(name: str, sizes: Sequence[int], patch: Sequence[int]) -> None:
     """Spatial `sizes` must be positive multiples of `patch`."""
-    if any(s <= 0 for s in sizes):
+    if any([s <= 0 for s in sizes]):
         raise ValueError(f"{name}: spatial size {tuple(sizes)} has an empty axis; expected positive "
                          f"multiples of the patch size {tuple(patch)}")
-    if any(s % p for s, p in zip(sizes, patch)):
+    if any([s % p for s, p in zip(sizes, patch)]):
         raise ValueError(f"{name}: spatial size {tuple(sizes)} is not divisible by patch size "
                          f"{tuple(patch)}; crop or pad the input to a multiple of the patch size")
 
@@ -74,15 +74,19 @@ def check_flag(value: Any, name: str) -> bool:
 
 
 def is_int(value: Any) -> bool:
-    """A Python or numpy integer (numbers.Integral), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """A Python or numpy integer (numbers.Integral), not a bool; or, inside torch.compile, a
+    symbolic int (`torch.SymInt`: an int the graph is not specialised on, such as a dynamic batch
+    size, or a patch size after the compiler saw two values). `int(value)` specialises the graph
+    on a symbolic int's value."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def check_positive_int(value: Any, name: str, expected: str = "a positive int") -> int:
-    """`value` as an int >= 1 (numpy ints too); raises ValueError for anything else."""
+    """`value` as an int >= 1 (numpy ints too; a symbolic int stays symbolic); raises ValueError
+    for anything else."""
     if not is_int(value) or value < 1:
         raise ValueError(f"{name}={value!r}: expected {expected}")
-    return int(value)
+    return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def parse_counts(text: str, sep: str) -> list[int] | None:

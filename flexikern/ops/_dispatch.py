@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from flexikern.ops._cache import constant_while_tracing
+
 __all__ = ["Backend", "PRIORITY", "declare", "backends", "select", "dispatch", "use_backend",
            "forced_backend", "triton_interpreting"]
 
@@ -29,6 +31,17 @@ __all__ = ["Backend", "PRIORITY", "declare", "backends", "select", "dispatch", "
 def triton_interpreting() -> bool:
     """True when Triton kernels run in the interpreter (`TRITON_INTERPRET=1`), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@constant_while_tracing   # torch.compile runs it while tracing (imports are not traced)
+def import_failure(modules: tuple[str, ...]) -> str | None:
+    """Why importing one of `modules` fails, or None when they all import."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # an ImportError, or a broken install raising anything else
+            return f"`import {module}` failed ({type(e).__name__}: {e})"
+    return None
 
 
 class Backend:
@@ -49,12 +62,7 @@ class Backend:
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all here (a missing package or build), or None."""
-        for module in self.requires:
-            try:
-                importlib.import_module(module)
-            except Exception as e:  # an ImportError, or a broken install raising anything else
-                return f"`import {module}` failed ({type(e).__name__}: {e})"
-        return None
+        return import_failure(self.requires)
 
     def not_supported_reasons(self, **inputs: Any) -> list[str]:
         """Why this backend cannot run these inputs; empty when it can."""

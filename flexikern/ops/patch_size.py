@@ -10,6 +10,7 @@ per-size weights in checkpoints: written, never parsed back.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Union
 
 from flexikern.ops._checks import is_int
@@ -53,7 +54,9 @@ class PatchSize(tuple):
             expected = {2: "an int or (ph, pw)", 3: "(pt, ph, pw)",
                         None: "an int, (ph, pw) or (pt, ph, pw)"}[ndim]
             raise ValueError(f"{name}={value!r}: expected {expected} of positive ints")
-        return tuple.__new__(cls, (int(s) for s in sizes))
+        # operator.index: an int (numpy's too) as an int; inside torch.compile it also specialises
+        # a symbolic int, so every patch size compiles its own static graph.
+        return tuple.__new__(cls, [operator.index(s) for s in sizes])
 
     @property
     def ndim(self) -> int:
@@ -73,7 +76,7 @@ class PatchSize(tuple):
 
     def tokens(self, size: tuple[int, ...]) -> int:
         """The number of patches in a latent of spatial (or (F, H, W)) `size`."""
-        return math.prod(s // p for s, p in zip(size, tuple(self)))
+        return math.prod([s // p for s, p in zip(size, tuple(self))])
 
     @property
     def name(self) -> str:

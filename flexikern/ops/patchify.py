@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import torch
 
+from flexikern.ops._cache import constant_while_tracing
 from flexikern.ops._checks import FLOAT_DTYPES, check_divides, check_size, check_tensor
 from flexikern.ops._dispatch import Backend, dispatch
 from flexikern.ops.patch_size import PatchSize, PatchSizeLike
@@ -57,6 +58,12 @@ def unpatchify_reference(tokens: torch.Tensor, patch_size: tuple[int, ...],
 # ---- backends and their priority: the extension first, then torch ---------------------------
 
 
+@constant_while_tracing   # torch.compile loads the library while tracing
+def _extension_unavailable() -> str | None:
+    from flexikern import _ext
+    return _ext.unavailable_reason()
+
+
 class _ExtensionBackend(Backend):
     """flexikern._C: CPU (C++/OpenMP) and, when built with CUDA, CUDA kernels; patch <= 8."""
 
@@ -64,8 +71,7 @@ class _ExtensionBackend(Backend):
     dtypes = DTYPES
 
     def unavailable_reason(self) -> str | None:
-        from flexikern import _ext
-        return _ext.unavailable_reason()
+        return _extension_unavailable()
 
     def _reasons(self, tensor: torch.Tensor, patch: tuple[int, ...]) -> list[str]:
         reasons = super().not_supported_reasons(tensor=tensor)

@@ -60,7 +60,7 @@ def _size(value: PatchSizeLike, name: str) -> tuple[int, int]:
     return tuple(PatchSize.parse(value, ndim=2, name=name))
 
 
-@tensor_cache(maxsize=256)
+@tensor_cache(maxsize=256, small=True)
 def _resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: torch.device,
                           dtype: torch.dtype) -> torch.Tensor:
     h, w = old
@@ -69,7 +69,7 @@ def _resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: to
     return resized.reshape(h * w, -1).T.contiguous().to(device=device, dtype=dtype)  # (h'w', hw)
 
 
-@tensor_cache(maxsize=256)
+@tensor_cache(maxsize=256, small=True)
 def _pi_resize_matrix_cached(old: tuple[int, int], new: tuple[int, int], device: torch.device,
                              dtype: torch.dtype) -> torch.Tensor:
     R = _resize_matrix_cached(old, new, torch.device("cpu"), torch.float64)
