@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh        # results in benchmarks/results/<device-name>/
 #
 # Stages, each under `timeout` against one deadline (FLEXIKERN_GPU_CHECK_BUDGET seconds, default
-# 360 on a GPU; each stage's limit also keeps the minimum of the stages after it):
+# 480 on a GPU; each stage's limit also keeps the minimum of the stages after it):
 #   preflight  (<15 s) python, torch, triton, CUDA, the GPU; CUDA_HOME found from nvcc (which may
 #              be a wrapper script); which optional packages are present. Fails fast when a
 #              required one (pytest, pytest-benchmark) is missing.
@@ -14,15 +14,21 @@
 #   gpu tests  pytest -m gpu: the tests marked as needing a GPU (Triton kernels compiled for the
 #              card, the extension's CUDA kernels, CUDA graphs, sync-free steps), in parallel
 #              when pytest-xdist is there; nothing CI already did (CPU tests, compile-only checks)
-#   e2e bench  benchmarks/test_bench_e2e.py (DiT-XL/2 shapes): rows appended to e2e.jsonl as
-#              each benchmark finishes (FLEXIKERN_BENCH_ROWS), so a timeout loses one row at most
+#   e2e bench  benchmarks/test_bench_e2e.py (DiT-XL/2 shapes) but its torch.compile rows: rows
+#              appended to e2e.jsonl as each benchmark finishes (FLEXIKERN_BENCH_ROWS), so a
+#              timeout loses one row at most
 #   op benches the other suites, rows to ops.jsonl the same way
+#   compile bench  the e2e compiled rows (-k compile: the plain DiT, then FlexiDiT, under
+#              torch.compile mode max-autotune-no-cudagraphs), to e2e.jsonl; last because each
+#              compiles for a minute or more, so a timeout here costs only these rows. Its
+#              minimum (120 s) came with the budget's rise from 360 s: no other stage lost time.
 #   render     results.md + e2e.png from the rows; the short table is printed last
 # Everything lands in benchmarks/results/<device-name>/: gpu_check.log (this output), build.log,
 # gpu_tests.log, e2e.jsonl, ops.jsonl, results.md, e2e.png. Commit that folder.
 #
 # Knobs: PYTHON (default python3), FLEXIKERN_GPU_CHECK_BUDGET, FLEXIKERN_BENCH_STEPS (timed steps
-# per e2e run, default 10 on a GPU; see benchmarks/README.md).
+# per e2e run, default 10 on a GPU; see benchmarks/README.md), FLEXIKERN_BENCH_COMPILE_MODE (the
+# compile rows' torch.compile mode, default max-autotune-no-cudagraphs; "default" compiles faster).
 # CPU rehearsal (CI runs it): FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 runs the same stages shrunk on a
 # machine without CUDA: Triton in its interpreter, the GPU tests collected (with diffusers,
 # flash-attn and xformers hidden, as on the GPU machine) and skipped, the benchmarks at CPU sizes,
@@ -39,11 +45,11 @@ export PYTHONUNBUFFERED=1
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   GPU=1
   SCALE=100                              # stage limits in % of the GPU ones
-  BUDGET=${FLEXIKERN_GPU_CHECK_BUDGET:-360}
+  BUDGET=${FLEXIKERN_GPU_CHECK_BUDGET:-480}
   unset TRITON_INTERPRET                 # compiled kernels, never the interpreter
 elif [[ ${FLEXIKERN_GPU_CHECK_ALLOW_CPU:-0} == 1 ]]; then
   GPU=0
-  SCALE=150
+  SCALE=112                              # 540 / 480: the GPU stages' limits, scaled to this budget
   BUDGET=${FLEXIKERN_GPU_CHECK_BUDGET:-540}
   export TRITON_INTERPRET=1              # on CPU tensors Triton runs only in its interpreter
   export FLEXIKERN_HIDE_MODULES=${FLEXIKERN_HIDE_MODULES-diffusers,flash_attn,xformers}
@@ -69,7 +75,7 @@ run_stage() {
   local left=$((BUDGET - (SECONDS - START) - reserve))
   local limit=$((cap < left ? cap : left))
   if ((limit < 10)); then
-    SUMMARY+=("$(printf '%-11s skipped: budget spent' "$name")")
+    SUMMARY+=("$(printf '%-13s skipped: budget spent' "$name")")
     echo "== $name: skipped, ${left}s of the budget left"
     FAILED=1
     return 0
@@ -81,7 +87,7 @@ run_stage() {
   local status="ok"
   if ((rc == 124 || rc == 137)); then status="TIMED OUT"; FAILED=1
   elif ((rc != 0)); then status="FAILED (exit $rc)"; FAILED=1; fi
-  SUMMARY+=("$(printf '%-11s %4ds  %s' "$name" $((SECONDS - t0)) "$status")")
+  SUMMARY+=("$(printf '%-13s %4ds  %s' "$name" $((SECONDS - t0)) "$status")")
   echo "== $name: $status in $((SECONDS - t0))s"
 }
 
@@ -153,7 +159,7 @@ sys.exit(0 if e.cuda_built() or not torch.cuda.is_available() else 'flexikern._C
 }
 export PY ARCH OUT GPU
 export -f build
-run_stage build 100 240 bash -c build
+run_stage build 100 360 bash -c build
 if ((FAILED)); then   # without the package every later stage would test the fallbacks or nothing
   echo "gpu_check: the build failed (tail of $OUT/build.log above); stopping"
   printf '  %s\n' "${SUMMARY[@]}"
@@ -164,17 +170,21 @@ PARALLEL=()
 if ((GPU)) && "$PY" -c "import xdist" 2>/dev/null; then
   PARALLEL=(-n 12)   # Triton compiles dominate: 12 processes share the 16 cores and the one GPU
 fi
-run_stage "gpu tests" 80 160 "$PY" -m pytest tests -m gpu "${PARALLEL[@]}" -v -rs -p no:cacheprovider \
+run_stage "gpu tests" 80 280 "$PY" -m pytest tests -m gpu "${PARALLEL[@]}" -v -rs -p no:cacheprovider \
   --durations=10 -o console_output_style=classic --junitxml="$OUT/gpu_tests.xml"
 
 BENCH=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
 FLEXIKERN_BENCH_ROWS="$OUT/e2e.jsonl" \
-  run_stage "e2e bench" 100 80 "$PY" -m pytest benchmarks/test_bench_e2e.py "${BENCH[@]}"
+  run_stage "e2e bench" 100 200 "$PY" -m pytest benchmarks/test_bench_e2e.py -k "not compile" "${BENCH[@]}"
 # Not the `late` rows (FlexAttention: tens of seconds of torch.compile each, for a backend that
 # dispatch tries fifth): `pytest benchmarks/test_bench_attention.py` times them when there is time.
+# Not the `late` rows either of the sampling suite (DiT-S/2 under torch.compile, a CPU measurement).
 FLEXIKERN_BENCH_ROWS="$OUT/ops.jsonl" \
-  run_stage "op benches" 100 20 "$PY" -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py -m "not late" \
+  run_stage "op benches" 100 140 "$PY" -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py -m "not late" \
   "${BENCH[@]}"
+# The compiled e2e rows last, from the time the budget's rise added (at least 120 s, up to 180 s).
+FLEXIKERN_BENCH_ROWS="$OUT/e2e.jsonl" \
+  run_stage "compile bench" 180 20 "$PY" -m pytest benchmarks/test_bench_e2e.py -k compile "${BENCH[@]}"
 run_stage render 20 0 "$PY" benchmarks/render.py "$OUT"
 
 echo

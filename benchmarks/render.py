@@ -23,7 +23,7 @@ from _results import TARGET_STEPS, Results, goals, load_results  # noqa: E402
 OTHER_FIELDS = {
     "regime": "regime", "mode": "mode", "achieved_gb_s": "GB/s", "fraction_of_copy": "of copy",
     "achieved_tflop_s": "TFLOP/s", "fraction_of_gemm": "of GEMM", "launch_bound": "launch-bound",
-    "relative_flops": "relative FLOPs", "speedup_vs_static": "vs static",
+    "relative_flops": "relative FLOPs", "speedup_vs_static": "vs static", "speedup_vs_eager": "vs eager",
 }
 TEXT_FIELDS = {"regime", "mode", "launch_bound"}
 SUITE_ORDER = ["ceiling", "patchify", "embed", "attention", "sampling"]   # others after, by name
@@ -88,17 +88,24 @@ def e2e_table(rows: list[dict]) -> list[str]:
     lines = ["## End-to-end sampling", "",
              f"{first.get('model', '?')}, {first.get('dtype', '?')}, guidance on every step. Timed with "
              f"{steps} steps; images/s is per-step throughput extrapolated to {TARGET_STEPS} steps "
-             f"(batch / (seconds per step x {TARGET_STEPS})).", "",
-             "| batch | provider | relative FLOPs | s / step | images/s | model TFLOP/s | of GEMM | vs reference |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             f"(batch / (seconds per step x {TARGET_STEPS})). Warm-up: the untimed first run's seconds "
+             f"(graph captures; for `+compile` rows, torch.compile's compile time).", "",
+             "| batch | provider | relative FLOPs | s / step | images/s | model TFLOP/s | of GEMM | warm-up "
+             "| vs reference | vs reference+compile |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def speedup(r: dict, baseline: str) -> str:
+        ref = next((x for x in e2e if x.get("batch") == r.get("batch") and x.get("provider") == baseline), None)
+        value = (r["images_per_s"] / ref["images_per_s"]
+                 if ref and r.get("images_per_s") and ref.get("images_per_s") else None)
+        return f"{_fmt(value)}{'x' if value else ''}"
+
     for r in e2e:
-        ref = next((x for x in e2e if x.get("batch") == r.get("batch") and x.get("provider") == "reference"), None)
-        speedup = (r["images_per_s"] / ref["images_per_s"]
-                   if ref and r.get("images_per_s") and ref.get("images_per_s") else None)
         lines.append(f"| {_fmt(r.get('batch'))} | {_fmt(r.get('provider'))} | {_fmt(r.get('relative_flops'))} | "
                      f"{_seconds(r.get('seconds_per_step'))} | {_fmt(r.get('images_per_s'))} | "
                      f"{_fmt(r.get('model_tflop_s'))} | {_fmt(r.get('fraction_of_gemm'))} | "
-                     f"{_fmt(speedup)}{'x' if speedup else ''} |")
+                     f"{_seconds(r.get('warmup_s'))} | {speedup(r, 'reference')} | "
+                     f"{speedup(r, 'reference+compile')} |")
     return lines + [""]
 
 
@@ -176,7 +183,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         values = [found[p]["images_per_s"] for p in names]
         errors = [[max(0.0, found[p]["images_per_s"] - images_per_s(found[p], found[p]["q3_s"])) for p in names],
                   [max(0.0, images_per_s(found[p], found[p]["q1_s"]) - found[p]["images_per_s"]) for p in names]]
-        ax.barh(names, values, xerr=errors, color=["#888" if p == "reference" else "#3a7" for p in names])
+        ax.barh(names, values, xerr=errors, color=["#888" if p.startswith("reference") else "#3a7" for p in names])
         ax.set_title(f"batch {batch}")
         ax.set_xlabel(f"images/s ({TARGET_STEPS} steps)")
         ax.invert_yaxis()

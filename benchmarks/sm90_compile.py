@@ -8,7 +8,7 @@ flexikern installed from the tree with its extension built for sm_90a:
 1. extension: `flexikern._C` was built with CUDA and every op it registers in the `flexikern`
    namespace (csrc/ops.cpp) has a CUDA kernel in the dispatcher;
 2. Triton kernels: the Triton backends' entry points (`patch_embed_triton`, `de_embed_triton`
-   of flexikern.ops, forward and backward through their autograd Functions) and the varlen
+   of flexikern.ops, forward and backward through their custom ops) and the varlen
    attention launches (forward and backward) run on CPU tensors at DiT-XL/2 shapes with every
    kernel launch intercepted. Each launch is compiled ahead of time for GPUTarget("cuda", 90, 32)
    with the JIT's own specialisation of its arguments (dtypes, 16-byte alignment, integers equal

@@ -11,6 +11,14 @@ Providers (all through `fk.sample(..., progress=False)`: the same DDPM loop, noi
 * flexi_0.6+packed: the same, the two branches as ONE packed forward (`packed=True`, varlen attention);
 * flexi_0.6+graphs, static+graphs: `cuda_graphs=` a GraphRunner (one graph per phase; inside a
   graph the branches run as two forwards). CUDA only.
+* reference+compile: the plain DiT module under `torch.compile(fullgraph=True, **COMPILE)`, the
+  baseline a user would compare against (`COMPILE`: mode "max-autotune-no-cudagraphs" on CUDA);
+* flexi_0.6+compile: flexi_0.6 with `fk.sample(..., compile=COMPILE)`, the same compiler settings
+  (each layout of the schedule, three at 10 steps, compiles once); flexi_0.6+compile+graphs: the
+  same compiled forwards inside flexikern's CUDA graphs (no further compile). CUDA: the mode
+  autotunes every GEMM and fused kernel of DiT-XL/2, about a minute or more per layout, so these
+  rows run last and gpu_check runs them in a stage of their own (`-k compile`). CPU: backend
+  "aot_eager" (traces the same fullgraph, no C++ compile: seconds; a smoke test of the path).
 Guidance: `Guidance(1.5, "flexi")` on every step (at equal patch sizes that is DiT's CFG, one
 batched forward of 2N).
 
@@ -22,14 +30,16 @@ a smoke test that says nothing about a GPU.
 
 Timing: whole sampling runs, host clock (perf_counter) with the device synchronised at the end of
 each run (runs last tenths of seconds to seconds). One untimed warm-up run first, in which graphed
-providers capture their graphs (`graph_captures`; `graph_captures_timed` must stay 0). DiT samples
+providers capture their graphs (`graph_captures`; `graph_captures_timed` must stay 0) and
+compiled ones compile (`warmup_s`: that run's seconds, the compile time of a compile row). DiT samples
 with 250 DDPM steps; to fit the GPU check the runs take FLEXIKERN_BENCH_STEPS steps (default 10 on
 CUDA, 4 on CPU) of the same kind of schedule (`for_budget` at that step count: the same
 weak/powerful proportions, its relative FLOPs recorded next to the 250-step one), and images/s is
 per-step throughput extrapolated: `images_per_s = batch / (seconds_per_step * 250)`. Set
 FLEXIKERN_BENCH_STEPS=250 to time the full schedule.
 
-Each row's extra_info: provider, batch, steps, schedule, relative FLOPs, seconds per step, images/s,
+Each row's extra_info: provider, batch, steps, schedule, relative FLOPs, compile (torch.compile's
+arguments or None), warm-up seconds, seconds per step, images/s,
 model TFLOP/s (the run's analytic FLOPs, `Schedule.flops`, multiply-add = 2, / its median time) and
 `fraction_of_gemm` (/ the bf16 GEMM rate measured in this process, `_timing.gemm_rate`).
 `benchmarks/_results.goals` computes the issue's ratios from these rows; `render.py` prints them.
@@ -64,19 +74,31 @@ else:
     ROUNDS = {1: 3, 2: 5}
 GUIDANCE = Guidance(1.5, "flexi")
 BUDGET = 0.6
+# torch.compile's arguments for both compiled providers: the same compiler settings for the plain
+# DiT and FlexiDiT. CUDA: the baseline mode (autotuned GEMMs and fused kernels, no CUDA
+# graphs of its own, so flexikern's graphs can wrap it; FLEXIKERN_BENCH_COMPILE_MODE=default
+# compiles faster, without autotuning). CPU: a smoke test that must stay fast.
+COMPILE = ({"mode": os.environ.get("FLEXIKERN_BENCH_COMPILE_MODE", "max-autotune-no-cudagraphs")} if CUDA
+           else {"backend": "aot_eager"})
 
-# provider: (model, schedule, packed, CUDA graphs)
+# provider: (model, schedule, packed, CUDA graphs, compiled)
 PROVIDERS = {
-    "reference": ("reference", "static", False, False),
-    "static": ("flexi", "static", False, False),
-    "flexi_0.6": ("flexi", "budget", False, False),
-    "flexi_0.6+packed": ("flexi", "budget", True, False),
-    "static+graphs": ("flexi", "static", None, True),
-    "flexi_0.6+graphs": ("flexi", "budget", None, True),
+    "reference": ("reference", "static", False, False, False),
+    "static": ("flexi", "static", False, False, False),
+    "flexi_0.6": ("flexi", "budget", False, False, False),
+    "flexi_0.6+packed": ("flexi", "budget", True, False, False),
+    "static+graphs": ("flexi", "static", None, True, False),
+    "flexi_0.6+graphs": ("flexi", "budget", None, True, False),
+    "reference+compile": ("reference+compile", "static", False, False, True),
+    "flexi_0.6+compile": ("flexi", "budget", False, False, True),
+    "flexi_0.6+compile+graphs": ("flexi", "budget", None, True, True),
 }
 # (batch, provider), most needed first: a stage that runs out of time loses the last rows only.
+# The compiled rows last (minutes of compiling on a GPU; gpu_check gives them a stage of their
+# own): the compiled baseline first, then FlexiDiT compiled, then compiled inside CUDA graphs.
 CASES = [(LARGE, "reference"), (LARGE, "static"), (LARGE, "flexi_0.6+graphs"), (1, "static"),
-         (1, "static+graphs"), (LARGE, "flexi_0.6"), (LARGE, "flexi_0.6+packed")]
+         (1, "static+graphs"), (LARGE, "flexi_0.6"), (LARGE, "flexi_0.6+packed"),
+         (LARGE, "reference+compile"), (LARGE, "flexi_0.6+compile"), (LARGE, "flexi_0.6+compile+graphs")]
 
 
 class ReferenceForSampling(nn.Module):
@@ -151,7 +173,10 @@ def models() -> dict[str, nn.Module]:
     assert error < (1e-2 if CUDA else 1e-4), f"FlexiDiT vs reference DiT: relative error {error:.2e}"
     flexi, dit = flexi.to(DTYPE), dit.to(DTYPE)
     print(f"\nbuilt {MODEL_NAME} models in {time.perf_counter() - start:.1f} s")
-    return {"reference": ReferenceForSampling(dit, flexi), "flexi": flexi}
+    # torch.compile is lazy: the compiled DiT (same weights) compiles on its first call only.
+    compiled = torch.compile(dit, fullgraph=True, **COMPILE)
+    return {"reference": ReferenceForSampling(dit, flexi), "flexi": flexi,
+            "reference+compile": ReferenceForSampling(compiled, flexi)}
 
 
 def _schedule(kind: str, flexi: FlexiDiT, steps: int) -> Schedule:
@@ -160,7 +185,7 @@ def _schedule(kind: str, flexi: FlexiDiT, steps: int) -> Schedule:
 
 @pytest.mark.parametrize("batch,provider", CASES, ids=[f"{p}-batch{b}" for b, p in CASES])
 def test_bench_e2e(benchmark, models, batch, provider):
-    model_key, kind, packed, graphs = PROVIDERS[provider]
+    model_key, kind, packed, graphs, compiled = PROVIDERS[provider]
     if graphs and not CUDA:
         pytest.skip("CUDA graphs need a CUDA device; on CPU cuda_graphs=True runs eagerly")
     flexi, model = models["flexi"], models[model_key]
@@ -170,14 +195,20 @@ def test_bench_e2e(benchmark, models, batch, provider):
     flops = schedule.flops(flexi, batch, guidance=True)
     labels = torch.arange(batch) % CONFIG["num_classes"]
     runner = GraphRunner() if graphs else False
+    # The reference compiles as a module (above); FlexiDiT through `fk.sample(compile=...)`.
+    compile = COMPILE if compiled and model_key == "flexi" else False
 
     def run():
         out = sample(model, labels, schedule, GUIDANCE, seed=0, progress=False, cuda_graphs=runner,
-                     packed=packed)
+                     packed=packed, compile=compile)
         _timing.sync()
         return out
 
-    run()   # warm-up, untimed: compilation, cuBLAS/attention workspaces, graph captures
+    start = time.perf_counter()
+    run()   # warm-up, untimed: torch.compile, cuBLAS/attention workspaces, graph captures
+    warmup_s = time.perf_counter() - start
+    if compiled:
+        print(f"\n{provider} batch {batch}: warm-up (compiling every layout) {warmup_s:.1f} s")
     captured = runner.captures if graphs else 0
     benchmark.group = f"e2e {MODEL_NAME} batch={batch}"
     benchmark.pedantic(run, rounds=ROUNDS[batch], warmup_rounds=0, iterations=1)
@@ -191,7 +222,8 @@ def test_bench_e2e(benchmark, models, batch, provider):
             smoke=_timing.SMOKE, dtype=str(DTYPE).replace("torch.", ""), batch=batch, steps=STEPS,
             target_steps=TARGET_STEPS, schedule=repr(schedule), relative_flops=relative,
             relative_flops_at_target=_schedule(kind, flexi, TARGET_STEPS).relative_flops(flexi),
-            packed=packed, cuda_graphs=bool(graphs), seconds_per_step=per_step,
+            packed=packed, cuda_graphs=bool(graphs), compile=COMPILE if compiled else None,
+            warmup_s=warmup_s, seconds_per_step=per_step,
             images_per_s=batch / (per_step * TARGET_STEPS), model_tflop_s=tflop_s,
             gemm_tflop_s=gemm, fraction_of_gemm=tflop_s / gemm, graph_captures=captured,
             graph_captures_timed=(runner.captures - captured) if graphs else 0,

@@ -64,6 +64,7 @@ def test_goals_from_partial_rows(tmp_path):
     g = goals(load_results([_partial_file(tmp_path)]).rows)
     assert g["speedup_vs_reference"]["value"] == pytest.approx(3.0)
     assert g["speedup_vs_reference"]["status"] == "met"
+    assert g["speedup_vs_compiled_reference"]["status"] == "n/a"   # no reference+compile row
     assert g["fraction_of_gemm"]["status"] == "n/a"          # no static row
     assert g["graphs_step_latency_cut"]["status"] == "n/a"   # no batch-1 rows
     complete = [_e2e("static", 32, 3.0, fraction_of_gemm=0.5), _e2e("static", 1, 0.1),
@@ -73,6 +74,27 @@ def test_goals_from_partial_rows(tmp_path):
     assert g["graphs_step_latency_cut"]["value"] == pytest.approx(2.0)
     smoke = [_results._flat(_e2e(p, 32, 1.0, smoke=True)) for p in ("reference", "flexi_0.6")]
     assert goals(smoke)["speedup_vs_reference"]["status"] == "n/a"   # CPU rows never count
+
+
+def test_speedup_vs_compiled_reference():
+    """Against the compiled plain DiT, FlexiDiT's best row counts compiled ones too; the eager goal
+    stays eager vs eager (a compiled FlexiDiT row never counts against the eager reference)."""
+    rows = [_results._flat(r) for r in (
+        _e2e("reference", 32, 2.0), _e2e("reference+compile", 32, 4.0), _e2e("flexi_0.6", 32, 5.0),
+        _e2e("flexi_0.6+graphs", 32, 6.0), _e2e("flexi_0.6+compile", 32, 9.0, warmup_s=95.0),
+        _e2e("flexi_0.6+compile+graphs", 32, 11.0), _e2e("static", 32, 20.0),   # static: not a budget row
+        _e2e("reference+compile", 1, 0.5), _e2e("flexi_0.6+compile", 32, 50.0, smoke=True))]   # never count
+    g = goals(rows)
+    compiled = g["speedup_vs_compiled_reference"]
+    assert compiled["value"] == pytest.approx(11.0 / 4.0) and compiled["status"] == "met"
+    assert compiled["detail"] == "batch 32: flexi_0.6+compile+graphs / reference+compile"
+    assert g["speedup_vs_reference"]["value"] == pytest.approx(6.0 / 2.0)   # flexi_0.6+graphs / reference
+    missed = goals([r for r in rows if r["provider"] != "flexi_0.6+compile+graphs"])
+    assert missed["speedup_vs_compiled_reference"]["value"] == pytest.approx(9.0 / 4.0)
+    assert missed["speedup_vs_compiled_reference"]["status"] == "missed"
+    text = "\n".join(render.e2e_table(rows) + render.goals_table(rows))
+    assert "| 32 | flexi_0.6+compile | 1 | 14.222 ms | 9 | - | - | 95.000 s | 4.5x | 2.25x |" in text
+    assert "| 2.75 | 2.5 | met | batch 32: flexi_0.6+compile+graphs / reference+compile |" in text
 
 
 def test_render_partial_and_empty(tmp_path):

@@ -83,9 +83,13 @@ def kernels_by_device() -> dict[str, dict[str, bool]]:
     too. Empty when the extension does not load.
     """
     import torch
+    from torch._library.custom_ops import OPDEFS  # ops defined in Python, by torch.library.custom_op
     if load() is None:
         return {}
-    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("flexikern::"))
+    # The Triton backends' ops (`flexikern::patch_embed_triton`, ...) share the namespace; they
+    # are custom ops defined in Python, not the extension's.
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith("flexikern::") and n not in OPDEFS)
     return {n: {key: torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for key in ("CPU", "CUDA")}
             for n in names}
 

@@ -6,7 +6,7 @@
 * `de_embed_backward_x` (one launch, `_common.image_to_tokens`): the fused GEMM run the other
   way, grad tokens from the grad image read in place through its strides.
 
-The caller (`flexikern.ops.de_embed`, which holds the autograd Function and the parameter
+The caller (`flexikern.ops.de_embed`, which holds the custom ops and the parameter
 gradients) passes the resize matrix: `resize` is (kh*kw, ph*pw), each output map resized as
 `map_patch = map_stored @ resize` on the flattened pixels (the bilinear resize R^T), or None when
 the stored size is the patch size.

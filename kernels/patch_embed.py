@@ -7,7 +7,7 @@
 * `patch_embed_backward_x` (one launch, `_common.tokens_to_image`): the same fused GEMM run the
   other way, grad tokens times the resized kernel, written straight into the latent's layout.
 
-The caller (`flexikern.ops.patch_embed`, which holds the autograd Function and the parameter
+The caller (`flexikern.ops.patch_embed`, which holds the custom ops and the parameter
 gradients) passes the resize matrix: `resize` is (kh*kw, ph*pw), `w_patch = w_stored @ resize` on
 the flattened pixels (FlexiViT's PI-resize), or None when the stored size is the patch size.
 """

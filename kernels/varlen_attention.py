@@ -32,8 +32,8 @@ vectors; the host copies inputs whose strides are not. Dtypes fp32, fp16, bf16; 
 accumulated in fp32 and fp32 inputs use IEEE (not TF32) dots, so fp32 results match the
 reference to ~1e-5. Under TRITON_INTERPRET=1 (CPU tensors; the caller passes `interpret=True`),
 operands are upcast to fp32 before every dot because the interpreter's bf16 dot is wrong, and one
-small tile shape is used. The autograd Function around these launches is in
-`flexikern.ops.varlen_attention`.
+small tile shape is used. The custom ops around these launches (torch.library, with fake
+kernels and autograd) are in `flexikern.ops.varlen_attention`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from flexikern.kernels import _common
 
 __all__ = ["varlen_attention_forward", "varlen_attention_backward", "MAX_HEAD_DIM"]
 
@@ -374,6 +376,14 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if _strides_fit(t) else t.contiguous()
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer like `t` (NaN-filled when `_common.POISON_OUTPUTS`, as in tests)."""
+    out = torch.empty_like(t)
+    if _common.POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
 def _check_buffers(*buffers: torch.Tensor) -> None:
     if not all(_strides_fit(b) for b in buffers):
         raise ValueError("output buffers need unit stride along head_dim and token and head "
@@ -402,9 +412,9 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (_aligned(t) for t in (q, k, v))
     cu_seqlens = cu_seqlens.contiguous()
     if out is None:
-        out = torch.empty_like(q)
+        out = _empty_like(q)
     _check_buffers(out)
-    lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
+    lse = _common.new_output((heads, total), torch.float32, q.device)
     if total == 0:
         return out, lse
     tiles = _tiles(head_dim, q.dtype, interpret)
@@ -434,7 +444,7 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
     cu_seqlens = cu_seqlens.contiguous()
-    dq, dk, dv = grads if grads is not None else (torch.empty_like(t) for t in (q, k, v))
+    dq, dk, dv = grads if grads is not None else (_empty_like(t) for t in (q, k, v))
     _check_buffers(dq, dk, dv)
     if total == 0:
         return dq, dk, dv

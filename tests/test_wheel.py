@@ -11,6 +11,7 @@ on 2 cores, most of it compiling the CPU extension.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -32,7 +33,11 @@ def _missing() -> str | None:
         return "torch is not installed (the wheel's extension builds against it)"
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
         return "no C++ compiler (c++, g++, clang++) to build flexikern._C"
-    if importlib.util.find_spec("pip") is None:
+    # Not find_spec("pip"): setuptools' distutils shim answers that by switching itself off, after
+    # which importing setuptools (torch.compile's C++ builds do) fails on the stdlib distutils.
+    try:
+        importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
         return "pip is not installed in this interpreter"
     if not (ROOT / ".git").exists() or shutil.which("git") is None:
         return "not a git checkout: the wheel is built from the files git tracks"

@@ -134,8 +134,10 @@ class GuidedDenoiser:
     """
 
     def __init__(self, model: FlexibleDenoiser, y: Any, guidance: Guidance | float | None,
-                 packed: bool | None = None):
+                 packed: bool | None = None, compiled: Any = None):
         self.model = model
+        # `flexikern.runtime.compiled.CompiledForwards`: the model's forwards under torch.compile.
+        self.compiled = compiled
         self.guidance = Guidance.of(guidance)
         self.y = y
         # The null class (or caption), where the model has one; CFG needs it (`DenoisingLoop` checks).
@@ -170,7 +172,8 @@ class GuidedDenoiser:
         return clone
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: Any, size: PatchSize) -> torch.Tensor:
-        out = self.model(x.to(self.dtype), t, y, patch_size=size)
+        forward = self.model if self.compiled is None else self.compiled.forward
+        out = forward(x.to(self.dtype), t, y, patch_size=size)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def rule(self, cond_size: PatchSize, guid_size: PatchSize | None) -> str:
@@ -188,8 +191,9 @@ class GuidedDenoiser:
         if not self.packed:
             return self._forward(x, t, self.y, cond_size), self._forward(x, t, y_guid, guid_size)
         n = x.shape[0]
-        out = self.model.forward_packed(list(x.to(self.dtype).unbind(0)) * 2, torch.cat([t, t]), y_both,
-                                        [cond_size] * n + [guid_size] * n)
+        forward_packed = self.model.forward_packed if self.compiled is None else self.compiled.forward_packed
+        out = forward_packed(list(x.to(self.dtype).unbind(0)) * 2, torch.cat([t, t]), y_both,
+                             [cond_size] * n + [guid_size] * n)
         out = torch.stack(out).to(x.dtype)
         return out[:n], out[n:]
 
@@ -228,6 +232,23 @@ class GuidedDenoiser:
         if self.packed and cond_size != guid_size:   # `two_pass`'s packed forward
             return self.model.prepare([cond_size] * n + [guid_size] * n, size, x.device, packed=True)
         return self.model.prepare([cond_size, guid_size], size, x.device)
+
+    def layouts(self, x: torch.Tensor, phases: list[Phase]) -> set[tuple]:
+        """The forwards the steps of `phases` call from states like `x`, each (model id, "forward",
+        patch size, batch) or (model id, "packed", patch sizes, batch): what a compiled run
+        compiles, once each (`flexikern.runtime.compiled`)."""
+        n, layouts = x.shape[0], set()
+        for _, _, cond_size, guid_size in phases:
+            rule = self.rule(cond_size, guid_size)
+            if rule == "cond":
+                layouts.add(("forward", cond_size, n))
+            elif cond_size == guid_size:   # CFG's one batch of 2N
+                layouts.add(("forward", cond_size, 2 * n))
+            elif self.packed:
+                layouts.add(("packed", (cond_size, guid_size), 2 * n))
+            else:
+                layouts |= {("forward", cond_size, n), ("forward", guid_size, n)}
+        return {(id(self.model), *layout) for layout in layouts}
 
     def combine(self, cond: torch.Tensor, other: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
         """`other + scale * (cond - other)` on the guided channels, in place in `cond`; the rest from cond."""

@@ -23,6 +23,7 @@ before refilling the pinned buffer (`StepNoise`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
@@ -73,13 +74,13 @@ class DenoisingLoop:
     """A schedule, a guidance rule and a sampler bound to one model and one batch of conditions."""
 
     def __init__(self, model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | float | None,
-                 sampler: _Sampler, packed: bool | None = None):
+                 sampler: _Sampler, packed: bool | None = None, compiled: Any = None):
         if schedule.num_steps != sampler.num_steps:
             raise ValueError(f"schedule has {schedule.num_steps} steps but the {sampler.name} sampler has "
                              f"{sampler.num_steps}; build both with the same step count")
         self.model, self.schedule, self.sampler = model, schedule.validate(model), sampler
         self.guidance = Guidance.of(guidance)
-        self.denoiser = GuidedDenoiser(model, y, self.guidance, packed)
+        self.denoiser = GuidedDenoiser(model, y, self.guidance, packed, compiled)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         _check_guidance(self.guidance, self.guided, sampler, model)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
@@ -107,7 +108,7 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
            shift: float = 1.0, cuda_graphs: bool | GraphRunner = False, noise_device: str = "cpu",
-           packed: bool | None = None) -> torch.Tensor:
+           packed: bool | None = None, compile: bool | str | dict = False) -> torch.Tensor:
     """Sample from a (flexible) DiT with a patch-size schedule.
 
     Every argument is checked before any compute (see Raises).
@@ -142,6 +143,13 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
         packed: run a step's two branches of different patch sizes as one packed forward
             (`model.forward_packed`, varlen attention). None (default): on CUDA only, where a
             fused varlen kernel makes it pay; False: two forwards.
+        compile: run the model's forwards under `torch.compile(fullgraph=True, dynamic=False)`:
+            True (inductor, default mode), a mode ("max-autotune-no-cudagraphs", ...) or a dict
+            of torch.compile's `mode`/`backend`/`options`. Each layout of the schedule (patch
+            size and batch of a forward; a weak-first schedule has at most four) compiles once,
+            on first use, and later runs reuse it; outputs equal eager sampling up to float
+            rounding. With `cuda_graphs`, use a mode without its own CUDA graphs (not
+            "reduce-overhead" or "max-autotune"). See `flexikern.runtime.compiled`.
     Returns:
         (N, *model.latent_shape) latents on the model's device, or the decoded images.
     Raises:
@@ -157,6 +165,7 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
                         f"got {type(schedule).__name__}")
     guidance = Guidance.of(guidance)
     _check_options(progress, packed, cuda_graphs, vae)
+    compile_kwargs = _check_compile(compile, cuda_graphs)
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
     y = model.check_condition(y, device=device)
@@ -167,7 +176,11 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     else:
         _check_sampler(sampler, eta, shift)
     sampler.to(device)
-    loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed)
+    compiled = None
+    if compile_kwargs is not None:
+        from flexikern.runtime.compiled import compiled_forwards
+        compiled = compiled_forwards(model, compile_kwargs)
+    loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed, compiled)
     shape = tuple(model.latent_shape)
     if noise is not None:
         _check_noise(noise, (n, *shape))
@@ -179,7 +192,8 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     x = x.to(device)
 
     from tqdm.auto import tqdm
-    with eval_mode(model), torch.inference_mode(), conditions_checked(), tqdm(
+    compiling = contextlib.nullcontext() if compiled is None else compiled.running(loop.denoiser.layouts(x, loop.phases))
+    with eval_mode(model), torch.inference_mode(), conditions_checked(), compiling, tqdm(
             total=sampler.num_steps, disable=not progress, desc=f"sampling {schedule!r}", leave=False) as bar:
         loop.denoiser.prepare(x, loop.phases)
         if cuda_graphs is not False:   # True or a GraphRunner
@@ -213,6 +227,18 @@ def _check_options(progress: Any, packed: Any, cuda_graphs: Any, vae: Any) -> No
         raise TypeError(f"vae={vae!r}: expected a loaded VAE with a decode method, e.g. diffusers' "
                         f"AutoencoderKL.from_pretrained(path); got {type(vae).__name__} (a path is not "
                         f"loaded here)")
+
+
+def _check_compile(compile: Any, cuda_graphs: Any) -> dict[str, Any] | None:
+    """`sample`'s `compile` as torch.compile arguments (None: eager); refused with CUDA graphs
+    when its mode captures graphs of its own."""
+    from flexikern.runtime.compiled import CUDAGRAPH_MODES, compile_options
+    kwargs = compile_options(compile)
+    if kwargs is not None and cuda_graphs is not False and kwargs.get("mode") in CUDAGRAPH_MODES:
+        raise ValueError(f"compile={compile!r} with cuda_graphs: mode {kwargs['mode']!r} captures CUDA graphs "
+                         f"of its own, which cannot run inside flexikern's; use compile='max-autotune-no-cudagraphs' "
+                         f"(or True) with cuda_graphs, or this mode without cuda_graphs")
+    return kwargs
 
 
 def _check_guidance(guidance: Guidance, guided: list[bool], sampler: _Sampler, model: FlexibleDenoiser) -> None:

@@ -376,15 +376,16 @@ class FlexibleModel(nn.Module):
     def _patch(self, patch_size) -> PatchSize:
         if patch_size is None:
             return self.original_patch_size
+        configured = [tuple(p) for p in self.patch_sizes]   # plain tuples: torch.compile formats them
         kind = "an int or (ph, pw)" if self.original_patch_size.ndim == 2 else "a video patch (pt, ph, pw)"
         try:
             patch = PatchSize.parse(patch_size, self.original_patch_size.ndim)
         except ValueError:
             raise ValueError(f"patch_size={patch_size!r}: expected {kind} of positive ints, one of "
-                             f"{list(self.patch_sizes)}") from None
+                             f"{configured}") from None
         if patch not in self.patch_sizes:
             raise ValueError(f"patch_size={patch_size!r} is not configured; this model has "
-                             f"patch_sizes={list(self.patch_sizes)} (make it flexible with .flexify(...) "
+                             f"patch_sizes={configured} (make it flexible with .flexify(...) "
                              "or the converters' patch_sizes=)")
         return patch
 

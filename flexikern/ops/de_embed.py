@@ -6,9 +6,10 @@ like DiT's `final_layer.linear`; it is bilinearly resized to `patch_size` on the
 (pt, ph, pw, C_out), at its stored size (3-D de-embeddings are not resized).
 
 Backends, in priority order: Triton (fused epilogue, 2-D only; CUDA, or the interpreter when
-forced) and torch (linear, then `unpatchify`). The Triton backend is `DeEmbedFunction`: the
-kernels' launches (`flexikern.kernels.de_embed`) for the forward and grad tokens, torch ops for
-the parameters.
+forced) and torch (linear, then `unpatchify`). The Triton backend is the custom op
+`flexikern::de_embed_triton` (torch.library, so torch.compile keeps it opaque): the kernels'
+launches (`flexikern.kernels.de_embed`) for the forward and grad tokens, torch ops for the
+parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 from flexikern.ops.patchify import patchify_reference, unpatchify, unpatchify_reference
 from flexikern.ops.resize import deembed_weight, resize_matrix
 
-__all__ = ["de_embed", "de_embed_reference", "DeEmbedFunction", "DE_EMBED_BACKENDS"]
+__all__ = ["de_embed", "de_embed_reference", "de_embed_triton", "DE_EMBED_BACKENDS"]
 
 
 def de_embed_reference(x, weight, bias, kernel_size, patch_size, size):
@@ -34,7 +35,11 @@ def de_embed_reference(x, weight, bias, kernel_size, patch_size, size):
     return unpatchify_reference(F.linear(x, w, b), patch_size, size)
 
 
-# ---- the Triton backend: autograd around the kernels' launches -------------------------------
+# ---- the Triton backend: custom ops around the kernels' launches -----------------------------
+# `flexikern::de_embed_triton` and its backward's launch `flexikern::de_embed_triton_grad_x` are
+# torch.library custom ops with fake kernels: torch.compile keeps each as one opaque call in its
+# forward and backward graphs. The resize matrix is an input (a constant the caller looks up), so
+# nothing inside the ops or their backward reads a cache while being traced.
 
 
 def _deembed_resize(kernel: tuple[int, int], patch: tuple[int, int],
@@ -43,8 +48,49 @@ def _deembed_resize(kernel: tuple[int, int], patch: tuple[int, int],
     return None if kernel == patch else resize_matrix(kernel, patch, device, torch.float32).T
 
 
-class DeEmbedFunction(torch.autograd.Function):
-    """de_embed of image tokens with the fused Triton kernels (forward and grad tokens).
+@torch.library.custom_op(
+    "flexikern::de_embed_triton", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? resize, Tensor? bias, int[] kernel_size, "
+           "int[] patch_size, int[] size) -> Tensor")
+def _de_embed_op(x, weight, resize, bias, kernel_size, patch_size, size):
+    """de_embed of image tokens with the fused Triton kernel; `resize` is `_deembed_resize`'s."""
+    from flexikern.kernels.de_embed import de_embed_forward
+    return de_embed_forward(x, weight, resize, bias, kernel_size, patch_size, size,
+                            interpret=triton_interpreting())
+
+
+@_de_embed_op.register_fake
+def _de_embed_fake(x, weight, resize, bias, kernel_size, patch_size, size):
+    channels = weight.shape[0] // (kernel_size[0] * kernel_size[1])
+    return x.new_empty((x.shape[0], channels, size[0], size[1]))
+
+
+@torch.library.custom_op(
+    "flexikern::de_embed_triton_grad_x", mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor? resize, int[] kernel_size, "
+           "int[] patch_size) -> Tensor")
+def _de_embed_grad_x_op(grad_out, x, weight, resize, kernel_size, patch_size):
+    """The gradient w.r.t. the tokens x of `flexikern::de_embed_triton`: the fused kernel run the
+    other way."""
+    from flexikern.kernels.de_embed import de_embed_backward_x
+    return de_embed_backward_x(grad_out, x, weight, resize, kernel_size, patch_size,
+                               interpret=triton_interpreting())
+
+
+@_de_embed_grad_x_op.register_fake
+def _de_embed_grad_x_fake(grad_out, x, weight, resize, kernel_size, patch_size):
+    return x.new_empty(x.shape)  # contiguous, as de_embed_backward_x allocates it
+
+
+def _de_embed_setup(ctx, inputs, output):
+    x, weight, resize, bias, kernel_size, patch_size, size = inputs
+    ctx.save_for_backward(x, weight, resize)
+    ctx.kernel, ctx.patch = tuple(kernel_size), tuple(patch_size)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _de_embed_backward(ctx, grad_out):
+    """Gradients of `flexikern::de_embed_triton`.
 
     Backward: grad tokens by the fused kernel run the other way; grad of the resized weight =
     patchify(grad image)^T @ tokens, one torch matmul whose long reduction over N*T tokens cuBLAS
@@ -52,40 +98,23 @@ class DeEmbedFunction(torch.autograd.Function):
     tokens); grad of the stored weight and bias = the resize matrix times those, a
     (kh*kw, ph*pw) matmul.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, kernel, patch, size):
-        from flexikern.kernels.de_embed import de_embed_forward
-        resize = _deembed_resize(kernel, patch, x.device)
-        out = de_embed_forward(x, weight, resize, bias, kernel, patch, size,
-                               interpret=triton_interpreting())
-        ctx.save_for_backward(x, weight)
-        ctx.kernel, ctx.patch = kernel, patch
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # The torch ops below work in fp32 on purpose; autocast must not downcast them.
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return _de_embed_backward(ctx, grad_out)
+    # The torch ops below work in fp32 on purpose; autocast must not downcast them.
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return _de_embed_grads(ctx, grad_out)
 
 
-def _de_embed_backward(ctx, grad_out):
-    """Gradients for DeEmbedFunction.forward's inputs."""
-    x, weight = ctx.saved_tensors
+def _de_embed_grads(ctx, grad_out):
+    x, weight, resize_t = ctx.saved_tensors
     kernel, patch = ctx.kernel, ctx.patch
-    needs = ctx.needs_input_grad
-    resize_t = _deembed_resize(kernel, patch, x.device)
+    needs = ctx.needs_input_grad   # x, weight, resize, bias, kernel_size, patch_size, size
     d = weight.shape[1]
     c = weight.shape[0] // (kernel[0] * kernel[1])
     grad_x = grad_weight = grad_bias = None
 
     if needs[0]:
-        from flexikern.kernels.de_embed import de_embed_backward_x
-        grad_x = de_embed_backward_x(grad_out, x, weight, resize_t, kernel, patch,
-                                     interpret=triton_interpreting())
-    if needs[1] or needs[2]:
+        grad_x = torch.ops.flexikern.de_embed_triton_grad_x(grad_out, x, weight, resize_t,
+                                                             list(kernel), list(patch))
+    if needs[1] or needs[3]:
         pp = patch[0] * patch[1]
         patches = patchify_reference(grad_out, patch).reshape(-1, pp * c)  # (N*T, (j, c))
         if needs[1]:
@@ -93,18 +122,22 @@ def _de_embed_backward(ctx, grad_out):
             if resize_t is not None:
                 grad_resized = resize_t @ grad_resized.float().reshape(pp, c * d)
             grad_weight = grad_resized.reshape(-1, d).to(weight.dtype)
-        if needs[2]:
+        if needs[3]:
             grad_bias = patches.sum(0, dtype=torch.float32)
             if resize_t is not None:
                 grad_bias = resize_t @ grad_bias.reshape(pp, c)
             grad_bias = grad_bias.reshape(-1).to(ctx.bias_dtype)
-    return grad_x, grad_weight, grad_bias, None, None, None
+    return grad_x, grad_weight, None, grad_bias, None, None, None
+
+
+_de_embed_op.register_autograd(_de_embed_backward, setup_context=_de_embed_setup)
 
 
 def de_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     kernel_size: tuple[int, int], patch_size: tuple[int, int],
                     size: tuple[int, int]) -> torch.Tensor:
-    """The Triton de_embed of image tokens (inputs validated by `de_embed`).
+    """The Triton de_embed of image tokens (inputs validated by `de_embed`), forward and
+    backward: `flexikern::de_embed_triton`.
 
     x may have any strides; the weight and bias are made contiguous (a no-op for parameters).
     """
@@ -112,7 +145,9 @@ def de_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     patch = (int(patch_size[0]), int(patch_size[1]))
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    return DeEmbedFunction.apply(x, weight, bias, kernel, patch, (int(size[0]), int(size[1])))
+    resize_t = _deembed_resize(kernel, patch, x.device)
+    return torch.ops.flexikern.de_embed_triton(x, weight, resize_t, bias, list(kernel),
+                                               list(patch), [int(size[0]), int(size[1])])
 
 
 # ---- backends and their priority: Triton, then torch -----------------------------------------
@@ -195,7 +230,7 @@ def de_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         check_same_dtype("bias", bias, x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    tokens = math.prod(s // p for s, p in zip(size, patch))
+    tokens = math.prod([s // p for s, p in zip(size, patch)])
     if x.shape[1] != tokens:
         raise ValueError(f"x: {x.shape[1]} tokens, but size {size} with patch {patch} has {tokens}")
     return dispatch("de_embed", x=x, weight=weight, bias=bias, kernel_size=kernel,

@@ -6,7 +6,8 @@ Videos (N, C, F, H, W): the kernel (D, C, pt, ph, pw) runs at its stored size (3
 resized), as a linear map of `patchify`'s tokens.
 
 Backends, in priority order: Triton (fused, 2-D only; CUDA, or the interpreter when forced) and
-the torch reference. The Triton backend is `PatchEmbedFunction`: the kernels' launches
+the torch reference. The Triton backend is the custom op `flexikern::patch_embed_triton`
+(torch.library, so torch.compile keeps it opaque): the kernels' launches
 (`flexikern.kernels.patch_embed`) for the forward and grad x, torch ops for the parameters.
 """
 
@@ -23,7 +24,7 @@ from flexikern.ops.patch_size import PatchSize, PatchSizeLike
 from flexikern.ops.patchify import patchify_reference
 from flexikern.ops.resize import pi_resize, pi_resize_matrix
 
-__all__ = ["patch_embed", "patch_embed_reference", "PatchEmbedFunction", "PATCH_EMBED_BACKENDS"]
+__all__ = ["patch_embed", "patch_embed_reference", "patch_embed_triton", "PATCH_EMBED_BACKENDS"]
 
 # Register/tile limit of the fused kernels: patches and stored kernels up to 64 pixels (8x8).
 TRITON_MAX_PIXELS = 64
@@ -47,7 +48,11 @@ def patch_embed_reference(x, weight, bias, patch_size, pos_embed=None, size_embe
     return tokens
 
 
-# ---- the Triton backend: autograd around the kernels' launches -------------------------------
+# ---- the Triton backend: custom ops around the kernels' launches -----------------------------
+# `flexikern::patch_embed_triton` and its backward's launch `flexikern::patch_embed_triton_grad_x`
+# are torch.library custom ops with fake kernels: torch.compile keeps each as one opaque call in
+# its forward and backward graphs. The resize matrix is an input (a constant the caller looks
+# up), so nothing inside the ops or their backward reads a cache while being traced.
 
 
 def _embed_resize(kernel: tuple[int, int], patch: tuple[int, int],
@@ -56,8 +61,56 @@ def _embed_resize(kernel: tuple[int, int], patch: tuple[int, int],
     return None if kernel == patch else pi_resize_matrix(kernel, patch, device, torch.float32)
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    """patch_embed of an image with the fused Triton kernels (forward and grad x).
+@torch.library.custom_op(
+    "flexikern::patch_embed_triton", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? resize, Tensor? bias, int[] patch_size, "
+           "Tensor? pos_embed, Tensor? size_embed) -> Tensor")
+def _patch_embed_op(x, weight, resize, bias, patch_size, pos_embed, size_embed):
+    """patch_embed of an image with the fused Triton kernel; `resize` is `_embed_resize`'s."""
+    from flexikern.kernels.patch_embed import patch_embed_forward
+    return patch_embed_forward(x, weight, resize, bias, patch_size, pos_embed, size_embed,
+                               interpret=triton_interpreting())
+
+
+@_patch_embed_op.register_fake
+def _patch_embed_fake(x, weight, resize, bias, patch_size, pos_embed, size_embed):
+    n, _, h, w = x.shape
+    dtype = x.dtype
+    for t in (pos_embed, size_embed):  # the adds promote, as in the reference
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return x.new_empty((n, (h // patch_size[0]) * (w // patch_size[1]), weight.shape[0]),
+                       dtype=dtype)
+
+
+@torch.library.custom_op(
+    "flexikern::patch_embed_triton_grad_x", mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor? resize, int[] patch_size) -> Tensor")
+def _patch_embed_grad_x_op(grad_out, x, weight, resize, patch_size):
+    """The gradient w.r.t. x of `flexikern::patch_embed_triton`: the fused kernel run the other
+    way."""
+    from flexikern.kernels.patch_embed import patch_embed_backward_x
+    return patch_embed_backward_x(grad_out, x, weight, resize, patch_size,
+                                  interpret=triton_interpreting())
+
+
+@_patch_embed_grad_x_op.register_fake
+def _patch_embed_grad_x_fake(grad_out, x, weight, resize, patch_size):
+    # As patch_embed_backward_x allocates it: channels_last for a channels_last x.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty_like(x, memory_format=torch.channels_last if channels_last
+                            else torch.contiguous_format)
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    x, weight, resize, bias, patch_size, pos_embed, size_embed = inputs
+    ctx.save_for_backward(x, weight, resize)
+    ctx.patch = tuple(patch_size)
+    ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, pos_embed, size_embed))
+
+
+def _patch_embed_backward(ctx, grad_out):
+    """Gradients of `flexikern::patch_embed_triton`.
 
     Backward: grad x by the fused kernel run the other way; grad of the resized kernel by one
     torch matmul, grad_out^T @ patches (the patchified latent is a copy of x, tiny next to the
@@ -66,40 +119,22 @@ class PatchEmbedFunction(torch.autograd.Function):
     the resize matrix^T, a (kh*kw, ph*pw) matmul; bias, size embedding, pos_embed: fp32 sums of
     grad_out.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, patch, pos_embed, size_embed):
-        from flexikern.kernels.patch_embed import patch_embed_forward
-        resize = _embed_resize(tuple(weight.shape[2:]), patch, x.device)
-        out = patch_embed_forward(x, weight, resize, bias, patch, pos_embed, size_embed,
-                                  interpret=triton_interpreting())
-        ctx.save_for_backward(x, weight)
-        ctx.patch = patch
-        ctx.dtypes = tuple(t.dtype if t is not None else None
-                           for t in (bias, pos_embed, size_embed))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # The torch ops below work in fp32 on purpose; autocast must not downcast them.
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return _patch_embed_backward(ctx, grad_out)
+    # The torch ops below work in fp32 on purpose; autocast must not downcast them.
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return _patch_embed_grads(ctx, grad_out)
 
 
-def _patch_embed_backward(ctx, grad_out):
-    """Gradients for PatchEmbedFunction.forward's inputs."""
-    x, weight = ctx.saved_tensors
+def _patch_embed_grads(ctx, grad_out):
+    x, weight, resize = ctx.saved_tensors
     patch = ctx.patch
-    needs = ctx.needs_input_grad
+    needs = ctx.needs_input_grad   # x, weight, resize, bias, patch_size, pos_embed, size_embed
     bias_dtype, pos_dtype, size_dtype = ctx.dtypes
     d, c, kh, kw = weight.shape
-    resize = _embed_resize((kh, kw), patch, x.device)
     grad_x = grad_weight = grad_bias = grad_pos = grad_size = None
 
     if needs[0]:
-        from flexikern.kernels.patch_embed import patch_embed_backward_x
-        grad_x = patch_embed_backward_x(grad_out, x, weight, resize, patch,
-                                        interpret=triton_interpreting())
+        grad_x = torch.ops.flexikern.patch_embed_triton_grad_x(grad_out, x, weight, resize,
+                                                                list(patch))
     if needs[1]:
         patches = patchify_reference(x, patch).reshape(-1, patch[0] * patch[1] * c)
         grad_resized = grad_out.reshape(-1, d).to(x.dtype).T @ patches   # (D, ph*pw*C)
@@ -109,26 +144,32 @@ def _patch_embed_backward(ctx, grad_out):
         else:
             grad_weight = (grad_resized.float() @ resize.T).reshape(d, c, kh, kw)
             grad_weight = grad_weight.to(weight.dtype)
-    if needs[2] or needs[5]:
+    if needs[3] or needs[6]:
         summed = grad_out.sum((0, 1), dtype=torch.float32)
-        grad_bias = summed.to(bias_dtype) if needs[2] else None
-        grad_size = summed.to(size_dtype) if needs[5] else None
-    if needs[4]:
+        grad_bias = summed.to(bias_dtype) if needs[3] else None
+        grad_size = summed.to(size_dtype) if needs[6] else None
+    if needs[5]:
         grad_pos = grad_out.sum(0, dtype=torch.float32).to(pos_dtype)
-    return grad_x, grad_weight, grad_bias, None, grad_pos, grad_size
+    return grad_x, grad_weight, None, grad_bias, None, grad_pos, grad_size
+
+
+_patch_embed_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
 
 
 def patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        patch_size: tuple[int, int], pos_embed: torch.Tensor | None = None,
                        size_embed: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton patch_embed of an image (inputs validated by `patch_embed`).
+    """The Triton patch_embed of an image (inputs validated by `patch_embed`), forward and
+    backward: `flexikern::patch_embed_triton`.
 
     x may have any strides; the small parameters are made contiguous (a no-op for parameters).
     """
     patch = (int(patch_size[0]), int(patch_size[1]))
     weight, bias, size_embed = (t.contiguous() if t is not None else None
                                 for t in (weight, bias, size_embed))
-    return PatchEmbedFunction.apply(x, weight, bias, patch, pos_embed, size_embed)
+    resize = _embed_resize(tuple(weight.shape[2:]), patch, x.device)
+    return torch.ops.flexikern.patch_embed_triton(x, weight, resize, bias, list(patch), pos_embed,
+                                                  size_embed)
 
 
 # ---- backends and their priority: Triton, then torch -----------------------------------------
@@ -239,7 +280,7 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if len(patch) == 3 and tuple(weight.shape[2:]) != patch:
         raise ValueError(f"weight: a video kernel {tuple(weight.shape[2:])} must equal patch_size "
                          f"{patch}; 3-D kernels are not resized")
-    tokens = math.prod(s // p for s, p in zip(x.shape[2:], patch))
+    tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch)])
     for name, t, shape in (("bias", bias, (d,)), ("pos_embed", pos_embed, (tokens, d)),
                            ("size_embed", size_embed, (d,))):
         if t is not None:

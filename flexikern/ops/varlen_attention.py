@@ -57,7 +57,7 @@ from flexikern.ops._checks import check_positive_int, check_tensor, is_finite, i
 from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 
 __all__ = ["varlen_attention", "varlen_attention_reference", "check_cu_seqlens",
-           "VarlenAttentionFunction", "VARLEN_ATTENTION_BACKENDS"]
+           "VARLEN_ATTENTION_BACKENDS"]
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
@@ -96,8 +96,10 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
         if wrong:
             raise TypeError(f"cu_seqlens_host: expected a tuple of ints, got the entry {wrong[0]!r} "
                             f"({type(wrong[0]).__name__})")
-        # Cached: a sampling step passes its packing's tuple to every attention layer.
-        _check_bounds("cu_seqlens_host", tuple(map(int, cu_seqlens_host)), total, max_seqlen)
+        # Cached: a sampling step passes its packing's tuple to every attention layer (torch.compile
+        # traces the check itself, once per graph).
+        check = _check_bounds.__wrapped__ if torch.compiler.is_compiling() else _check_bounds
+        check("cu_seqlens_host", tuple(map(int, cu_seqlens_host)), total, max_seqlen)
     elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # reading values would synchronise; they were checked before capture
     else:
@@ -287,30 +289,74 @@ class TritonVarlenAttention(_VarlenBackend):
         return super().not_supported_reasons(**inputs)
 
     def __call__(self, q, k, v, cu_seqlens, max_seqlen, scale=None, cu_seqlens_host=None):
-        return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-class VarlenAttentionFunction(torch.autograd.Function):
-    """Our Triton kernels (flexikern.kernels.varlen_attention): FA2 forward, then backward from
-    the saved output and logsumexp. Differentiable in q, k and v."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        from flexikern.kernels.varlen_attention import varlen_attention_forward
-        out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale,
-                                            interpret=triton_interpreting())
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        out, _ = torch.ops.flexikern.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
         return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        from flexikern.kernels.varlen_attention import varlen_attention_backward
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens,
-                                               ctx.max_seqlen, ctx.scale,
-                                               interpret=triton_interpreting())
-        return dq, dk, dv, None, None, None
+
+# Our Triton kernels (flexikern.kernels.varlen_attention) as torch.library custom ops with fake
+# kernels, so torch.compile keeps each as one opaque call: `flexikern::varlen_attention_triton`,
+# the FA2 forward, returning the output and the logsumexp it saves; and
+# `flexikern::varlen_attention_triton_backward`, the backward from the saved output and
+# logsumexp. Differentiable in q, k and v.
+
+
+def _allocated_like(t: torch.Tensor) -> torch.Tensor:
+    """The fake of a buffer the launches allocate with `empty_like` of `t` as they read it: `t`
+    itself when its head_dim is contiguous (with head_dim a multiple of 8 that fits them), else a
+    contiguous copy (`flexikern.kernels.varlen_attention._aligned`)."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else t.new_empty(t.shape)
+
+
+@torch.library.custom_op(
+    "flexikern::varlen_attention_triton", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float? scale) "
+           "-> (Tensor, Tensor)")
+def _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, scale):
+    """(out (total, heads, head_dim), lse (heads, total) fp32): the forward kernel."""
+    from flexikern.kernels.varlen_attention import varlen_attention_forward
+    return varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale,
+                                    interpret=triton_interpreting())
+
+
+@_varlen_attention_op.register_fake
+def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    total, heads, _ = q.shape
+    return _allocated_like(q), q.new_empty((heads, total), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "flexikern::varlen_attention_triton_backward", mutates_args=(),
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+           "Tensor cu_seqlens, int max_seqlen, float? scale) -> (Tensor, Tensor, Tensor)")
+def _varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    """(dq, dk, dv) of `flexikern::varlen_attention_triton` (FA2's backward)."""
+    from flexikern.kernels.varlen_attention import varlen_attention_backward
+    return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale,
+                                     interpret=triton_interpreting())
+
+
+@_varlen_attention_backward_op.register_fake
+def _varlen_attention_backward_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return _allocated_like(q), _allocated_like(k), _allocated_like(v)
+
+
+def _varlen_attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _varlen_attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flexikern.varlen_attention_triton_backward(
+        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_varlen_attention_op.register_autograd(_varlen_attention_backward,
+                                       setup_context=_varlen_attention_setup)
 
 
 @tensor_cache(maxsize=16)
