@@ -18,17 +18,19 @@
 #              appended to e2e.jsonl as each benchmark finishes (FLEXIKERN_BENCH_ROWS), so a
 #              timeout loses one row at most
 #   op benches the other suites, rows to ops.jsonl the same way
-#   compile bench  the e2e compiled rows (-k compile: the plain DiT, then FlexiDiT, under
-#              torch.compile mode max-autotune-no-cudagraphs), to e2e.jsonl; last because each
-#              compiles for a minute or more, so a timeout here costs only these rows. Its
-#              minimum (120 s) came with the budget's rise from 360 s: no other stage lost time.
+#   compile bench  the e2e compiled rows (-k compile: the plain DiT under torch.compile mode
+#              max-autotune-no-cudagraphs, then FlexiDiT compiled, then compiled in CUDA graphs),
+#              to e2e.jsonl; last because compiling takes minutes, so a timeout here costs only
+#              these rows. Its minimum (120 s) came with the budget's rise from 360 s: no other
+#              stage lost time.
 #   render     results.md + e2e.png from the rows; the short table is printed last
 # Everything lands in benchmarks/results/<device-name>/: gpu_check.log (this output), build.log,
 # gpu_tests.log, e2e.jsonl, ops.jsonl, results.md, e2e.png. Commit that folder.
 #
 # Knobs: PYTHON (default python3), FLEXIKERN_GPU_CHECK_BUDGET, FLEXIKERN_BENCH_STEPS (timed steps
-# per e2e run, default 10 on a GPU; see benchmarks/README.md), FLEXIKERN_BENCH_COMPILE_MODE (the
-# compile rows' torch.compile mode, default max-autotune-no-cudagraphs; "default" compiles faster).
+# per e2e run, default 10 on a GPU; see benchmarks/README.md), FLEXIKERN_BENCH_COMPILE_MODE (FlexiDiT's
+# torch.compile mode in the compiled rows, default "default"; the plain DiT's is always
+# max-autotune-no-cudagraphs).
 # CPU rehearsal (CI runs it): FLEXIKERN_GPU_CHECK_ALLOW_CPU=1 runs the same stages shrunk on a
 # machine without CUDA: Triton in its interpreter, the GPU tests collected (with diffusers,
 # flash-attn and xformers hidden, as on the GPU machine) and skipped, the benchmarks at CPU sizes,

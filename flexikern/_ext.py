@@ -26,9 +26,9 @@ _state: dict[str, Any] = {"tried": False, "module": None, "error": None}
 def load() -> ModuleType | None:
     """The extension module (importing it once), or None when it cannot be loaded.
 
-    After the first call this is a dictionary read, which torch.compile traces through; the first
-    call imports a library, which it cannot: call any flexikern op once eagerly before compiling
-    with fullgraph=True.
+    After the first call this is a dictionary read. torch.compile does not trace the first call:
+    the ops ask through `flexikern.ops.patchify._extension_unavailable`, which it runs for real
+    while tracing, so a model compiles with fullgraph=True before any eager call.
     """
     if not _state["tried"]:
         _load_once()

@@ -8,13 +8,16 @@ inductor tests compile a tiny DiT for real (about 10 s per graph on 2 cores).
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import flexikern as fk
+import flexikern.ops as ops
 from flexikern.models import FlexiDiT, FlexiLatte, FlexiPixArt, TextCondition
+from flexikern.ops._dispatch import triton_interpreting
 from flexikern.runtime.compiled import compile_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -263,6 +266,59 @@ def test_compile_with_cuda_graphs_refuses_modes_with_their_own_graphs():
     with pytest.raises(ValueError, match="captures CUDA graphs of its own"):
         fk.sample(model, [1], fk.Schedule.static(2, 2), progress=False, compile="reduce-overhead",
                   cuda_graphs=True)
+
+
+def test_compiled_forwards_inside_cuda_graph_phases():
+    # compile and cuda_graphs together: the phases' steps call the compiled forwards (on CPU the
+    # graph runner runs its phase bodies eagerly, with the same results).
+    from flexikern.runtime.graphs import GraphRunner
+    model = dit(std=0.02)
+    schedule = fk.Schedule.weak_first(6, 2, weak=4, powerful=2, guidance_weak_steps=4)
+    eager = fk.sample(model, [1, 7], schedule, fk.Guidance(3.0), progress=False)
+    with warnings.catch_warnings():   # "CUDA graphs need a CUDA device", once per process
+        warnings.simplefilter("ignore", RuntimeWarning)
+        graphed = fk.sample(model, [1, 7], schedule, fk.Guidance(3.0), progress=False,
+                            cuda_graphs=GraphRunner(), compile={"backend": "aot_eager"})
+    assert close(graphed, eager)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="the Triton backends on CPU need TRITON_INTERPRET=1")
+def test_a_model_on_the_triton_backends_compiles_without_a_break():
+    # The fused kernels are custom ops: one opaque call each in the graph, forward and backward.
+    model = dit(std=0.02).train()
+    x, y = image(), torch.tensor([1, 7])
+    fn = lambda x: model(x, T, y, patch_size=4)   # noqa: E731
+    with ops.use_backend(patch_embed="triton", de_embed="triton"):
+        explained = torch._dynamo.explain(fn)(x)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        torch._dynamo.reset()
+        graphs = []
+        compiled = torch.compile(fn, fullgraph=True, backend=_recording_aot(graphs))
+        outputs, grads = [], []
+        for run in (fn, compiled):
+            model.zero_grad(set_to_none=True)
+            out = run(x)
+            out.square().mean().backward()
+            outputs.append(out.detach())
+            grads.append([p.grad.clone() for p in model.trainable_parameters() if p.grad is not None])
+    assert close(outputs[1], outputs[0])
+    assert all(close(a, b) for a, b in zip(grads[1], grads[0]))
+    called = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    # (The latents need no gradient: patch_embed's grad-x launch does not run.)
+    assert {"flexikern.patch_embed_triton.default", "flexikern.de_embed_triton.default",
+            "flexikern.de_embed_triton_grad_x.default"} <= called
+    torch._dynamo.reset()
+
+
+def _recording_aot(graphs):
+    """aot_eager that keeps the forward and backward graphs it runs."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
 
 
 def test_compiling_before_any_eager_call():

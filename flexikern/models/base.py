@@ -14,6 +14,16 @@ are trusted: checking class labels' range and that timesteps are finite and >= 0
 the host, so forwards skip it inside `conditions_checked()`, which `fk.sample` enters after
 validating its conditions once. (A text condition's 0/1 mask is checked once, when the
 `TextCondition` is built.) Shapes and dtypes (host metadata) are always checked.
+
+torch.compile: every model traces with `fullgraph=True` at every patch size, forward and
+backward, `forward_packed` included. Inside a compiled graph the value checks are device-side
+assertions (`assert_on_device`: no host read, no graph break); the per-size constants are traced
+or embedded in the graph (`flexikern.ops._cache.tensor_cache`); packings are built in the graph
+from host constants. Patch sizes and latent sizes are always static: a patch size the compiler
+made symbolic (torch.compile's default after it saw two values) is specialised again
+(`operator.index` in `PatchSize.parse`), so each size compiles one graph, once; the batch may be
+dynamic. A check that fails while tracing with fullgraph=True surfaces as dynamo's "Observed
+exception", carrying the message. `flexikern.runtime.compiled` compiles sampling.
 """
 
 from __future__ import annotations

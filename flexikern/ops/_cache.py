@@ -65,9 +65,10 @@ def tensor_cache(maxsize: int, small: bool = False) -> Callable[[F], F]:
                 value, _ = build(*args)
             return value
 
-        # Run for real while tracing (its result, nested tuples of floats, is a constant of the
-        # graph; dynamo mishandles a tensor result of two different calls in one graph).
-        values = constant_while_tracing(functools.wraps(fn)(lambda *args: _nested_tuple(lookup(*args).tolist())))
+        @constant_while_tracing   # run for real while tracing: its nested tuples of floats are
+        @functools.wraps(fn)      # a constant of the graph (a tensor result is not: dynamo
+        def values(*args):        # mishandles two of them from one function in one graph)
+            return _nested_tuple(lookup(*args).tolist())
 
         @functools.wraps(fn)
         def cached(*args):

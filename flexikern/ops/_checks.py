@@ -76,8 +76,8 @@ def check_flag(value: Any, name: str) -> bool:
 def is_int(value: Any) -> bool:
     """A Python or numpy integer (numbers.Integral), not a bool; or, inside torch.compile, a
     symbolic int (`torch.SymInt`: an int the graph is not specialised on, such as a dynamic batch
-    size, or a patch size after the compiler saw two values). `int(value)` specialises the graph
-    on a symbolic int's value."""
+    size, or a patch size after the compiler saw two values). `operator.index(value)` specialises
+    the graph on a symbolic int's value (`int()` does not)."""
     return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 

@@ -52,7 +52,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from flexikern.ops._cache import tensor_cache
+from flexikern.ops._cache import constant_while_tracing, tensor_cache
 from flexikern.ops._checks import check_positive_int, check_tensor, is_finite, is_int
 from flexikern.ops._dispatch import Backend, dispatch, triton_interpreting
 
@@ -199,13 +199,21 @@ class _VarlenBackend(Backend):
         if head_dim % self.head_dim_multiple:
             reasons.append(f"head_dim {head_dim} is not a multiple of {self.head_dim_multiple}")
         if self.min_cuda_capability is not None and q.device.type == "cuda":
-            capability = torch.cuda.get_device_capability(q.device)
+            capability = _capability(q.device)
             if capability < self.min_cuda_capability:
                 reasons.append(f"CUDA capability {capability} < {self.min_cuda_capability}")
-        if (self.reads_cu_seqlens_on_host and q.device.type == "cuda"
+        # (torch.compile traces outside any capture: its graphs read the host boundaries as
+        # constants, so they can be captured later.)
+        if (self.reads_cu_seqlens_on_host and q.device.type == "cuda" and not torch.compiler.is_compiling()
                 and torch.cuda.is_current_stream_capturing()):
             reasons.append("reads cu_seqlens on the host, which a CUDA graph capture forbids")
         return reasons
+
+
+@constant_while_tracing
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA compute capability of `device` (torch.compile reads it while tracing)."""
+    return torch.cuda.get_device_capability(device)
 
 
 def _host_bounds(cu_seqlens: torch.Tensor, cu_seqlens_host: tuple[int, ...] | None) -> tuple[int, ...]:
