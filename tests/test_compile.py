@@ -178,17 +178,33 @@ def _counting_backend(graphs):
     return backend
 
 
-def test_each_patch_size_compiles_once_with_default_dynamic_shapes():
-    # torch.compile's default (dynamic=None) makes an int argument symbolic once it changed; the
-    # models specialise patch sizes, so each size still compiles one static graph, once.
+@pytest.mark.parametrize("kind", [int, tuple, fk.PatchSize.parse], ids=["int", "tuple", "PatchSize"])
+def test_each_patch_size_compiles_once_with_default_dynamic_shapes(kind):
+    # torch.compile's default (dynamic=None) makes an int argument (or a tuple's ints) symbolic
+    # once it changed; the models specialise patch sizes, so each size still compiles one static
+    # graph, once, however the size is given.
     model, graphs = dit(sizes=(2, 4, 8)), []
     x, t, y = image(), T, torch.tensor([1, 2])
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=_counting_backend(graphs))
     with torch.no_grad():
         for p in (2, 4, 2, 8, 4, 8, 2):
-            assert close(compiled(x, t, y, patch_size=p), model(x, t, y, patch_size=p)), p
+            size = p if kind is int else kind((p, p))
+            assert close(compiled(x, t, y, patch_size=size), model(x, t, y, patch_size=p)), p
     assert len(graphs) == 3
+
+
+def test_sampling_a_model_the_user_compiled():
+    # fk.sample passes PatchSize objects: a user's own torch.compile(model, fullgraph=True) runs a
+    # whole guided weak-first schedule without a break, one graph per size and batch layout.
+    torch._dynamo.reset()
+    model, graphs = dit(std=0.02), []
+    schedule = fk.Schedule.weak_first(6, 2, weak=4, powerful=2, guidance_weak_steps=4)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=_counting_backend(graphs))
+    got = fk.sample(compiled, [1, 7], schedule, fk.Guidance(3.0), progress=False)
+    assert close(got, fk.sample(model, [1, 7], schedule, fk.Guidance(3.0), progress=False))
+    assert len(graphs) == 4
+    torch._dynamo.reset()
 
 
 def test_sample_compiles_once_per_layout_and_matches_eager():
@@ -233,15 +249,24 @@ def test_sample_raises_the_recompile_limit_for_its_layouts():
 
 # ----------------------------------------------------------------------------- checks inside a graph
 
-def test_label_and_timestep_values_are_checked_inside_the_graph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_label_and_timestep_values_are_checked_inside_the_graph(backend):
+    # (Under inductor the embedding's own bounds check must not fire first.)
+    torch._dynamo.reset()
     model = dit()
     x = image()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
         with pytest.raises(RuntimeError, match=r"y: class labels out of range; expected 0\.\.10"):
             compiled(x, T, torch.tensor([1, 11]))
         with pytest.raises(RuntimeError, match="t: timesteps must be finite and >= 0"):
             compiled(x, torch.tensor([-1.0, 5.0]), torch.tensor([1, 2]))
+        assert close(compiled(x, T, torch.tensor([1, 10])), model(x, T, torch.tensor([1, 10])))
+        if backend == "inductor":
+            torch._dynamo.reset()
+            return
+        with pytest.raises(Exception, match="y: class labels must be integers, got a torch.float32 tensor"):
+            compiled(x, T, torch.tensor([1.0, 2.0]))
         # A host-value check fails while tracing: with fullgraph=True dynamo reports it as an
         # "Observed exception" that carries flexikern's message.
         with pytest.raises(Exception, match=r"patch_size=3 is not configured; this model has "
@@ -255,17 +280,74 @@ def test_label_and_timestep_values_are_checked_inside_the_graph():
     (1, TypeError, "compile=1: expected True, False"),
     ({"fullgraph": False}, ValueError, r"unknown torch.compile arguments \['fullgraph'\]"),
     ({"mode": "turbo"}, ValueError, "mode='turbo'"),
+    ({"mode": "max-autotune", "options": {"epilogue_fusion": True}}, ValueError, "give `mode` or `options`"),
 ])
 def test_compile_argument_errors(bad, error, match):
     with pytest.raises(error, match=match):
         compile_options(bad)
 
 
-def test_compile_with_cuda_graphs_refuses_modes_with_their_own_graphs():
+@pytest.mark.parametrize("compile", ["reduce-overhead", "max-autotune", {"backend": "cudagraphs"},
+                                     {"options": {"triton.cudagraphs": True}}])
+def test_compile_with_cuda_graphs_refuses_settings_with_their_own_graphs(compile):
     model = dit()
     with pytest.raises(ValueError, match="captures CUDA graphs of its own"):
-        fk.sample(model, [1], fk.Schedule.static(2, 2), progress=False, compile="reduce-overhead",
-                  cuda_graphs=True)
+        fk.sample(model, [1], fk.Schedule.static(2, 2), progress=False, compile=compile, cuda_graphs=True)
+
+
+def test_unguided_first_step_compiles_once():
+    # The first step's state is an inference tensor like every later one: one guard, one graph.
+    torch._dynamo.reset()
+    counters.clear()
+    fk.sample(dit(std=0.02), [1, 7], fk.Schedule.static(3, 2), None, progress=False,
+              compile={"backend": "aot_eager"})
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_compile_settings_each_get_their_layouts_under_the_limit():
+    # Each compile setting compiles its own graphs of the same functions; the raised limit counts
+    # them all.
+    torch._dynamo.reset()
+    import torch._dynamo.config as config
+    model = dit(std=0.02)
+    schedule = fk.Schedule.weak_first(4, 1, weak=4, powerful=2, guidance_weak_steps=3)
+    with config.patch(recompile_limit=2):
+        for backend in ("aot_eager", "eager"):
+            fk.sample(model, [1], schedule, fk.Guidance(2.0), progress=False, compile={"backend": backend})
+    torch._dynamo.reset()
+
+
+def test_compiled_sampling_keeps_no_model_alive():
+    import gc
+    import weakref
+    model = dit(std=0.02)
+    fk.sample(model, [1], fk.Schedule.static(2, 2), progress=False, compile={"backend": "aot_eager"})
+    ref = weakref.ref(model)
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None
+
+
+def test_text_mask_of_zeros_and_ones_compiles():
+    model = pixart()
+    embeds, mask = text().embeds, text().mask.float()
+    fn = lambda x: model(x, T, (embeds, mask), patch_size=4)   # noqa: E731
+    explained = torch._dynamo.explain(fn)(image())
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+
+
+def test_varlen_attention_under_compile_needs_host_boundaries():
+    q = torch.randn(7, 2, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(Exception, match="cu_seqlens_host: required under torch.compile"):
+        torch.compile(lambda q: ops.varlen_attention(q, q, q, cu, 4), fullgraph=True, backend="eager")(q)
+    out = torch.compile(lambda q: ops.varlen_attention(q, q, q, cu, 4, cu_seqlens_host=(0, 3, 7)),
+                        fullgraph=True, backend="eager")(q)
+    assert close(out, ops.varlen_attention(q, q, q, cu, 4))
+    torch._dynamo.reset()
 
 
 def test_compiled_forwards_inside_cuda_graph_phases():
@@ -308,6 +390,27 @@ def test_a_model_on_the_triton_backends_compiles_without_a_break():
     # (The latents need no gradient: patch_embed's grad-x launch does not run.)
     assert {"flexikern.patch_embed_triton.default", "flexikern.de_embed_triton.default",
             "flexikern.de_embed_triton_grad_x.default"} <= called
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["two-forwards", "packed"])
+def test_compiled_sampling_on_cuda(packed):
+    # Inductor's Triton code, flexikern's custom ops (patch_embed, de_embed, varlen attention) and
+    # device-side assertions in one compiled run, bf16, inside flexikern's CUDA graphs; equal to
+    # eager sampling up to bf16 rounding, and a second run compiles nothing.
+    from flexikern.runtime.graphs import GraphRunner
+    torch._dynamo.reset()
+    model = dit(std=0.02).to("cuda", torch.bfloat16)
+    schedule = fk.Schedule.weak_first(6, 2, weak=4, powerful=2, guidance_weak_steps=4)
+    eager = fk.sample(model, [1, 7], schedule, fk.Guidance(3.0), progress=False, packed=packed)
+    run = lambda: fk.sample(model, [1, 7], schedule, fk.Guidance(3.0), progress=False,   # noqa: E731
+                            packed=packed, compile=True, cuda_graphs=GraphRunner())
+    compiled = run()
+    graphs = counters["stats"]["unique_graphs"]
+    assert close(compiled.float(), eager.float(), 2e-2)
+    run()
+    assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
 
 

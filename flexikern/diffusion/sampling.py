@@ -195,6 +195,7 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     compiling = contextlib.nullcontext() if compiled is None else compiled.running(loop.denoiser.layouts(x, loop.phases))
     with eval_mode(model), torch.inference_mode(), conditions_checked(), compiling, tqdm(
             total=sampler.num_steps, disable=not progress, desc=f"sampling {schedule!r}", leave=False) as bar:
+        x = x.clone()   # an inference tensor like every later step's state (one guard for compiled steps)
         loop.denoiser.prepare(x, loop.phases)
         if cuda_graphs is not False:   # True or a GraphRunner
             from flexikern.runtime.graphs import run_graphed
@@ -232,12 +233,12 @@ def _check_options(progress: Any, packed: Any, cuda_graphs: Any, vae: Any) -> No
 def _check_compile(compile: Any, cuda_graphs: Any) -> dict[str, Any] | None:
     """`sample`'s `compile` as torch.compile arguments (None: eager); refused with CUDA graphs
     when its mode captures graphs of its own."""
-    from flexikern.runtime.compiled import CUDAGRAPH_MODES, compile_options
+    from flexikern.runtime.compiled import captures_cuda_graphs, compile_options
     kwargs = compile_options(compile)
-    if kwargs is not None and cuda_graphs is not False and kwargs.get("mode") in CUDAGRAPH_MODES:
-        raise ValueError(f"compile={compile!r} with cuda_graphs: mode {kwargs['mode']!r} captures CUDA graphs "
-                         f"of its own, which cannot run inside flexikern's; use compile='max-autotune-no-cudagraphs' "
-                         f"(or True) with cuda_graphs, or this mode without cuda_graphs")
+    if kwargs is not None and cuda_graphs is not False and captures_cuda_graphs(kwargs):
+        raise ValueError(f"compile={compile!r} with cuda_graphs: it captures CUDA graphs of its own, which "
+                         f"cannot run inside flexikern's; use compile='max-autotune-no-cudagraphs' (or True) "
+                         f"with cuda_graphs, or this setting without cuda_graphs")
     return kwargs
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexikern.flexi.layers import FlexiPatchEmbed
-from flexikern.models.base import FlexibleModel
+from flexikern.models.base import FlexibleModel, assert_on_device
 from flexikern.models.layers import MASK_BIAS, PixArtBlock, TimestepEmbedder
 from flexikern.ops._checks import check_positive_int
 
@@ -56,7 +56,9 @@ class TextCondition:
             raise ValueError(f"mask: expected bool or 0/1 values, got {m.dtype}")
         if m.dtype != torch.bool:
             valid = (m == 0) | (m == 1)
-            if not bool(valid.all()):
+            if torch.compiler.is_compiling():   # no host read inside a graph
+                assert_on_device(valid, "mask: expected 0/1 (or bool) values, True/1 = a real token")
+            elif not bool(valid.all()):
                 bad = m[~valid].unique()[:8].tolist()
                 raise ValueError(f"mask: expected 0/1 (or bool) values, True/1 = a real token; got "
                                  f"values {bad}")

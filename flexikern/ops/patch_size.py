@@ -13,6 +13,8 @@ import math
 import operator
 from typing import Any, Union
 
+import torch
+
 from flexikern.ops._checks import is_int
 
 __all__ = ["PatchSize", "PatchSizeLike"]
@@ -37,7 +39,8 @@ class PatchSize(tuple):
             ValueError: naming `name` and `value`, with what was expected.
         """
         if isinstance(value, PatchSize) and ndim in (None, len(value)):
-            return value
+            # torch.compile may have made its ints symbolic (an argument that changed): specialise.
+            return tuple.__new__(cls, [operator.index(s) for s in value]) if torch.compiler.is_compiling() else value
         sizes = value
         if isinstance(value, str):
             try:

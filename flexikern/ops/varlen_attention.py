@@ -100,6 +100,10 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
         # traces the check itself, once per graph).
         check = _check_bounds.__wrapped__ if torch.compiler.is_compiling() else _check_bounds
         check("cu_seqlens_host", tuple(map(int, cu_seqlens_host)), total, max_seqlen)
+    elif torch.compiler.is_compiling():
+        raise ValueError("cu_seqlens_host: required under torch.compile (reading cu_seqlens' values would "
+                         "break the graph); pass the boundaries as a tuple of ints too, e.g. "
+                         "cu_seqlens_host=tuple(cu_seqlens.tolist()) computed outside the compiled function")
     elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # reading values would synchronise; they were checked before capture
     else:
