@@ -234,9 +234,9 @@ class GuidedDenoiser:
         return self.model.prepare([cond_size, guid_size], size, x.device)
 
     def layouts(self, x: torch.Tensor, phases: list[Phase]) -> set[tuple]:
-        """The forwards the steps of `phases` call from states like `x`, each (model id, "forward",
-        patch size, batch) or (model id, "packed", patch sizes, batch): what a compiled run
-        compiles, once each (`flexikern.runtime.compiled`)."""
+        """The forwards the steps of `phases` call from states like `x`, each ("forward", patch
+        size, batch) or ("packed", patch sizes, batch): what a compiled run compiles, once each
+        (`flexikern.runtime.compiled`)."""
         n, layouts = x.shape[0], set()
         for _, _, cond_size, guid_size in phases:
             rule = self.rule(cond_size, guid_size)
@@ -248,7 +248,7 @@ class GuidedDenoiser:
                 layouts.add(("packed", (cond_size, guid_size), 2 * n))
             else:
                 layouts |= {("forward", cond_size, n), ("forward", guid_size, n)}
-        return {(id(self.model), *layout) for layout in layouts}
+        return layouts
 
     def combine(self, cond: torch.Tensor, other: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
         """`other + scale * (cond - other)` on the guided channels, in place in `cond`; the rest from cond."""

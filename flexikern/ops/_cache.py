@@ -76,7 +76,7 @@ def tensor_cache(maxsize: int, small: bool = False) -> Callable[[F], F]:
                 return lookup(*args)
             if small:
                 return torch.tensor(values(*args), device=args[-2], dtype=args[-1])
-            return fn(*args)
+            return fn(*args)   # traced into the graph
 
         cached.cache_clear, cached.cache_info = build.cache_clear, build.cache_info
         return cached

@@ -48,7 +48,7 @@ _OPTION_NAMES = ("mode", "backend", "options")
 
 _LOCK = threading.Lock()
 _FUNCTIONS: dict[tuple, tuple[Any, Any]] = {}   # (model class, options key) -> compiled functions
-_LAYOUTS: set[tuple] = set()   # every (options key, layout) compiled in this process
+_LAYOUTS: set[tuple] = set()   # every (options key, model id, layout) compiled in this process
 
 
 def compile_options(compile: Any) -> dict[str, Any] | None:
@@ -116,12 +116,14 @@ class CompiledForwards:
 
     @contextlib.contextmanager
     def running(self, layouts: set[tuple]) -> Iterator[None]:
-        """Inside: calls of these `layouts` compile (once each) without hitting dynamo's recompile
-        limit, and raise rather than fall back to eager if they would (module docstring)."""
+        """Inside: calls of these `layouts` (`GuidedDenoiser.layouts`) compile (once each) without
+        hitting dynamo's recompile limit, and raise rather than fall back to eager if they would
+        (module docstring). Counted per compile setting and model (an upper bound: models of one
+        class and configuration share graphs)."""
         import torch._dynamo
-        key = _key(self.options)
+        key = (_key(self.options), id(self.model))
         with _LOCK:
-            _LAYOUTS.update((key, *layout) for layout in layouts)
+            _LAYOUTS.update((*key, *layout) for layout in layouts)
             needed = len(_LAYOUTS)
         limit = max(torch._dynamo.config.recompile_limit, needed)
         try:
