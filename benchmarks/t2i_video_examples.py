@@ -174,7 +174,9 @@ def evaluate(kind: str, model, out: Path, n: int, steps: int, seeds, scale: floa
     for weak in [p for p in model.patch_sizes if p != powerful]:
         for level in (0.8, 0.6, 0.5, 0.4, 0.3):
             try:
-                schedules.append(("flexi", Schedule.for_budget(model, steps, level, weak=weak), weak))
+                # x/y, as when the committed curves were made (before for_budget's default was x/x)
+                flexi = Schedule.for_budget(model, steps, level, weak=weak, equal_branches=False)
+                schedules.append(("flexi", flexi, weak))
             except ValueError:
                 pass
     if kind == "video":   # three phases: spatially weak, temporally weak, powerful

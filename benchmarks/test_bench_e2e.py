@@ -6,7 +6,8 @@ Providers (all through `fk.sample(..., progress=False)`: the same DDPM loop, noi
 * reference: the independent plain-PyTorch DiT (`tests/reference_dit.DiT`, SDPA attention), static
   p=2, eager, behind a thin adapter that gives it FlexiDiT's sampling interface;
 * static: FlexiDiT with the SAME weights (`FlexiDiT.from_dit`), static p=2, flexikern's kernels;
-* flexi_0.6: FlexiDiT with `Schedule.for_budget(model, steps, 0.6)` (weak p=4 guidance first),
+* flexi_0.6: FlexiDiT with `Schedule.for_budget(model, steps, 0.6, equal_branches=False)` (the
+  "most powerful steps" rule: weak p=4 guidance first, so that mixed steps and packing are timed),
   eager, the two branches of a mixed step as two forwards (`packed=False`);
 * flexi_0.6+packed: the same, the two branches as ONE packed forward (`packed=True`, varlen attention);
 * flexi_0.6+graphs, static+graphs: `cuda_graphs=` a GraphRunner (one graph per phase; inside a
@@ -184,7 +185,9 @@ def models() -> dict[str, nn.Module]:
 
 
 def _schedule(kind: str, flexi: FlexiDiT, steps: int) -> Schedule:
-    return Schedule.static(steps, 2) if kind == "static" else Schedule.for_budget(flexi, steps, BUDGET)
+    if kind == "static":
+        return Schedule.static(steps, 2)
+    return Schedule.for_budget(flexi, steps, BUDGET, equal_branches=False)
 
 
 @pytest.mark.parametrize("batch,provider", CASES, ids=[f"{p}-batch{b}" for b, p in CASES])

@@ -42,11 +42,12 @@ COMPILE = True   # fk.sample's compile=: inductor, default mode (no autotuning: 
 
 SCHEDULES = {
     "static": lambda m: Schedule.static(STEPS, 2),
-    # for_budget spends the budget on the most powerful steps: here weak guidance, powerful
-    # conditional, i.e. two forwards of different sizes (batch 2 each) per step.
+    # for_budget's default, x/x: both branches share a size at every step, so each step is one
+    # batched forward (batch 4).
     "budget_0.6": lambda m: Schedule.for_budget(m, STEPS, 0.6),
-    # x/x: both branches share a size at every step, so each step is one batched forward (batch 4).
-    "budget_0.6_equal": lambda m: Schedule.for_budget(m, STEPS, 0.6, equal_branches=True),
+    # the "most powerful steps" rule: here weak guidance, powerful conditional, i.e. two forwards
+    # of different sizes (batch 2 each) per step.
+    "budget_0.6_most_powerful": lambda m: Schedule.for_budget(m, STEPS, 0.6, equal_branches=False),
 }
 
 

@@ -142,11 +142,13 @@ def add_sample_parser(subparsers: Any) -> None:
                        help="static | weak_first:N[,M] | weak_last:N[,M] | x/y (default: static; with "
                             f"--compare: --budget {COMPARE_BUDGET})")
     which.add_argument("--budget", type=fraction_arg, default=None,
-                       help="pick the weak-first schedule with the most powerful steps within this "
-                            "fraction of the static FLOPs, e.g. 0.6")
-    g.add_argument("--equal-branches", action="store_true",
-                   help="with --budget: only x/x schedules (both branches at one size per step, one "
-                        "batched forward each)")
+                       help="pick the weak-first x/x schedule (both branches at one size per step) with "
+                            "the most powerful steps within this fraction of the static FLOPs, e.g. 0.6 "
+                            "(Schedule.for_budget: the family flexikern eval verifies)")
+    g.add_argument("--most-powerful-steps", action="store_true",
+                   help="with --budget: also search x/y schedules (a weak guidance branch, FlexiDiT's "
+                        "weak-model guidance) and take the one with the most powerful forwards "
+                        "(Schedule.for_budget(..., equal_branches=False))")
     g.add_argument("--weak", type=patch_size_arg, default=None,
                    help="weak patch size of a flexible schedule (default: the next larger than the original)")
     g.add_argument("--powerful", type=patch_size_arg, default=None,
@@ -190,9 +192,10 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
     try:
         if args.budget is not None:
             return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak,
-                                       powerful=powerful, equal_branches=args.equal_branches)
-        if args.equal_branches:
-            parser.error("--equal-branches applies to --budget; with --schedule write x/x yourself")
+                                       powerful=powerful, equal_branches=not args.most_powerful_steps)
+        if args.most_powerful_steps:
+            parser.error("--most-powerful-steps applies to --budget; with --schedule write the x/y schedule "
+                         "yourself")
         kind, counts = args.schedule or ("static", ())
         if kind == "static":
             return Schedule.static(args.steps, powerful).validate(model)

@@ -122,8 +122,10 @@ def run_eval(args: argparse.Namespace) -> int:
         args.parser.error(f"--model {args.model!r}: has one patch size ({model.patch_sizes[0].name}), so there is "
                           "no flexible schedule to evaluate; make it flexible first (flexikern finetune)")
     x_ref, _ = shapes_split("heldout", settings.reference_samples, size=model.input_size)
+    x_real, y_real = shapes_split("test", settings.num_samples * len(settings.seeds), size=model.input_size)
     start = time.time()
-    rows = evaluate_curves(model, classifier, torch.from_numpy(x_ref), settings)
+    rows = evaluate_curves(model, classifier, torch.from_numpy(x_ref), settings,
+                           real=(torch.from_numpy(x_real), torch.from_numpy(y_real)))
     meta = {"model": args.model or "flexikern/assets/shapes16", "steps": settings.steps,
             "sampler": settings.sampler, "num_samples": settings.num_samples, "seeds": list(settings.seeds),
             "guidance": f"{settings.guidance_mode} {settings.guidance_scale}",
@@ -175,8 +177,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model, classifier = load_shipped()
     static = Schedule.static(args.steps, model.original_patch_size)
     try:
-        flexi = Schedule.for_budget(model, args.steps, args.budget, guidance=guidance.enabled,
-                                    equal_branches=True)
+        flexi = Schedule.for_budget(model, args.steps, args.budget, guidance=guidance.enabled)
     except ValueError as e:
         args.parser.error(f"--budget: {e}")
     relative = flexi.relative_flops(model, guidance=guidance.enabled)
@@ -188,7 +189,7 @@ def run_demo(args: argparse.Namespace) -> int:
     x_ref, _ = shapes_split("heldout", 1000, size=model.input_size)
     mu_ref, sigma_ref = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
     results = {}
-    for name, schedule in (("static", static), ("flexidit", flexi)):
+    for name, schedule in (("static", static), ("FlexiDiT", flexi)):
         generate(model, schedule, guidance, 8, args.seed)             # warm-up, not timed
         start = time.perf_counter()
         x, y = generate(model, schedule, guidance, n, args.seed)
@@ -198,26 +199,47 @@ def run_demo(args: argparse.Namespace) -> int:
                          float((pred == y.numpy()).mean()))
         print(f"{name:>9}: {n} samples in {seconds:.1f} s, FD {results[name][2]:.2f}, "
               f"class accuracy {results[name][3]:.3f}")
-    print(f"speed-up {results['static'][1] / results['flexidit'][1]:.2f}x for {relative:.2f} of the FLOPs "
+    print(f"speed-up {results['static'][1] / results['FlexiDiT'][1]:.2f}x for {relative:.2f} of the FLOPs "
           f"(same noise: samples i of both runs start from the same x_T)")
-    cols = min(2 * model.num_classes, n)
-    fig, axes = plt.subplots(2, cols, figsize=(cols * 0.8, 2.2))
-    for row, name in enumerate(("static", "flexidit")):
-        images, _ = to_uint8(results[name][0][:cols])
-        for j in range(cols):
-            axes[row, j].imshow(images[j], interpolation="nearest")
-            axes[row, j].set_xticks([])
-            axes[row, j].set_yticks([])
-            if row == 0:
-                axes[row, j].set_title(CLASS_NAMES[j % model.num_classes][:8], fontsize=6)
-        axes[row, 0].set_ylabel("static\n1.00" if row == 0 else f"FlexiDiT\n{relative:.2f}", fontsize=7)
-    fig.suptitle("same noise, static (top) vs FlexiDiT (bottom); relative FLOPs on the left", fontsize=8)
+    fig = _demo_figure(plt, model, {"static": (f"p={static.cond[0].name}", 1.0),
+                                    "FlexiDiT": (f'"{flexi.notation}"', relative)}, results, guidance, args.steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {args.out}")
     return 0
+
+
+def _demo_figure(plt: Any, model: Any, schedules: dict[str, tuple[str, float]],
+                 results: dict[str, tuple[torch.Tensor, float, float, float]], guidance: Guidance,
+                 steps: int) -> Any:
+    """The demo's figure: one column per class (full names), `rows` samples per schedule from the
+    same noise (sample i of each run starts from the same x_T), and beside each block its relative
+    FLOPs, measured time, FD and accuracy."""
+    classes = model.num_classes
+    n = len(next(iter(results.values()))[0])
+    rows = max(1, min(2, n // classes))
+    cols = min(classes, n)
+    fig, axes = plt.subplots(len(results) * rows, cols, squeeze=False,
+                             figsize=(1.0 + 0.75 * cols, 0.35 + 0.8 * len(results) * rows))
+    for b, (name, (x, seconds, fd, accuracy)) in enumerate(results.items()):
+        images, _ = to_uint8(x[:rows * classes])
+        for r in range(rows):
+            for j in range(cols):
+                ax = axes[b * rows + r, j]
+                ax.imshow(images[r * classes + j], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if b == 0 and r == 0:
+                    ax.set_title(CLASS_NAMES[j].replace("_", "\n"), fontsize=6)
+        schedule, relative = schedules[name]
+        axes[b * rows, 0].set_ylabel(
+            f"{name} {schedule}\nFLOPs {relative:.2f}\n{seconds:.1f} s\nFD {fd:.0f}\nacc {accuracy:.2f}",
+            fontsize=6, rotation=0, ha="right", va="top", labelpad=4)
+    fig.suptitle(f"shapes16: static vs FlexiDiT from the same noise (DDIM {steps} steps, guidance "
+                 f"{guidance.mode} {guidance.scale:g}); time and FD over {n} samples", fontsize=7)
+    return fig
 
 
 # ---------------------------------------------------------------------------------- classifier

@@ -43,7 +43,7 @@ __all__ = ["ShapesClassifier", "train_classifier", "classify", "frechet_distance
            "EvalSettings"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-FLOPS_LEVELS = (1.0, 0.8, 0.64, 0.5, 0.4, 0.3)
+FLOPS_LEVELS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)
 SEED_STRIDE = 1_000_003   # `generate`'s sample i is seeded seed * stride + i: runs' seeds never overlap
 
 
@@ -215,10 +215,8 @@ def _schedules(model: Any, s: EvalSettings, guided: bool) -> list[tuple[str, flo
     for level in s.levels:
         if level >= 1.0:
             continue
-        # "x/x": both branches share a size at every step, so every step is ordinary CFG (the best
-        # guidance for the static model); for_budget's default would also search x/y schedules,
-        # which on a tie prefer a weak guidance branch (FlexiDiT's weak-model guidance rule).
-        flexi = Schedule.for_budget(model, s.steps, level, guidance=guided, equal_branches=True)
+        # for_budget's default, "x/x": at level 0.6 this row is exactly what `--budget 0.6` picks.
+        flexi = Schedule.for_budget(model, s.steps, level, guidance=guided)
         if "flexi" in s.methods:
             out.append(("flexi", level, flexi, s.steps))
         if "weak_last" in s.methods:
@@ -237,12 +235,29 @@ def _schedules(model: Any, s: EvalSettings, guided: bool) -> list[tuple[str, flo
 
 
 def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.Tensor, settings: EvalSettings,
-                    progress: bool = True) -> list[dict[str, Any]]:
-    """FD (vs `reference` images) and accuracy for every method and FLOPs level; one row each."""
+                    progress: bool = True, real: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> list[dict[str, Any]]:
+    """FD (vs `reference` images) and accuracy for every method and FLOPs level; one row each.
+
+    `real`: (images, labels), `num_samples` per seed, other real images than `reference`: scored
+    the same way as the samples, they give the row "real", the floor of the FD (real vs real).
+    """
     from tqdm.auto import tqdm
     guidance = Guidance(settings.guidance_scale, settings.guidance_mode)
     mu_ref, sigma_ref = feature_stats(classify(classifier, reference)[0])
     rows = []
+    if real is not None:
+        n = settings.num_samples
+        if len(real[0]) < n * len(settings.seeds):
+            raise ValueError(f"real: {len(real[0])} images, expected num_samples * seeds = {n * len(settings.seeds)}")
+        fds, accs = [], []
+        for i in range(len(settings.seeds)):
+            feats, pred = classify(classifier, real[0][i * n:(i + 1) * n])
+            fds.append(frechet_distance(*feature_stats(feats), mu_ref, sigma_ref))
+            accs.append(float((pred == np.asarray(real[1][i * n:(i + 1) * n])).mean()))
+        rows.append({"method": "real", "relative_flops": 0.0, "level": 0.0, "steps": 0, "schedule": "real images",
+                     "fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "accuracy": float(np.mean(accs)),
+                     "accuracy_std": float(np.std(accs)), "fd_per_seed": fds, "seconds_per_seed": 0.0})
     points = _schedules(model, settings, guidance.enabled)
     base_steps = settings.steps
     static_flops = None
@@ -300,9 +315,11 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
              "(lower is better); mean ± std over seeds.", "",
              "| method | relative FLOPs | FD | FD vs static | accuracy | schedule |",
              "|---|---:|---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"] != "static", r["method"], -r["relative_flops"])):
-        rel = f"{100 * (r['fd'] / static['fd'] - 1):+.1f}%" if static else ""
-        lines.append(f"| {r['method']} | {r['relative_flops']:.3f} | {r['fd']:.3f} ± {r['fd_std']:.3f} | {rel} | "
+    order = {"real": 0, "static": 1}
+    for r in sorted(rows, key=lambda r: (order.get(r["method"], 2), r["method"], -r["relative_flops"])):
+        rel = f"{100 * (r['fd'] / static['fd'] - 1):+.1f}%" if static and r["method"] != "real" else ""
+        flops = "" if r["method"] == "real" else f"{r['relative_flops']:.3f}"
+        lines.append(f"| {r['method']} | {flops} | {r['fd']:.3f} ± {r['fd_std']:.3f} | {rel} | "
                      f"{r['accuracy']:.3f} | {r['schedule']} |")
     with atomic_write(paths[1]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -322,6 +339,10 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
         axes[1].plot(xs, [r["accuracy"] for r in pts], color=color, marker=marker, label=method)
     if static:
         axes[0].axhline(static["fd"] * 1.05, color="gray", ls="--", lw=1, label="static FD + 5%")
+    real = next((r for r in rows if r["method"] == "real"), None)
+    if real:
+        axes[0].axhline(real["fd"], color="black", ls=":", lw=1, label="real images")
+        axes[1].axhline(real["accuracy"], color="black", ls=":", lw=1, label="real images")
     axes[0].set(xlabel="relative FLOPs", ylabel="FD (lower is better)", title="Fréchet distance")
     axes[1].set(xlabel="relative FLOPs", ylabel="classifier accuracy", title="class accuracy of samples")
     for ax in axes:

@@ -95,8 +95,10 @@ def test_schedule_forms(model_dir):
         assert _build_schedule(args, model, True, parser) == schedule
     args = parser.parse_args(["sample", "--model", model_dir, "--steps", "5", "--budget", "0.9"])
     assert _build_schedule(args, model, False, parser) == Schedule.for_budget(model, 5, 0.9, guidance=False)
-    args = parser.parse_args(["sample", "--model", model_dir, "--steps", "5", "--budget", "0.9", "--equal-branches"])
     assert _build_schedule(args, model, True, parser) == Schedule.for_budget(model, 5, 0.9, equal_branches=True)
+    args = parser.parse_args(["sample", "--model", model_dir, "--steps", "5", "--budget", "0.9",
+                              "--most-powerful-steps"])
+    assert _build_schedule(args, model, True, parser) == Schedule.for_budget(model, 5, 0.9, equal_branches=False)
 
 
 def test_bad_flags_say_how_to_fix_them(model_dir, capsys):
@@ -109,7 +111,7 @@ def test_bad_flags_say_how_to_fix_them(model_dir, capsys):
     fails(base + ["--budget", "0.5", "--schedule", "static"], capsys, "not allowed with")
     fails(base + ["--patch-sizes", "2,8"], capsys, "saved with patch sizes")
     fails(base + ["--weak", "8", "--schedule", "weak_first:2"], capsys, "(8, 8)", "supports only")
-    fails(base + ["--equal-branches"], capsys, "applies to --budget")
+    fails(base + ["--most-powerful-steps"], capsys, "applies to --budget")
     fails(["sample", "--model", "DiT-Q/2"], capsys, "DiT-S/2")
     fails(["sample", "--model", model_dir, "--guidance-interval", "5"], capsys, "LO,HI")
     fails([], capsys, "COMMAND")

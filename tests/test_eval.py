@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexikern.datasets import CLASS_NAMES, make_shapes
+from flexikern import metrics
+from flexikern.datasets import CLASS_NAMES, make_shapes, shapes_split
 from flexikern.diffusion import Schedule
 from flexikern.diffusion.calibrate import gap_profile
 from flexikern.metrics import ShapesClassifier, feature_stats, frechet_distance, load_shipped, train_classifier
@@ -154,7 +155,7 @@ def test_eval_quick_writes_the_files(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     rows = json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]
     methods = {r["method"] for r in rows}
-    assert methods == {"static", "flexi", "fewer_steps", "weak_last", "calibrated"}
+    assert methods == {"real", "static", "flexi", "fewer_steps", "weak_last", "calibrated"}
     for r in rows:
         assert {"method", "relative_flops", "fd", "fd_std", "accuracy"} <= set(r)
         assert np.isfinite(r["fd"]) and 0 <= r["accuracy"] <= 1 and r["fd_std"] == 0   # one seed
@@ -164,6 +165,17 @@ def test_eval_quick_writes_the_files(tmp_path):
         if r["method"] != "static":
             assert r["relative_flops"] <= r["level"] + 0.07, r   # at or near the nominal level
     assert "| flexi |" in (tmp_path / "out" / "eval.md").read_text()
+    # The row for exactly what `--budget 0.6` (Schedule.for_budget's default) picks.
+    default = next(r for r in rows if r["method"] == "flexi" and r["level"] == 0.6)
+    assert default["schedule"] == repr(Schedule.for_budget(model, 5, 0.6, guidance=False))
+    # The real-vs-real floor: real images of the test split, scored like the samples.
+    real = next(r for r in rows if r["method"] == "real")
+    x_test, y_test = shapes_split("test", 12, size=8)
+    x_ref, _ = shapes_split("heldout", 40, size=8)
+    clf = ShapesClassifier.load(tmp_path / "c.st")
+    feats, pred = metrics.classify(clf, torch.from_numpy(x_test))
+    expected = frechet_distance(*feature_stats(feats), *feature_stats(metrics.classify(clf, torch.from_numpy(x_ref))[0]))
+    assert real["fd"] == pytest.approx(expected) and real["accuracy"] == pytest.approx((pred == y_test).mean())
 
 
 def test_demo_runs_on_the_shipped_model(tmp_path, capsys):

@@ -169,15 +169,24 @@ class Schedule:
     @classmethod
     def for_budget(cls, model: FlexibleDenoiser, steps: int, budget: float, guidance: bool = True,
                    weak: PatchSizeLike | None = None, powerful: PatchSizeLike | None = None,
-                   equal_branches: bool = False) -> Schedule:
+                   equal_branches: bool = True) -> Schedule:
         """The weak-first schedule with the most powerful steps whose relative FLOPs <= `budget`.
 
-        Searches every (conditional, guidance) weak-step pair with guidance weak >= conditional weak;
-        ties go to the schedule with more powerful conditional steps. `powerful` defaults to the
-        model's original patch size, `weak` to the next larger of its patch sizes (by area).
-        `equal_branches=True` searches only "x/x" schedules, whose two branches share a size at every
-        step and so run as ONE batched forward: fewer powerful steps for the budget, but no step
-        with two smaller forwards of different sizes (slower per FLOP at small batch sizes).
+        By default (`equal_branches=True`) the paper's "x/x" schedules: both branches share a size
+        at every step (ordinary CFG at every step, ONE batched forward per step), with as many
+        powerful steps as the budget allows. This is the family `flexikern eval` verifies on the
+        shipped model (`results/shapes16/`, the row "flexi" at level 0.6 is `for_budget(0.6)`).
+
+        `equal_branches=False` is the "most powerful steps" rule: it also searches "x/y" schedules
+        (guidance weak for at least as many steps as the conditional branch, guided there by
+        FlexiDiT's weak-model rule, `Guidance(mode="flexi")`) and takes the pair with the most
+        powerful forwards, ties to more powerful conditional steps. For the same budget it keeps
+        more powerful steps, but its guidance branch is often weak throughout ("N/0"), which the
+        shipped model's evaluation does not cover, and a step with two smaller forwards of
+        different sizes is slower per FLOP at small batch sizes.
+
+        `powerful` defaults to the model's original patch size, `weak` to the next larger of its
+        patch sizes (by area).
 
         The schedule records `budget` and `guidance`: `fk.sample` warns when a run costs more (e.g.
         a schedule for guidance, sampled without it, whose weak steps then save less).

@@ -55,6 +55,9 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float
     g.add_argument("--warmup-steps", type=nonnegative_int, default=0, help="linear learning-rate warm-up (default: 0)")
     g.add_argument("--grad-clip", type=finite_float, default=1.0, help="max gradient norm, <= 0 off (default: 1)")
     g.add_argument("--ema-decay", type=probability_arg, default=ema, help=f"EMA decay in [0, 1) (default: {ema})")
+    g.add_argument("--snr-gamma", type=positive_float, default=None,
+                   help="Min-SNR-gamma loss weighting, min(SNR, gamma) / SNR on the eps MSE (arXiv 2303.09556; "
+                        "diffusers' --snr_gamma; 5 is usual). Default: DiT's plain MSE")
     g.add_argument("--class-dropout", type=probability_arg, default=0.1,
                    help="probability of training on the null class, for guidance (default: 0.1)")
     g.add_argument("--seed", type=seed_arg, default=0,
@@ -62,6 +65,12 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float
     g.add_argument("--log-every", type=positive_int, default=10, help="steps per log.jsonl line")
     g.add_argument("--ckpt-every", type=positive_int, default=100, help="steps per checkpoint")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    g.add_argument("--eval-every", type=nonnegative_int, default=0,
+                   help="--data shapes: every N steps, sample the EMA model at its original patch size (DDIM "
+                        "20 steps, guidance 5) and log its FD and class accuracy (flexikern eval's classifier "
+                        "and held-out images) to log.jsonl (default: 0, never)")
+    g.add_argument("--eval-samples", type=positive_int, default=100,
+                   help="samples per --eval-every evaluation, at least 2 (default: 100)")
     add_threads_arg(g, default=None)
     g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,16 +111,46 @@ def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser, model: 
 def _config(args: argparse.Namespace, recipe: str) -> Any:
     """The run's TrainConfig, or the usage error (built before any data or model work)."""
     from flexikern.train.trainer import TrainConfig
+    if args.eval_every and args.data != "shapes":
+        args.parser.error(f"--eval-every {args.eval_every}: scores samples with the shapes classifier, so it needs "
+                          f"--data shapes, not {args.data!r}; drop --eval-every")
+    if args.eval_samples < 2:
+        args.parser.error(f"--eval-samples {args.eval_samples}: the Fréchet distance needs at least 2 samples")
     try:
         return TrainConfig(out_dir=args.out, recipe=recipe, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                            grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-                           class_dropout=args.class_dropout, seed=args.seed, log_every=args.log_every,
+                           class_dropout=args.class_dropout, snr_gamma=args.snr_gamma, seed=args.seed,
+                           log_every=args.log_every,
                            ckpt_every=args.ckpt_every, gradient_checkpointing=args.gradient_checkpointing,
                            distill_sigma=not getattr(args, "no_distill_sigma", False),
                            progress=not args.no_progress)
     except ValueError as e:
         args.parser.error(str(e))
+
+
+def _sample_quality(args: argparse.Namespace, image_size: int) -> Any:
+    """--eval-every's evaluation: EMA model -> {"fd", "accuracy"} of --eval-samples static samples
+    (DDIM 20 steps, guidance 5, seed 0: the same noise each time) against 1000 held-out images."""
+    if not args.eval_every:
+        return None
+    import torch
+
+    from flexikern.datasets import shapes_split
+    from flexikern.diffusion import Guidance, Schedule
+    from flexikern.metrics import classify, feature_stats, frechet_distance, generate, load_shipped
+
+    classifier = load_shipped()[1]
+    x_ref, _ = shapes_split("heldout", 1000, size=image_size)
+    reference = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
+
+    def evaluate(model: Any) -> dict[str, float]:
+        schedule = Schedule.static(20, model.original_patch_size)
+        x, y = generate(model, schedule, Guidance(5.0, "flexi"), args.eval_samples, seed=0)
+        feats, pred = classify(classifier, x)
+        return {"fd": round(frechet_distance(*feature_stats(feats), *reference), 2),
+                "accuracy": round(float((pred == y.numpy()).mean()), 4)}
+    return evaluate
 
 
 def _run(args: argparse.Namespace, model: Any, data: Any, config: Any) -> int:
@@ -121,9 +160,11 @@ def _run(args: argparse.Namespace, model: Any, data: Any, config: Any) -> int:
 
     rank, world = init_distributed()
     recipe = config.recipe
+    evaluate = _sample_quality(args, data.x.shape[-1])
     start = time.time()
     try:
-        train(model, data, config, device=args.device, allow_changes=args.allow_changes)
+        train(model, data, config, device=args.device, allow_changes=args.allow_changes, evaluate=evaluate,
+              eval_every=args.eval_every)
     except TrainSetupError as e:    # raised before any step: a usage error, not a crash
         args.parser.error(str(e))
     if rank == 0:

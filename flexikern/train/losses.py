@@ -22,7 +22,7 @@ import torch
 
 from flexikern.diffusion import GaussianDiffusion
 
-__all__ = ["diffusion_loss", "distillation_loss", "vlb_term"]
+__all__ = ["diffusion_loss", "distillation_loss", "min_snr_weight", "vlb_term"]
 
 
 def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -78,12 +78,25 @@ def vlb_term(diffusion: GaussianDiffusion, x0: torch.Tensor, x_t: torch.Tensor, 
     return torch.where(t == 0, nll, kl)
 
 
+def min_snr_weight(diffusion: GaussianDiffusion, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(N,) Min-SNR-gamma weights of an eps loss at timesteps `t`: min(SNR_t, gamma) / SNR_t, with
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t) (diffusers' `compute_snr` and `--snr_gamma`). The
+    nearly clean timesteps (SNR > gamma) are down-weighted; the noisy ones keep weight 1."""
+    alpha_bar = diffusion.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
 def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   noise: torch.Tensor, diffusion: GaussianDiffusion) -> torch.Tensor:
-    """DiT's loss per sample: MSE(eps) (+ the VLB term when the output also carries the variance)."""
+                   noise: torch.Tensor, diffusion: GaussianDiffusion, snr_gamma: float | None = None
+                   ) -> torch.Tensor:
+    """DiT's loss per sample: MSE(eps), Min-SNR-weighted when `snr_gamma` is given (+ the VLB term,
+    unweighted, when the output also carries the variance)."""
     c = x0.shape[1]
     eps = model_output[:, :c].float()
     loss = _mean_flat((eps - noise) ** 2)
+    if snr_gamma is not None:
+        loss = loss * min_snr_weight(diffusion, t, snr_gamma)
     if model_output.shape[1] == 2 * c:
         loss = loss + vlb_term(diffusion, x0, x_t, t, eps.detach(), model_output[:, c:].float())
     return loss

@@ -42,7 +42,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # max global grad norm; <= 0 disables
     ema_decay: float = 0.9999
     class_dropout: float = 0.1      # labels replaced by the null class (classifier-free guidance)
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (diffusion loss; None: DiT's plain MSE)
     distill_sigma: bool = True      # distillation: also match the variance channels (learn_sigma)
     seed: int = 0
     log_every: int = 10
@@ -108,6 +109,12 @@ class TrainConfig:
             raise ValueError(f"class_dropout={self.class_dropout!r}: expected a probability in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay!r}: expected a value in [0, 1)")
+        if self.snr_gamma is not None and not (is_finite(self.snr_gamma) and self.snr_gamma > 0):
+            raise ValueError(f"snr_gamma={self.snr_gamma!r}: expected None (plain MSE) or a positive finite number "
+                             "(5 is the paper's and diffusers' usual value)")
+        if self.snr_gamma is not None and self.recipe == "distill":
+            raise ValueError(f"snr_gamma={self.snr_gamma!r}: weights the diffusion loss of recipes 'pretrain' and "
+                             "'shared'; 'distill' matches the teacher's output: drop snr_gamma")
 
 
 class EMA:
@@ -225,6 +232,9 @@ def _check_resume(ckpt: dict[str, Any], settings: dict[str, Any], path: Path, al
     if old is None:    # a checkpoint from before settings were stored: compare the config only
         old = {k: v for k, v in ckpt.get("config", {}).items() if k not in _FREE_SETTINGS}
         settings = {k: v for k, v in settings.items() if k in old}
+    # A setting added after the checkpoint was written ran at its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in _FREE_SETTINGS}
+    old = {**{k: v for k, v in defaults.items() if k in settings and k not in old}, **old}
     def show(values: dict[str, Any], key: str) -> str:
         return repr(values[key]) if key in values else "(unset)"
 
@@ -333,12 +343,19 @@ def _sizes_for(recipe: str, model: torch.nn.Module) -> list[tuple[int, int]]:
 
 
 def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume: bool = True,
-          device: str | torch.device | None = None, allow_changes: bool = False) -> torch.nn.Module:
+          device: str | torch.device | None = None, allow_changes: bool = False,
+          evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+          eval_every: int = 0) -> torch.nn.Module:
     """Run (or resume) `config` on `model` with `data`; returns the EMA model.
 
     Resuming from `<out>/checkpoint.pt` needs the settings it was written with (config, model
     shape, data) unless `allow_changes`. At the end, rank 0 writes `<out>/ema/` and `<out>/model/`
     with `save_pretrained`.
+
+    `evaluate(ema_model) -> {name: number}`, when given, runs on rank 0 every `eval_every` steps
+    (e.g. sample quality, `flexikern train --eval-every`); its row goes to the log with the step and
+    the training seconds so far. The torch RNG state is restored after it, so evaluating does not
+    change the run.
 
     Raises TrainSetupError (a ValueError), before any step, when the data does not fit the model
     or the recipe, the checkpoint was written with other settings, the log is corrupt, or another
@@ -362,11 +379,11 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     with _run_lock(out) if rank == 0 else contextlib.nullcontext():
-        return _train(model, data, config, sizes, device, resume, allow_changes)
+        return _train(model, data, config, sizes, device, resume, allow_changes, evaluate, eval_every)
 
 
 def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes: list, device: torch.device,
-           resume: bool, allow_changes: bool) -> torch.nn.Module:
+           resume: bool, allow_changes: bool, evaluate: Any, eval_every: int) -> torch.nn.Module:
     rank, world = _world()
     out = Path(config.out_dir)
     settings = _run_settings(config, model, data)
@@ -422,7 +439,9 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
                desc=f"{config.recipe}", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     t_last = time.time()
+    train_seconds = float(ckpt.get("train_seconds", 0.0)) if start else 0.0   # wall time in steps, all runs
     for step in range(start, stop):
+        t_step = time.perf_counter()
         # The global batch's randomness, identical on every process.
         x0, y = data[order.indices(step, config.batch_size)]
         t = torch.randint(0, diffusion.num_timesteps, (config.batch_size,), generator=generator)
@@ -450,7 +469,8 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
                         target = src(xs, ts, ys, patch_size=model.original_patch_size)
                     losses = distillation_loss(out_student, target, model.in_channels, config.distill_sigma)
                 else:
-                    losses = diffusion_loss(out_student, x0[rows], xs, ts, noise[rows], diffusion)
+                    losses = diffusion_loss(out_student, x0[rows], xs, ts, noise[rows], diffusion,
+                                            config.snr_gamma)
             (losses.sum() / config.batch_size).backward()
             stats[i] += torch.tensor([losses.detach().double().sum().item(), rows.numel()])
         _all_reduce_grads(params, world)
@@ -458,6 +478,7 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
                      else torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params)))
         opt.step()
         ema.update(model, step)
+        train_seconds += time.perf_counter() - t_step
 
         if world > 1:
             dist.all_reduce(stats)
@@ -471,15 +492,23 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
         if done % config.log_every == 0 or done == config.steps:
             now = time.time()
             row = {"step": done, **{k: sum(v) / len(v) for k, v in window.items()},
-                   "lr": opt.param_groups[0]["lr"], "it_s": len(window["loss"]) / max(now - t_last, 1e-9)}
+                   "lr": opt.param_groups[0]["lr"], "it_s": len(window["loss"]) / max(now - t_last, 1e-9),
+                   "train_seconds": round(train_seconds, 3)}
             window, t_last = {}, now
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if rank == 0:
                 _append_line(log_path, json.dumps(row))
+        if evaluate is not None and eval_every and done % eval_every == 0 and rank == 0:
+            rng = torch.get_rng_state()
+            row = {"step": done, "train_seconds": round(train_seconds, 3), **evaluate(ema.model)}
+            torch.set_rng_state(rng)
+            model.train()
+            _append_line(log_path, json.dumps(row))
+            t_last = time.time()     # the evaluation is not in the next row's it/s
         if done % config.ckpt_every == 0 or done == config.steps:
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.model.state_dict(),
-                                            "opt": opt.state_dict(), "step": done,
+                                            "opt": opt.state_dict(), "step": done, "train_seconds": train_seconds,
                                             "rng": _rng_state(generator),
                                             "config": dataclasses.asdict(config), "settings": settings})
             if world > 1:

@@ -1,0 +1,149 @@
+"""The shipped model's training recipe: Min-SNR-gamma loss weighting, sample quality logged during
+training (`--eval-every`), training seconds carried across resumes, checkpoints from before a
+setting existed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexikern.cli import main
+from flexikern.datasets import make_shapes
+from flexikern.diffusion import GaussianDiffusion
+from flexikern.models import FlexiDiT
+from flexikern.train import TensorData, TrainConfig, diffusion_loss, load_checkpoint, save_checkpoint, train
+from flexikern.train.losses import min_snr_weight
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+            learn_sigma=False)
+
+
+def tiny_model() -> FlexiDiT:
+    torch.manual_seed(0)
+    return FlexiDiT(**TINY)
+
+
+def tiny_data() -> TensorData:
+    return TensorData(*make_shapes(48, size=8, seed=3, num_classes=3))
+
+
+def config(tmp_path: Path, name: str, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp_path / name), steps=6, batch_size=8, lr=2e-3, log_every=2, ckpt_every=2,
+                ema_decay=0.9, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------ Min-SNR
+def test_min_snr_weight_matches_diffusers_compute_snr():
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.training_utils import compute_snr
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear")
+    t = torch.tensor([0, 1, 17, 150, 499, 500, 998, 999])
+    snr = compute_snr(scheduler, t)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(snr)], 1).min(1)[0] / snr   # diffusers' train_*.py
+    got = min_snr_weight(GaussianDiffusion.dit(1000), t, 5.0)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-3, atol=0)   # diffusers: float32 alphas
+    assert got[0] < 1e-3 and got[-1] == 1     # clean steps down-weighted, noisy steps unchanged
+
+
+def test_diffusion_loss_with_snr_gamma_is_the_weighted_mse():
+    d = GaussianDiffusion.dit(1000)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, out = (torch.randn(5, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([3, 40, 200, 600, 990])
+    x_t = d.q_sample(x0, t, noise)
+    plain = diffusion_loss(out, x0, x_t, t, noise, d)
+    torch.testing.assert_close(plain, ((out - noise) ** 2).flatten(1).mean(1))
+    alpha_bar = d.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weighted = diffusion_loss(out, x0, x_t, t, noise, d, snr_gamma=2.0)
+    torch.testing.assert_close(weighted, plain * (snr.clamp(max=2.0) / snr).float())
+
+
+def test_snr_gamma_is_checked_and_reaches_the_loss(tmp_path):
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="snr_gamma"):
+            config(tmp_path, "x", snr_gamma=bad)
+    with pytest.raises(ValueError, match="distill"):
+        config(tmp_path, "x", recipe="distill", snr_gamma=5.0)
+    data = tiny_data()
+    train(tiny_model(), data, config(tmp_path, "plain", steps=2))
+    train(tiny_model(), data, config(tmp_path, "snr", steps=2, snr_gamma=1.0))
+    # Same batches, noise and initial weights: only the weighting differs (and it lowers the loss).
+    assert rows(tmp_path / "snr")[0]["loss"] < rows(tmp_path / "plain")[0]["loss"]
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
+    """A setting added later (snr_gamma) ran at its default in an older checkpoint: no refusal."""
+    data = tiny_data()
+    train(tiny_model(), data, config(tmp_path, "run", steps=6, max_steps=4))
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    del ckpt["settings"]["snr_gamma"]
+    save_checkpoint(ckpt_path, ckpt)
+    train(tiny_model(), data, config(tmp_path, "run", steps=6))          # resumes, no refusal
+    assert load_checkpoint(ckpt_path)["step"] == 6
+    with pytest.raises(ValueError, match="snr_gamma None -> 5.0"):       # a real change is still named
+        train(tiny_model(), data, config(tmp_path, "run", steps=6, snr_gamma=5.0))
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def test_evaluate_logs_rows_without_changing_the_run(tmp_path):
+    data = tiny_data()
+    seen = []
+
+    def evaluate(model):
+        assert not model.training
+        seen.append(model.training)
+        torch.randn(100)                          # consumes the global RNG: must not change the run
+        return {"score": float(len(seen))}
+
+    ema_a = train(tiny_model(), data, config(tmp_path, "a"), evaluate=evaluate, eval_every=3)
+    ema_b = train(tiny_model(), data, config(tmp_path, "b"))
+    for (k, va), vb in zip(ema_a.state_dict().items(), ema_b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    evals = [r for r in rows(tmp_path / "a") if "score" in r]
+    assert [(r["step"], r["score"]) for r in evals] == [(3, 1.0), (6, 2.0)]
+    assert all(r["train_seconds"] > 0 for r in evals)
+
+
+def test_training_seconds_accumulate_across_a_resume(tmp_path):
+    data = tiny_data()
+    train(tiny_model(), data, config(tmp_path, "run", steps=6, max_steps=4))
+    first = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_seconds"]
+    train(tiny_model(), data, config(tmp_path, "run", steps=6))
+    log = rows(tmp_path / "run")
+    assert first > 0 and log[-1]["step"] == 6 and log[-1]["train_seconds"] > first
+    assert [r["train_seconds"] for r in log] == sorted(r["train_seconds"] for r in log)
+
+
+def test_cli_eval_every_logs_fd_and_accuracy(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--num-images", "40", "--image-size", "8", "--hidden-size", "32", "--depth", "1",
+            "--num-heads", "2", "--steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
+            "--snr-gamma", "5", "--eval-every", "2", "--eval-samples", "4", "--out", str(out)]
+    assert main(args) == 0
+    evals = [r for r in rows(out) if "fd" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and 0 <= evals[0]["accuracy"] <= 1 and evals[0]["fd"] > 0
+    assert json.loads((out / "train_config.json").read_text())["snr_gamma"] == 5.0
+
+
+def test_cli_eval_every_needs_the_shapes_data(tmp_path, capsys):
+    TensorData(*make_shapes(8, size=8, seed=0, num_classes=3)).save_npz(tmp_path / "d.npz")
+    for extra, needle in ((["--data", str(tmp_path / "d.npz"), "--eval-every", "5"], "needs --data shapes"),
+                          (["--eval-every", "5", "--eval-samples", "1"], "at least 2 samples"),
+                          (["--snr-gamma", "0"], "--snr-gamma")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--steps", "1", "--out", str(tmp_path / "r"), *extra])
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
