@@ -1,7 +1,8 @@
 """Captioned shapes and captioned clips of moving shapes, with a deterministic tiny "text encoder".
 
 The data of `t2i_video_examples.py` beside it. Everything is generated (`flexikern.datasets.make_shapes`
-draws the shapes), nothing is downloaded:
+draws the shapes, in the first version of their geometry, `SHAPES_VERSION = 1`, which the committed
+T2I and video models were trained on), nothing is downloaded:
 
 * `TinyTextEncoder`: a fixed random embedding table over a small vocabulary plus a fixed random
   position table (seeded), standing in for T5. `encode(captions)` -> `TextCondition` with a mask
@@ -21,7 +22,9 @@ import torch
 from flexikern.datasets import CLASS_NAMES, make_shapes
 from flexikern.models import TextCondition
 
-__all__ = ["VOCAB", "TinyTextEncoder", "captioned_shapes", "moving_shapes", "DIRECTIONS"]
+__all__ = ["VOCAB", "TinyTextEncoder", "captioned_shapes", "moving_shapes", "DIRECTIONS", "SHAPES_VERSION"]
+
+SHAPES_VERSION = 1    # flexikern.datasets.GEOMETRY version of the committed examples' data
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 TEMPLATES = ("{shape}", "a {shape}", "a picture of a {shape}", "{shape} shape")
@@ -61,7 +64,7 @@ def _captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
 
 def captioned_shapes(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, list[str], np.ndarray]:
     """(images (N, 3, S, S) in [-1, 1], captions, class labels); deterministic in (n, size, seed)."""
-    x, labels = make_shapes(n, size=size, seed=seed)
+    x, labels = make_shapes(n, size=size, seed=seed, version=SHAPES_VERSION)
     return torch.from_numpy(x), _captions(labels, np.random.default_rng(seed + 7)), labels
 
 
@@ -69,7 +72,7 @@ def moving_shapes(n: int, frames: int = 4, size: int = 16, seed: int = 0
                   ) -> tuple[torch.Tensor, list[str], np.ndarray]:
     """(clips (N, 3, F, S, S) in [-1, 1], captions, class labels): a window panning over a shape."""
     margin = frames - 1
-    canvas, labels = make_shapes(n, size=size + 2 * margin, seed=seed)
+    canvas, labels = make_shapes(n, size=size + 2 * margin, seed=seed, version=SHAPES_VERSION)
     rng = np.random.default_rng(seed + 11)
     names = list(DIRECTIONS)
     which = rng.integers(0, len(names), n)

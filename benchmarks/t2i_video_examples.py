@@ -31,7 +31,7 @@ from flexikern.models import FlexiLatte, FlexiPixArt, TextCondition
 from flexikern.train.losses import diffusion_loss, distillation_loss
 from flexikern.train.trainer import EMA
 
-from _captioned import TinyTextEncoder, captioned_shapes, moving_shapes   # beside this script
+from _captioned import SHAPES_VERSION, TinyTextEncoder, captioned_shapes, moving_shapes   # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = dict(channels=32, text_len=8)
@@ -133,10 +133,11 @@ def fit(model, x, cond, minutes: float, recipe: str, lr: float, batch: int, log:
 
 
 def classifier(out: Path):
-    """The shapes feature classifier: the shipped one if present, else trained once and cached."""
+    """The shapes feature classifier of the examples' data (version 1 of the shapes geometry: the
+    shipped `shapes_classifier_v1.safetensors`), else trained once and cached."""
     from flexikern.datasets import make_shapes
     from flexikern.metrics import ASSETS, ShapesClassifier, train_classifier
-    shipped = ASSETS / "shapes_classifier.safetensors"
+    shipped = ASSETS / "shapes_classifier_v1.safetensors"
     if shipped.exists():
         return ShapesClassifier.load(shipped)
     cache = out / "classifier.pt"
@@ -144,7 +145,7 @@ def classifier(out: Path):
         clf = ShapesClassifier()
         clf.load_state_dict(torch.load(cache, weights_only=True))
         return clf.eval()
-    x, y = make_shapes(8000, size=16, seed=0)
+    x, y = make_shapes(8000, size=16, seed=0, version=SHAPES_VERSION)
     clf = train_classifier(torch.from_numpy(x), torch.from_numpy(y), epochs=2)
     torch.save(clf.state_dict(), cache)
     return clf

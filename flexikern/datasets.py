@@ -11,20 +11,37 @@ The class is carried by geometry only (colours are random), so a model has to ge
 at the size of a few pixels, to be scored well by the classifier of `flexikern.metrics`.
 Shapes are rendered at 4x resolution and box-filtered down (anti-aliased edges).
 
-`make_shapes(n, size=16, seed=0)` is deterministic in (n, size, seed) and vectorised with numpy:
-20 000 16x16 images take about a second.
+Two versions of the geometry (`version=`), the same classes, colours and backgrounds:
+
+* 2 (the default; the shipped model and classifier): objects of half-size 0.28-0.42 of the image
+  (9-13 pixels across at 16x16), rings and arms 2-4 pixels wide, stripe periods 0.34-0.5 of the
+  image (stripes 3-4 pixels wide), centres within 0.7 of the free margin;
+* 1 (the first release; the text-to-image and video examples of `benchmarks/`): half-size
+  0.18-0.36, rings and arms 1-2 pixels wide, periods 0.22-0.34 (stripes under 3 pixels), centres
+  within 0.9 of the margin. At 16x16 its thin rings, crosses and stripes were more than a small
+  model trained for an hour on 2 CPU cores could draw (docs/MODEL_CARD.md).
+
+`make_shapes(n, size=16, seed=0)` is deterministic in (n, size, seed, version) and vectorised
+with numpy: 20 000 16x16 images take about a second.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "make_shapes", "shapes_split"]
+__all__ = ["CLASS_NAMES", "GEOMETRY", "make_shapes", "shapes_split"]
 
 CLASS_NAMES = ("disk", "square", "triangle", "ring", "plus", "h_stripes", "v_stripes",
                "checkerboard", "diagonal_stripes", "cross")
 
 _SUPERSAMPLE = 4
+
+# Per version: object half-size, centre jitter (fraction of the free margin), stripe period (all in
+# image units) and ring / arm width relative to the half-size; each a uniform range.
+GEOMETRY = {
+    1: dict(radius=(0.18, 0.36), jitter=0.9, period=(0.22, 0.34), thick=(0.28, 0.4)),
+    2: dict(radius=(0.28, 0.42), jitter=0.7, period=(0.34, 0.5), thick=(0.42, 0.55)),
+}
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -37,16 +54,16 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return table[i, np.arange(len(h))]
 
 
-def _masks(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _masks(labels: np.ndarray, size: int, rng: np.random.Generator, version: int) -> np.ndarray:
     """(N, S, S) foreground coverage in [0, 1] for each label, S = size * supersampling."""
-    n, s = len(labels), size * _SUPERSAMPLE
+    n, s, g = len(labels), size * _SUPERSAMPLE, GEOMETRY[version]
     coords = (np.arange(s) + 0.5) / s                       # pixel centres in [0, 1]
-    radius = rng.uniform(0.18, 0.36, n)                      # object half-size, image units
-    cy = rng.uniform(0.5 - (0.5 - radius) * 0.9, 0.5 + (0.5 - radius) * 0.9)
-    cx = rng.uniform(0.5 - (0.5 - radius) * 0.9, 0.5 + (0.5 - radius) * 0.9)
-    period = rng.uniform(0.22, 0.34, n)                      # stripe period, image units
+    radius = rng.uniform(*g["radius"], n)                    # object half-size, image units
+    cy = rng.uniform(0.5 - (0.5 - radius) * g["jitter"], 0.5 + (0.5 - radius) * g["jitter"])
+    cx = rng.uniform(0.5 - (0.5 - radius) * g["jitter"], 0.5 + (0.5 - radius) * g["jitter"])
+    period = rng.uniform(*g["period"], n)                    # stripe period, image units
     phase = rng.uniform(0, 1, n)
-    thick = rng.uniform(0.28, 0.4, n)                        # arm / ring width relative to radius
+    thick = rng.uniform(*g["thick"], n)                      # arm / ring width relative to radius
 
     out = np.zeros((n, s, s), dtype=bool)
     for label in np.unique(labels):
@@ -82,11 +99,14 @@ def _masks(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
 
 
 def make_shapes(n: int, size: int = 16, seed: int = 0, num_classes: int = 10,
-                labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                labels: np.ndarray | None = None, version: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """`n` images (N, 3, size, size) float32 in [-1, 1] and labels (N,) int64.
 
-    Labels are balanced (cycled, then shuffled) unless given. Deterministic in its arguments.
+    Labels are balanced (cycled, then shuffled) unless given. `version`: the geometry (`GEOMETRY`,
+    module docstring). Deterministic in its arguments.
     """
+    if version not in GEOMETRY:
+        raise ValueError(f"version={version!r}: expected one of {sorted(GEOMETRY)} (2: the shipped model's data)")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: expected a positive int")
     if not isinstance(size, int) or size < 4:
@@ -97,7 +117,7 @@ def make_shapes(n: int, size: int = 16, seed: int = 0, num_classes: int = 10,
     if labels is None:
         labels = rng.permutation(np.arange(n) % num_classes)
     labels = np.asarray(labels, dtype=np.int64)
-    cover = _masks(labels, size, rng)[:, None]                                  # (N, 1, S, S)
+    cover = _masks(labels, size, rng, version)[:, None]                                  # (N, 1, S, S)
     fg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.5, 1.0, n), rng.uniform(0.6, 1.0, n))
     # Background: a gradient between two dim colours in a random direction.
     bg_a = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.2, 0.8, n), rng.uniform(0.05, 0.4, n))

@@ -232,7 +232,8 @@ def _demo_figure(plt: Any, model: Any, schedules: dict[str, tuple[str, float]],
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if b == 0 and r == 0:
-                    ax.set_title(CLASS_NAMES[j].replace("_", "\n"), fontsize=6)
+                    ax.set_title(CLASS_NAMES[j].replace("h_", "horizontal ").replace("v_", "vertical ")
+                                 .replace("_", " ").replace(" ", "\n"), fontsize=6)
         schedule, relative = schedules[name]
         axes[b * rows, 0].set_ylabel(
             f"{name} {schedule}\nFLOPs {relative:.2f}\n{seconds:.1f} s\nFD {fd:.0f}\nacc {accuracy:.2f}",

@@ -95,6 +95,27 @@ def test_shapes_dataset_is_deterministic_and_balanced():
     assert not np.array_equal(make_shapes(50, size=16, seed=5)[0], x1)
 
 
+def test_shapes_versions_and_their_classifiers():
+    """Version 1 is the first release's data, bit for bit (the T2I/video examples were trained on
+    it); version 2 (the default) draws larger objects with wider rings, arms and stripes."""
+    import hashlib
+    x1, _ = make_shapes(50, size=16, seed=4, version=1)
+    assert hashlib.sha1(x1.tobytes()).hexdigest()[:16] == "f9782d955318a3a7"    # the pre-version code's output
+    labels = np.zeros(400, dtype=np.int64)     # disks: the larger the disk, the more the pixels vary
+    pixel_std = {v: float(make_shapes(400, seed=0, labels=labels, version=v)[0].std(axis=(1, 2, 3)).mean())
+                 for v in (1, 2)}
+    assert np.array_equal(make_shapes(50, size=16, seed=4, version=2)[0], make_shapes(50, size=16, seed=4)[0])
+    assert pixel_std[2] > pixel_std[1]
+    with pytest.raises(ValueError, match="version=3"):
+        make_shapes(4, version=3)
+    # Each shipped classifier recognises its own version's held-out images.
+    from flexikern.metrics import ASSETS
+    for version, name in ((2, "shapes_classifier.safetensors"), (1, "shapes_classifier_v1.safetensors")):
+        x, y = make_shapes(500, size=16, seed=2, version=version)
+        _, pred = metrics.classify(ShapesClassifier.load(ASSETS / name), torch.from_numpy(x))
+        assert (pred == y).mean() > 0.93, (version, (pred == y).mean())
+
+
 # ------------------------------------------------------------------------------------ calibrate
 def test_calibrate_budget_picks_the_smallest_gaps():
     model = tiny_flexible()
@@ -186,6 +207,25 @@ def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--num-samples", "10", "--steps", "4"]) == 0
     text = capsys.readouterr().out
     assert out.stat().st_size > 0 and "relative FLOPs" in text and "FD" in text and "speed-up" in text
+
+
+def test_demo_figure_names_every_class_and_prints_flops_time_and_fd():
+    from flexikern.diffusion import Guidance
+    from flexikern.evaluate import _demo_figure
+    from flexikern.metrics import pyplot
+    plt = pyplot()
+    model, _ = load_shipped()
+    x = torch.rand(20, 3, 16, 16) * 2 - 1
+    fig = _demo_figure(plt, model, {"static": ("p=2x2", 1.0), "FlexiDiT": ('"9/9"', 0.585)},
+                       {"static": (x, 9.61, 123.4, 0.91), "FlexiDiT": (x, 4.92, 130.2, 0.9)}, Guidance(5.0), 20)
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()]
+    assert titles == ["disk", "square", "triangle", "ring", "plus", "horizontal stripes", "vertical stripes",
+                      "checkerboard", "diagonal stripes", "cross"]          # one column per class, not cut
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert len(labels) == 2 and len(fig.axes) == 4 * 10                   # 2 samples per class and schedule
+    assert all(word in labels[0] for word in ("static", "FLOPs 1.00", "9.6 s", "FD 123", "acc 0.91"))
+    assert all(word in labels[1] for word in ('FlexiDiT "9/9"', "FLOPs 0.58", "4.9 s", "FD 130", "acc 0.90"))
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("command", ["eval", "demo"])

@@ -5,6 +5,7 @@ setting existed."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,23 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
         train(tiny_model(), data, config(tmp_path, "run", steps=6, snr_gamma=5.0))
 
 
+# ------------------------------------------------------------------------------------ learning rate
+def test_cosine_learning_rate_after_warmup(tmp_path):
+    from flexikern.train.trainer import learning_rate
+    c = config(tmp_path, "x", steps=110, lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    got = [learning_rate(c, s) for s in (0, 9, 10, 60, 109)]
+    assert got[:3] == pytest.approx([1e-4, 1e-3, 1e-3]) and got[3] == pytest.approx(5e-4)
+    assert got[4] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    constant = config(tmp_path, "x", steps=110, lr=1e-3, warmup_steps=10)
+    assert [learning_rate(constant, s) for s in (0, 10, 109)] == pytest.approx([1e-4, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+        config(tmp_path, "x", lr_schedule="linear")
+    run = config(tmp_path, "run", steps=6, lr_schedule="cosine")
+    train(tiny_model(), tiny_data(), run)
+    lrs = [r["lr"] for r in rows(tmp_path / "run")]          # the optimiser ran the schedule
+    assert lrs == pytest.approx([learning_rate(run, s) for s in (1, 3, 5)])   # log rows after steps 2, 4, 6
+
+
 # ------------------------------------------------------------------------------------ evaluation
 def test_evaluate_logs_rows_without_changing_the_run(tmp_path):
     data = tiny_data()
@@ -136,6 +154,13 @@ def test_cli_eval_every_logs_fd_and_accuracy(tmp_path):
     evals = [r for r in rows(out) if "fd" in r]
     assert len(evals) == 1 and evals[0]["step"] == 2 and 0 <= evals[0]["accuracy"] <= 1 and evals[0]["fd"] > 0
     assert json.loads((out / "train_config.json").read_text())["snr_gamma"] == 5.0
+    # A flexible model also logs the default flexible schedule's quality.
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--model", str(out / "ema"), "--recipe", "shared", "--num-images", "40",
+                 "--image-size", "8", "--steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
+                 "--eval-every", "2", "--eval-samples", "4", "--out", str(ft)]) == 0
+    evals = [r for r in rows(ft) if "fd" in r]
+    assert len(evals) == 1 and {"fd", "accuracy", "fd_0.6", "accuracy_0.6"} <= set(evals[0])
 
 
 def test_cli_eval_every_needs_the_shapes_data(tmp_path, capsys):

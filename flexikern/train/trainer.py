@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -58,6 +59,17 @@ from flexikern.train.losses import diffusion_loss, distillation_loss
 __all__ = ["TrainConfig", "train", "EMA", "save_checkpoint", "load_checkpoint", "RECIPES", "TrainSetupError"]
 
 RECIPES = ("pretrain", "shared", "distill")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: "TrainConfig", step: int) -> float:
+    """The learning rate of 0-based `step`: linear warm-up over `warmup_steps`, then constant or a
+    cosine decay from `lr` to 0 at `steps` (as diffusers' `get_cosine_schedule_with_warmup`)."""
+    warmup = max(1, config.warmup_steps)
+    if step < config.warmup_steps or config.lr_schedule == "constant":
+        return config.lr * min(1.0, (step + 1) / warmup)
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class TrainSetupError(ValueError):
@@ -76,6 +88,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"   # after warm-up: "constant", or "cosine" decay to 0 at `steps`
     grad_clip: float = 1.0          # max global grad norm; <= 0 disables
     ema_decay: float = 0.9999
     class_dropout: float = 0.1      # labels replaced by the null class (classifier-free guidance)
@@ -91,6 +104,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r}: expected one of {RECIPES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             value = getattr(self, name)
             check_positive_int(value, name)
@@ -453,7 +468,7 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
         x_t = diffusion.q_sample(x0, t, noise)
 
         for lr_group in opt.param_groups:
-            lr_group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            lr_group["lr"] = learning_rate(config, step)
         opt.zero_grad(set_to_none=False)     # zeros, not None: every process reduces every grad
         stats = torch.zeros(len(sizes), 2, dtype=torch.float64)   # (sum of losses, count) per size
         for i, patch in enumerate(sizes):
