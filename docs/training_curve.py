@@ -24,6 +24,9 @@ def read_run(paths: list[str]) -> tuple[list[dict], list[dict]]:
     train_rows, eval_rows, offset = [], [], 0.0
     for path in paths:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "train_seconds" in r]     # logs from before it was logged: no time axis
+        if not rows:
+            raise SystemExit(f"{path}: no rows with train_seconds (written by flexikern train since issue 15)")
         for r in rows:
             r = {**r, "minutes": (offset + r["train_seconds"]) / 60, "log": Path(path).stem}
             (eval_rows if "fd" in r else train_rows).append(r)
@@ -56,7 +59,8 @@ def main() -> None:
         for r in eval_rows:
             print(f"| {r['log']} | {r['step']} | {r['minutes']:.1f} | {r['fd']:.0f} | {r['accuracy']:.2f} | "
                   f"{r.get('fd_0.6', float('nan')):.0f} | {r.get('accuracy_0.6', float('nan')):.2f} |")
-    axes[0].set(xlabel="training minutes", ylabel="loss (MSE on eps)", yscale="log", title="training loss")
+    axes[0].set(xlabel="training minutes", ylabel="training loss (--snr-gamma: weighted)", yscale="log",
+                title="training loss")
     axes[1].set(xlabel="training minutes", ylabel="FD (100 samples, lower is better)", yscale="log",
                 title="sample FD during training")
     axes[2].set(xlabel="training minutes", ylabel="class accuracy", title="sample class accuracy")

@@ -194,8 +194,8 @@ def _build_schedule(args: argparse.Namespace, model: Any, guided: bool, parser: 
             return Schedule.for_budget(model, args.steps, args.budget, guidance=guided, weak=weak,
                                        powerful=powerful, equal_branches=not args.most_powerful_steps)
         if args.most_powerful_steps:
-            parser.error("--most-powerful-steps applies to --budget; with --schedule write the x/y schedule "
-                         "yourself")
+            parser.error("--most-powerful-steps applies to --budget: add --budget F (e.g. 0.6), or drop it and "
+                         "write the x/y schedule with --schedule")
         kind, counts = args.schedule or ("static", ())
         if kind == "static":
             return Schedule.static(args.steps, powerful).validate(model)
@@ -403,11 +403,15 @@ def add_flops_parser(subparsers: Any) -> None:
     p.add_argument("--budget", type=fraction_arg, default=None,
                    help="also show the schedule Schedule.for_budget picks (with --steps)")
     p.add_argument("--steps", type=positive_int, default=None, help="steps for --budget (default: 250)")
+    p.add_argument("--most-powerful-steps", action="store_true",
+                   help="with --budget: the x/y rule, as sample --most-powerful-steps")
     p.set_defaults(run=run_flops, parser=p)
 
 
 def run_flops(args: argparse.Namespace) -> int:
     from flexikern.diffusion import Schedule
+    if args.most_powerful_steps and args.budget is None:
+        args.parser.error("--most-powerful-steps applies to --budget: add --budget F (e.g. 0.6) or drop it")
     if args.steps is not None and args.budget is None:
         args.parser.error(f"--steps {args.steps}: applies to --budget (the table is per forward); pass --budget or "
                           "drop --steps")
@@ -421,7 +425,8 @@ def run_flops(args: argparse.Namespace) -> int:
     print("with guidance a step costs F(conditional size) + F(guidance size)")
     if args.budget is not None:
         try:
-            schedule = Schedule.for_budget(model, args.steps or 250, args.budget)
+            schedule = Schedule.for_budget(model, args.steps or 250, args.budget,
+                                           equal_branches=not args.most_powerful_steps)
         except ValueError as e:
             args.parser.error(f"--budget: {e}")
         print(f"budget {args.budget}: {schedule!r}, relative FLOPs {schedule.relative_flops(model):.3f}")

@@ -105,7 +105,7 @@ def make_shapes(n: int, size: int = 16, seed: int = 0, num_classes: int = 10,
     Labels are balanced (cycled, then shuffled) unless given. `version`: the geometry (`GEOMETRY`,
     module docstring). Deterministic in its arguments.
     """
-    if version not in GEOMETRY:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in GEOMETRY:
         raise ValueError(f"version={version!r}: expected one of {sorted(GEOMETRY)} (2: the shipped model's data)")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: expected a positive int")
@@ -134,9 +134,9 @@ def make_shapes(n: int, size: int = 16, seed: int = 0, num_classes: int = 10,
     return img.astype(np.float32), labels
 
 
-def shapes_split(split: str, n: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def shapes_split(split: str, n: int, size: int = 16, version: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """The fixed splits: "train" (seed 0), "heldout" (seed 1, for FD references), "test" (seed 2)."""
     seeds = {"train": 0, "heldout": 1, "test": 2}
     if split not in seeds:
         raise ValueError(f"split={split!r}: expected one of {sorted(seeds)}")
-    return make_shapes(n, size=size, seed=seeds[split])
+    return make_shapes(n, size=size, seed=seeds[split], version=version)

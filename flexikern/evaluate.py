@@ -19,7 +19,7 @@ import torch
 from flexikern.arguments import (FIGURE_SUFFIXES, add_threads_arg, finite_float, fraction_arg, model_arg,
                                  output_dir_arg, output_file_arg, positive_int, resolve_guidance, seed_arg,
                                  shipped_models)
-from flexikern.datasets import CLASS_NAMES, shapes_split
+from flexikern.datasets import CLASS_NAMES, GEOMETRY, shapes_split
 from flexikern.diffusion import Guidance, Schedule
 from flexikern.files import atomic_write
 from flexikern.images import to_uint8
@@ -130,6 +130,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "sampler": settings.sampler, "num_samples": settings.num_samples, "seeds": list(settings.seeds),
             "guidance": f"{settings.guidance_mode} {settings.guidance_scale}",
             "reference_samples": settings.reference_samples, "quick": quick,
+            "classifier": str(args.classifier or "flexikern/assets/shapes_classifier.safetensors"),
+            "shapes_version": 2,
             "wall_seconds": round(time.time() - start, 1), "threads": torch.get_num_threads()}
     paths = write_results(rows, args.out, meta)
     print(Path(paths[1]).read_text())
@@ -254,17 +256,20 @@ def _main_classifier(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=positive_int, default=20000)
     p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--image-size", type=positive_int, default=16)
+    p.add_argument("--shapes-version", type=int, choices=sorted(GEOMETRY), default=2,
+                   help="geometry of the shapes (flexikern.datasets.GEOMETRY; 1: the T2I/video examples' "
+                        "shapes_classifier_v1.safetensors; default 2)")
     add_threads_arg(p, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        x, y = shapes_split("train", args.num_images, size=args.image_size)
+        x, y = shapes_split("train", args.num_images, size=args.image_size, version=args.shapes_version)
     except ValueError as e:
         p.error(f"--image-size {args.image_size}: {e}")
     start = time.time()
     clf = train_classifier(torch.from_numpy(x), torch.from_numpy(y), epochs=args.epochs, progress=True)
-    xt, yt = shapes_split("test", 2000, size=args.image_size)
+    xt, yt = shapes_split("test", 2000, size=args.image_size, version=args.shapes_version)
     _, pred = classify(clf, torch.from_numpy(xt))
     clf.save(args.out)
     print(f"test accuracy {(pred == yt).mean():.4f} after {time.time() - start:.0f} s; wrote {args.out}")

@@ -9,9 +9,11 @@ downloaded:
 * `frechet_distance(mu1, sigma1, mu2, sigma2)`: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)),
   with the matrix square root through the symmetric product S1^(1/2) S2 S1^(1/2) (float64);
 * `evaluate_curves`: FD of generated samples against held-out real images, and the accuracy,
-  for the static model, FlexiDiT weak-first schedules at relative FLOPs {0.8, ..., 0.3}, the
+  for the static model, FlexiDiT weak-first schedules at relative FLOPs {0.8, 0.6, ..., 0.3}
+  (`Schedule.for_budget`'s default x/x: the level 0.6 is exactly what `--budget 0.6` picks), the
   static model with fewer steps at the same FLOPs (the paper's baseline), weak-last schedules
-  (control) and calibrated schedules (`Schedule.calibrate`); mean and spread over seeds;
+  (control) and calibrated schedules (`Schedule.calibrate`); mean and spread over seeds; and the
+  row "real" (real images scored the same way: the real-vs-real floor; no FLOPs);
 * `write_results`: eval.json (rows {"method", "relative_flops", "fd", "fd_std", "accuracy", ...}),
   eval.md (a table) and eval.png (the curves; matplotlib, the `eval` extra).
 
@@ -255,7 +257,7 @@ def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.T
             feats, pred = classify(classifier, real[0][i * n:(i + 1) * n])
             fds.append(frechet_distance(*feature_stats(feats), mu_ref, sigma_ref))
             accs.append(float((pred == np.asarray(real[1][i * n:(i + 1) * n])).mean()))
-        rows.append({"method": "real", "relative_flops": 0.0, "level": 0.0, "steps": 0, "schedule": "real images",
+        rows.append({"method": "real", "relative_flops": None, "level": None, "steps": 0, "schedule": "real images",
                      "fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "accuracy": float(np.mean(accs)),
                      "accuracy_std": float(np.std(accs)), "fd_per_seed": fds, "seconds_per_seed": 0.0})
     points = _schedules(model, settings, guidance.enabled)
@@ -316,7 +318,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
              "| method | relative FLOPs | FD | FD vs static | accuracy | schedule |",
              "|---|---:|---:|---:|---:|---|"]
     order = {"real": 0, "static": 1}
-    for r in sorted(rows, key=lambda r: (order.get(r["method"], 2), r["method"], -r["relative_flops"])):
+    for r in sorted(rows, key=lambda r: (order.get(r["method"], 2), r["method"], -(r["relative_flops"] or 0))):
         rel = f"{100 * (r['fd'] / static['fd'] - 1):+.1f}%" if static and r["method"] != "real" else ""
         flops = "" if r["method"] == "real" else f"{r['relative_flops']:.3f}"
         lines.append(f"| {r['method']} | {flops} | {r['fd']:.3f} ± {r['fd_std']:.3f} | {rel} | "

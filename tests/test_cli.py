@@ -53,6 +53,12 @@ def test_flops_table(model_dir, capsys):
     assert rows[0][3] == "1.000" and 0 < float(rows[1][3]) < 1   # rank-32 LoRA on a width-32 model
     out = run(["flops", "--model", "DiT-S/2", "--input-size", "8", "--budget", "0.6", "--steps", "10"], capsys)
     assert "budget 0.6: Schedule(" in out
+    parser = build_parser()
+    model = load_model(parser.parse_args(["flops", "--model", "DiT-S/2", "--input-size", "8"]), parser)
+    assert repr(Schedule.for_budget(model, 10, 0.6)) in out                    # x/x, as sample --budget
+    out = run(["flops", "--model", "DiT-S/2", "--input-size", "8", "--budget", "0.6", "--steps", "10",
+               "--most-powerful-steps"], capsys)
+    assert repr(Schedule.for_budget(model, 10, 0.6, equal_branches=False)) in out
 
 
 def test_flops_from_a_dit_checkpoint(tmp_path, capsys):

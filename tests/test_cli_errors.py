@@ -299,6 +299,7 @@ IGNORED_OR_CLAMPED = [
      ["--guidance-interval", "not guided"]),
     (["sample", "--model", "shapes16", "--out", ""], ["--out", "empty path"]),
     (["flops", "--model", "shapes16", "--steps", "3"], ["--steps 3", "--budget"]),
+    (["flops", "--model", "shapes16", "--most-powerful-steps"], ["--most-powerful-steps", "--budget F"]),
     (["eval", "--guidance-mode", "flexi"], ["--guidance-mode flexi", "scale is 1 (the default)", "--guidance S"]),
     (["eval", "--out", ""], ["--out", "empty path"]),
     (["demo", "--guidance", "3", "--guidance-mode", "none"], ["--guidance 3.0 --guidance-mode none"]),

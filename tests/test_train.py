@@ -45,7 +45,8 @@ def tiny_data(n: int = 96) -> TensorData:
 
 
 def losses(out_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]     # evaluation rows have none
 
 
 def cfg(tmp_path: Path, name: str, **kw) -> TrainConfig:

@@ -90,7 +90,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
     train(tiny_model(), data, config(tmp_path, "run", steps=6, max_steps=4))
     ckpt_path = tmp_path / "run" / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path)
-    del ckpt["settings"]["snr_gamma"]
+    del ckpt["settings"]["snr_gamma"], ckpt["settings"]["lr_schedule"]
     save_checkpoint(ckpt_path, ckpt)
     train(tiny_model(), data, config(tmp_path, "run", steps=6))          # resumes, no refusal
     assert load_checkpoint(ckpt_path)["step"] == 6
@@ -135,6 +135,23 @@ def test_evaluate_logs_rows_without_changing_the_run(tmp_path):
     assert all(r["train_seconds"] > 0 for r in evals)
 
 
+def test_evaluate_runs_after_the_checkpoint_at_the_last_step_and_is_checked(tmp_path):
+    data = tiny_data()
+
+    def fails(model):
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(tiny_model(), data, config(tmp_path, "a", steps=4), evaluate=fails, eval_every=4)
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["step"] == 4    # the step's work is kept
+    train(tiny_model(), data, config(tmp_path, "b", steps=7), evaluate=lambda m: {"step": -1, "x": 1.0},
+          eval_every=5)
+    assert [(r["step"], r["x"]) for r in rows(tmp_path / "b") if "x" in r] == [(5, 1.0), (7, 1.0)]
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"eval_every={bad}"):
+            train(tiny_model(), data, config(tmp_path, "c"), evaluate=lambda m: {}, eval_every=bad)
+
+
 def test_training_seconds_accumulate_across_a_resume(tmp_path):
     data = tiny_data()
     train(tiny_model(), data, config(tmp_path, "run", steps=6, max_steps=4))
@@ -147,7 +164,7 @@ def test_training_seconds_accumulate_across_a_resume(tmp_path):
 
 def test_cli_eval_every_logs_fd_and_accuracy(tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--num-images", "40", "--image-size", "8", "--hidden-size", "32", "--depth", "1",
+    args = ["train", "--num-images", "40", "--hidden-size", "32", "--depth", "1",
             "--num-heads", "2", "--steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
             "--snr-gamma", "5", "--eval-every", "2", "--eval-samples", "4", "--out", str(out)]
     assert main(args) == 0
@@ -157,7 +174,7 @@ def test_cli_eval_every_logs_fd_and_accuracy(tmp_path):
     # A flexible model also logs the default flexible schedule's quality.
     ft = tmp_path / "ft"
     assert main(["finetune", "--model", str(out / "ema"), "--recipe", "shared", "--num-images", "40",
-                 "--image-size", "8", "--steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
+                 "--steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
                  "--eval-every", "2", "--eval-samples", "4", "--out", str(ft)]) == 0
     evals = [r for r in rows(ft) if "fd" in r]
     assert len(evals) == 1 and {"fd", "accuracy", "fd_0.6", "accuracy_0.6"} <= set(evals[0])
@@ -167,8 +184,12 @@ def test_cli_eval_every_needs_the_shapes_data(tmp_path, capsys):
     TensorData(*make_shapes(8, size=8, seed=0, num_classes=3)).save_npz(tmp_path / "d.npz")
     for extra, needle in ((["--data", str(tmp_path / "d.npz"), "--eval-every", "5"], "needs --data shapes"),
                           (["--eval-every", "5", "--eval-samples", "1"], "at least 2 samples"),
+                          (["--eval-every", "50"], "pass --eval-every 10 or less"),
+                          (["--eval-every", "5", "--image-size", "8"], "16x16 images of 10 classes"),
+                          (["--lr-schedule", "cosine", "--warmup-steps", "10"], "never decay"),
                           (["--snr-gamma", "0"], "--snr-gamma")):
         with pytest.raises(SystemExit) as e:
-            main(["train", "--steps", "1", "--out", str(tmp_path / "r"), *extra])
+            main(["train", "--steps", "10", "--num-images", "20", "--hidden-size", "32", "--depth", "1",
+                  "--num-heads", "2", "--out", str(tmp_path / "r"), *extra])
         assert e.value.code == 2
         assert needle in capsys.readouterr().err

@@ -116,8 +116,12 @@ def _config(args: argparse.Namespace, recipe: str) -> Any:
     if args.eval_every and args.data != "shapes":
         args.parser.error(f"--eval-every {args.eval_every}: scores samples with the shapes classifier, so it needs "
                           f"--data shapes, not {args.data!r}; drop --eval-every")
-    if args.eval_samples < 2:
-        args.parser.error(f"--eval-samples {args.eval_samples}: the Fréchet distance needs at least 2 samples")
+    if args.eval_every and args.eval_samples < 2:
+        args.parser.error(f"--eval-samples {args.eval_samples}: the Fréchet distance needs at least 2 samples; "
+                          "pass 2 or more (default 100)")
+    if args.eval_every > args.steps:
+        args.parser.error(f"--eval-every {args.eval_every}: more than --steps {args.steps}, so the run would "
+                          f"evaluate only at its end; pass --eval-every {args.steps} or less")
     try:
         return TrainConfig(out_dir=args.out, recipe=recipe, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
@@ -132,26 +136,38 @@ def _config(args: argparse.Namespace, recipe: str) -> Any:
         args.parser.error(str(e))
 
 
-def _sample_quality(args: argparse.Namespace, image_size: int) -> Any:
+def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
     """--eval-every's evaluation: EMA model -> {"fd", "accuracy"} of --eval-samples static samples
-    (DDIM 20 steps, guidance 5, seed 0: the same noise each time) against 1000 held-out images; a
-    flexible model adds "fd_0.6" and "accuracy_0.6" for `Schedule.for_budget(model, 20, 0.6)`."""
+    (DDIM 20 steps, guidance 5, seed 0: the same noise each time) against 1000 held-out images, with
+    the shipped classifier (`flexikern eval`'s); a flexible model adds "fd_0.6" and "accuracy_0.6"
+    for `Schedule.for_budget(model, 20, 0.6)`. Everything it needs is checked here, before training."""
     if not args.eval_every:
         return None
     import torch
 
-    from flexikern.datasets import shapes_split
+    from flexikern.datasets import CLASS_NAMES, shapes_split
     from flexikern.diffusion import Guidance, Schedule
-    from flexikern.metrics import classify, feature_stats, frechet_distance, generate, load_shipped
+    from flexikern.metrics import ASSETS, ShapesClassifier, classify, feature_stats, frechet_distance, generate
 
-    classifier = load_shipped()[1]
-    x_ref, _ = shapes_split("heldout", 1000, size=image_size)
+    flag = f"--eval-every {args.eval_every}"
+    if model.input_size != 16 or model.num_classes != len(CLASS_NAMES):
+        args.parser.error(f"{flag}: the shapes classifier scores 16x16 images of {len(CLASS_NAMES)} classes; this "
+                          f"model makes {model.input_size}x{model.input_size} images of {model.num_classes}; drop "
+                          f"{flag.split()[0]}")
+    if not model.has_null_class:
+        args.parser.error(f"{flag}: samples with guidance 5, and the model has no null class (--class-dropout 0); "
+                          f"drop {flag.split()[0]}")
+    schedules = {"": Schedule.static(20, model.original_patch_size)}
+    if len(model.patch_sizes) > 1:
+        try:
+            schedules["_0.6"] = Schedule.for_budget(model, 20, 0.6)
+        except ValueError as e:
+            args.parser.error(f"{flag}: the flexible schedule it scores, for_budget(0.6): {e}")
+    classifier = ShapesClassifier.load(ASSETS / "shapes_classifier.safetensors")
+    x_ref, _ = shapes_split("heldout", 1000)
     reference = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
 
     def evaluate(model: Any) -> dict[str, float]:
-        schedules = {"": Schedule.static(20, model.original_patch_size)}
-        if len(model.patch_sizes) > 1:
-            schedules["_0.6"] = Schedule.for_budget(model, 20, 0.6)
         row = {}
         for suffix, schedule in schedules.items():
             x, y = generate(model, schedule, Guidance(5.0, "flexi"), args.eval_samples, seed=0)
@@ -169,7 +185,7 @@ def _run(args: argparse.Namespace, model: Any, data: Any, config: Any) -> int:
 
     rank, world = init_distributed()
     recipe = config.recipe
-    evaluate = _sample_quality(args, data.x.shape[-1])
+    evaluate = _sample_quality(args, model)
     start = time.time()
     try:
         train(model, data, config, device=args.device, allow_changes=args.allow_changes, evaluate=evaluate,

@@ -23,8 +23,10 @@ trainer's generator, torch, numpy, python) and the run's settings (config, model
 they are written with `flexikern.files.atomic_write`, so a crash or a full disk never leaves a
 half-written checkpoint, and loaded with `weights_only=True`. Resuming continues bit for bit (the
 data order is a function of the step, `BatchOrder`), and is refused when the settings differ
-unless `allow_changes=True`. The log is `<out>/log.jsonl` (one line per `log_every` steps: loss
-overall and per patch size); a line torn by a kill is dropped on resume. One run at a time holds
+unless `allow_changes=True`. The log is `<out>/log.jsonl`: one row per `log_every` steps (loss overall
+and per patch size, gradient norm, lr, it/s, `train_seconds`: wall time spent in steps, over all
+resumes) and, with `evaluate`, one row per evaluation (its scores, the step and `train_seconds`,
+no "loss"); a line torn by a kill is dropped on resume. One run at a time holds
 `<out>/.lock`; a second one is refused, naming the holder.
 """
 
@@ -63,8 +65,10 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(config: "TrainConfig", step: int) -> float:
-    """The learning rate of 0-based `step`: linear warm-up over `warmup_steps`, then constant or a
-    cosine decay from `lr` to 0 at `steps` (as diffusers' `get_cosine_schedule_with_warmup`)."""
+    """The learning rate of 0-based `step`: linear warm-up over `warmup_steps` (lr * (step + 1) /
+    warmup_steps), then constant or a cosine decay from `lr` to 0 at `steps` (after the warm-up,
+    diffusers' `get_cosine_schedule_with_warmup`). With "cosine", the schedule depends on `steps`:
+    resuming with another --steps (--allow-changes) bends the remaining curve."""
     warmup = max(1, config.warmup_steps)
     if step < config.warmup_steps or config.lr_schedule == "constant":
         return config.lr * min(1.0, (step + 1) / warmup)
@@ -106,6 +110,9 @@ class TrainConfig:
             raise ValueError(f"recipe={self.recipe!r}: expected one of {RECIPES}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
+        if self.lr_schedule == "cosine" and is_int(self.warmup_steps) and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} >= steps={self.steps}: a cosine schedule would "
+                             "never decay; use fewer warm-up steps or lr_schedule='constant'")
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             value = getattr(self, name)
             check_positive_int(value, name)
@@ -129,7 +136,7 @@ class TrainConfig:
                              "(5 is the paper's and diffusers' usual value)")
         if self.snr_gamma is not None and self.recipe == "distill":
             raise ValueError(f"snr_gamma={self.snr_gamma!r}: weights the diffusion loss of recipes 'pretrain' and "
-                             "'shared'; 'distill' matches the teacher's output: drop snr_gamma")
+                             "'shared'; 'distill' matches the teacher's output: drop snr_gamma (--snr-gamma)")
 
 
 class EMA:
@@ -224,6 +231,8 @@ def _run_lock(out: Path) -> Iterator[None]:
 # Settings that change neither the weights nor the data order: free to change on resume.
 _FREE_SETTINGS = ("out_dir", "max_steps", "progress", "log_every", "ckpt_every", "gradient_checkpointing")
 _CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "rng")
+# Settings added later, with the value every run before them had (a checkpoint without the key).
+_ADDED_SETTINGS = {"snr_gamma": None, "lr_schedule": "constant"}
 
 
 def _run_settings(config: TrainConfig, model: torch.nn.Module, data: TensorData) -> dict[str, Any]:
@@ -247,9 +256,8 @@ def _check_resume(ckpt: dict[str, Any], settings: dict[str, Any], path: Path, al
     if old is None:    # a checkpoint from before settings were stored: compare the config only
         old = {k: v for k, v in ckpt.get("config", {}).items() if k not in _FREE_SETTINGS}
         settings = {k: v for k, v in settings.items() if k in old}
-    # A setting added after the checkpoint was written ran at its default then.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in _FREE_SETTINGS}
-    old = {**{k: v for k, v in defaults.items() if k in settings and k not in old}, **old}
+    # A setting added after the checkpoint was written: the value those runs had.
+    old = {**{k: v for k, v in _ADDED_SETTINGS.items() if k in settings and k not in old}, **old}
     def show(values: dict[str, Any], key: str) -> str:
         return repr(values[key]) if key in values else "(unset)"
 
@@ -377,6 +385,9 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
     run holds `<out>`.
     """
     rank, world = _world()
+    if evaluate is not None and not (is_int(eval_every) and eval_every >= 1):
+        raise TrainSetupError(f"eval_every={eval_every!r}: with evaluate, expected the number of steps between "
+                              "evaluations, an int >= 1 (command line: --eval-every N)")
     if config.batch_size % world:
         raise TrainSetupError(f"batch_size={config.batch_size} must be divisible by the number of processes "
                               f"({world})")
@@ -513,13 +524,6 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if rank == 0:
                 _append_line(log_path, json.dumps(row))
-        if evaluate is not None and eval_every and done % eval_every == 0 and rank == 0:
-            rng = torch.get_rng_state()
-            row = {"step": done, "train_seconds": round(train_seconds, 3), **evaluate(ema.model)}
-            torch.set_rng_state(rng)
-            model.train()
-            _append_line(log_path, json.dumps(row))
-            t_last = time.time()     # the evaluation is not in the next row's it/s
         if done % config.ckpt_every == 0 or done == config.steps:
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.model.state_dict(),
@@ -528,6 +532,15 @@ def _train(model: torch.nn.Module, data: TensorData, config: TrainConfig, sizes:
                                             "config": dataclasses.asdict(config), "settings": settings})
             if world > 1:
                 dist.barrier()
+        if evaluate is not None and (done % eval_every == 0 or done == config.steps) and rank == 0:
+            started, rng = time.time(), _rng_state(generator)
+            try:
+                scores = evaluate(ema.model)
+            finally:        # the run continues as if nothing had happened
+                _set_rng_state(rng, generator)
+                ema.model.eval()
+            _append_line(log_path, json.dumps({**scores, "step": done, "train_seconds": round(train_seconds, 3)}))
+            t_last += time.time() - started     # the evaluation is not in the next row's it/s
     bar.close()
     if stop == config.steps and rank == 0:
         ema.model.save_pretrained(out / "ema")
