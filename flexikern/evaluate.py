@@ -154,7 +154,8 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--num-samples", type=positive_int, default=100,
                    help="samples for the quality figures, at least 2 (default 100)")
     p.add_argument("--guidance", type=finite_float, default=None,
-                   help="guidance scale (default 5: the best of 1/1.5/3/5/8 for the static shipped model; 1 = none)")
+                   help="guidance scale (default 3: the best FD of 1.5/2/3/4/5 for the static shipped model, "
+                        "docs/MODEL_CARD.md; 1 = none)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default=None,
                    help="how --guidance guides (default: flexi)")
     p.add_argument("--seed", type=seed_arg, default=0)
@@ -171,7 +172,7 @@ def run_demo(args: argparse.Namespace) -> int:
         args.parser.error(f"--seed {args.seed}: too large; seeds are below 2**63 and sample i uses seed * "
                           f"{SEED_STRIDE} + i: pass --seed {max_seed(max(n, 8), SEED_STRIDE)} or less")
     try:
-        guidance = Guidance(*resolve_guidance(args.guidance, args.guidance_mode, 5.0, "flexi"))
+        guidance = Guidance(*resolve_guidance(args.guidance, args.guidance_mode, 3.0, "flexi"))
     except ValueError as e:
         args.parser.error(str(e))
     if args.threads:
