@@ -375,10 +375,10 @@ def train(model: torch.nn.Module, data: TensorData, config: TrainConfig, resume:
     shape, data) unless `allow_changes`. At the end, rank 0 writes `<out>/ema/` and `<out>/model/`
     with `save_pretrained`.
 
-    `evaluate(ema_model) -> {name: number}`, when given, runs on rank 0 every `eval_every` steps
-    (e.g. sample quality, `flexikern train --eval-every`); its row goes to the log with the step and
-    the training seconds so far. The torch RNG state is restored after it, so evaluating does not
-    change the run.
+    `evaluate(ema_model) -> {name: number}`, when given, runs on rank 0 every `eval_every` steps and
+    at the last one, after that step's checkpoint (e.g. sample quality, `flexikern train
+    --eval-every`); its row goes to the log with the step and the training seconds so far. Every RNG
+    state is restored after it, so evaluating does not change the run.
 
     Raises TrainSetupError (a ValueError), before any step, when the data does not fit the model
     or the recipe, the checkpoint was written with other settings, the log is corrupt, or another
