@@ -183,7 +183,7 @@ def test_eval_quick_writes_the_files(tmp_path):
     static = next(r for r in rows if r["method"] == "static")
     assert static["relative_flops"] == pytest.approx(1.0)
     for r in rows:
-        if r["method"] != "static":
+        if r["method"] not in ("static", "real"):
             assert r["relative_flops"] <= r["level"] + 0.07, r   # at or near the nominal level
     assert "| flexi |" in (tmp_path / "out" / "eval.md").read_text()
     # The row for exactly what `--budget 0.6` (Schedule.for_budget's default) picks.
