@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "GEOMETRY", "make_shapes", "shapes_split"]
+__all__ = ["CLASS_NAMES", "GEOMETRY", "DEFAULT_VERSION", "make_shapes", "shapes_split"]
 
 CLASS_NAMES = ("disk", "square", "triangle", "ring", "plus", "h_stripes", "v_stripes",
                "checkerboard", "diagonal_stripes", "cross")
@@ -42,6 +42,7 @@ GEOMETRY = {
     1: dict(radius=(0.18, 0.36), jitter=0.9, period=(0.22, 0.34), thick=(0.28, 0.4)),
     2: dict(radius=(0.28, 0.42), jitter=0.7, period=(0.34, 0.5), thick=(0.42, 0.55)),
 }
+DEFAULT_VERSION = 2   # the shipped model's and classifier's data
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -99,14 +100,15 @@ def _masks(labels: np.ndarray, size: int, rng: np.random.Generator, version: int
 
 
 def make_shapes(n: int, size: int = 16, seed: int = 0, num_classes: int = 10,
-                labels: np.ndarray | None = None, version: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                labels: np.ndarray | None = None, version: int = DEFAULT_VERSION) -> tuple[np.ndarray, np.ndarray]:
     """`n` images (N, 3, size, size) float32 in [-1, 1] and labels (N,) int64.
 
     Labels are balanced (cycled, then shuffled) unless given. `version`: the geometry (`GEOMETRY`,
     module docstring). Deterministic in its arguments.
     """
     if isinstance(version, bool) or not isinstance(version, int) or version not in GEOMETRY:
-        raise ValueError(f"version={version!r}: expected one of {sorted(GEOMETRY)} (2: the shipped model's data)")
+        raise ValueError(f"version={version!r}: expected one of {sorted(GEOMETRY)} "
+                         f"({DEFAULT_VERSION}: the shipped model's data)")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: expected a positive int")
     if not isinstance(size, int) or size < 4:
@@ -134,7 +136,8 @@ def make_shapes(n: int, size: int = 16, seed: int = 0, num_classes: int = 10,
     return img.astype(np.float32), labels
 
 
-def shapes_split(split: str, n: int, size: int = 16, version: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def shapes_split(split: str, n: int, size: int = 16,
+                 version: int = DEFAULT_VERSION) -> tuple[np.ndarray, np.ndarray]:
     """The fixed splits: "train" (seed 0), "heldout" (seed 1, for FD references), "test" (seed 2)."""
     seeds = {"train": 0, "heldout": 1, "test": 2}
     if split not in seeds:

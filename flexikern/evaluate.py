@@ -19,12 +19,12 @@ import torch
 from flexikern.arguments import (FIGURE_SUFFIXES, add_threads_arg, finite_float, fraction_arg, model_arg,
                                  output_dir_arg, output_file_arg, positive_int, resolve_guidance, seed_arg,
                                  shipped_models)
-from flexikern.datasets import CLASS_NAMES, GEOMETRY, shapes_split
+from flexikern.datasets import CLASS_NAMES, DEFAULT_VERSION, GEOMETRY, shapes_split
 from flexikern.diffusion import Guidance, Schedule
 from flexikern.files import atomic_write
 from flexikern.images import to_uint8
 from flexikern.metrics import (ASSETS, SEED_STRIDE, EvalSettings, ShapesClassifier, classify, evaluate_curves,
-                               feature_stats, frechet_distance, generate, load_shipped, pyplot, train_classifier,
+                               feature_stats, generate, load_shipped, pyplot, score, train_classifier,
                                write_results)
 from flexikern.ops._checks import max_seed
 
@@ -131,7 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "guidance": f"{settings.guidance_mode} {settings.guidance_scale}",
             "reference_samples": settings.reference_samples, "quick": quick,
             "classifier": str(args.classifier or "flexikern/assets/shapes_classifier.safetensors"),
-            "shapes_version": 2,
+            "shapes_version": DEFAULT_VERSION,
             "wall_seconds": round(time.time() - start, 1), "threads": torch.get_num_threads()}
     paths = write_results(rows, args.out, meta)
     print(Path(paths[1]).read_text())
@@ -190,16 +190,14 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"FlexiDiT schedule {flexi!r}: relative FLOPs {relative:.3f} "
           f"(F(4x4)/F(2x2) = {model.flops(4) / model.flops(2):.3f})")
     x_ref, _ = shapes_split("heldout", 1000, size=model.input_size)
-    mu_ref, sigma_ref = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
+    reference = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
     results = {}
     for name, schedule in (("static", static), ("FlexiDiT", flexi)):
         generate(model, schedule, guidance, 8, args.seed)             # warm-up, not timed
         start = time.perf_counter()
         x, y = generate(model, schedule, guidance, n, args.seed)
         seconds = time.perf_counter() - start
-        feats, pred = classify(classifier, x)
-        results[name] = (x, seconds, frechet_distance(*feature_stats(feats), mu_ref, sigma_ref),
-                         float((pred == y.numpy()).mean()))
+        results[name] = (x, seconds, *score(classifier, x, y, reference))
         print(f"{name:>9}: {n} samples in {seconds:.1f} s, FD {results[name][2]:.2f}, "
               f"class accuracy {results[name][3]:.3f}")
     print(f"speed-up {results['static'][1] / results['FlexiDiT'][1]:.2f}x for {relative:.2f} of the FLOPs "
@@ -257,9 +255,9 @@ def _main_classifier(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=positive_int, default=20000)
     p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--image-size", type=positive_int, default=16)
-    p.add_argument("--shapes-version", type=int, choices=sorted(GEOMETRY), default=2,
+    p.add_argument("--shapes-version", type=int, choices=sorted(GEOMETRY), default=DEFAULT_VERSION,
                    help="geometry of the shapes (flexikern.datasets.GEOMETRY; 1: the T2I/video examples' "
-                        "shapes_classifier_v1.safetensors; default 2)")
+                        f"shapes_classifier_v1.safetensors; default {DEFAULT_VERSION})")
     add_threads_arg(p, default=None)
     args = p.parse_args(argv)
     if args.threads:

@@ -40,7 +40,7 @@ from flexikern.files import atomic_write
 from flexikern.models.convert import load_state_dict_strict
 from flexikern.ops._checks import check_seed, max_seed
 
-__all__ = ["ShapesClassifier", "train_classifier", "classify", "frechet_distance", "feature_stats",
+__all__ = ["ShapesClassifier", "train_classifier", "classify", "frechet_distance", "feature_stats", "score",
            "generate", "evaluate_curves", "write_results", "load_shipped", "pyplot", "ASSETS",
            "EvalSettings"]
 
@@ -164,6 +164,16 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+def score(classifier: ShapesClassifier, x: torch.Tensor, labels: torch.Tensor | np.ndarray,
+          reference: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """(FD, accuracy) of images x (N >= 2, 3, H, W) in [-1, 1] whose classes are `labels` (N,): the FD of
+    their features against `reference` = `feature_stats` of real images, and the fraction the
+    classifier labels as `labels`."""
+    feats, pred = classify(classifier, x)
+    accuracy = float((pred == np.asarray(labels)).mean())
+    return frechet_distance(*feature_stats(feats), *reference), accuracy
+
+
 # ---------------------------------------------------------------------------------- sampling
 def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sampler: str = "ddim",
              batch_size: int = 500, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +256,7 @@ def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.T
     """
     from tqdm.auto import tqdm
     guidance = Guidance(settings.guidance_scale, settings.guidance_mode)
-    mu_ref, sigma_ref = feature_stats(classify(classifier, reference)[0])
+    reference_stats = feature_stats(classify(classifier, reference)[0])
     rows = []
     if real is not None:
         n = settings.num_samples
@@ -254,9 +264,9 @@ def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.T
             raise ValueError(f"real: {len(real[0])} images, expected num_samples * seeds = {n * len(settings.seeds)}")
         fds, accs = [], []
         for i in range(len(settings.seeds)):
-            feats, pred = classify(classifier, real[0][i * n:(i + 1) * n])
-            fds.append(frechet_distance(*feature_stats(feats), mu_ref, sigma_ref))
-            accs.append(float((pred == np.asarray(real[1][i * n:(i + 1) * n])).mean()))
+            fd, accuracy = score(classifier, real[0][i * n:(i + 1) * n], real[1][i * n:(i + 1) * n], reference_stats)
+            fds.append(fd)
+            accs.append(accuracy)
         rows.append({"method": "real", "relative_flops": None, "level": None, "steps": 0, "schedule": "real images",
                      "fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "accuracy": float(np.mean(accs)),
                      "accuracy_std": float(np.std(accs)), "fd_per_seed": fds, "seconds_per_seed": 0.0})
@@ -276,9 +286,9 @@ def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.T
                 start = time.perf_counter()
                 x, y = generate(model, schedule, guidance, settings.num_samples, seed, settings.sampler)
                 seconds += time.perf_counter() - start
-                feats, pred = classify(classifier, x)
-                fds.append(frechet_distance(*feature_stats(feats), mu_ref, sigma_ref))
-                accs.append(float((pred == y.numpy()).mean()))
+                fd, accuracy = score(classifier, x, y, reference_stats)
+                fds.append(fd)
+                accs.append(accuracy)
                 bar.update(1)
             rows.append({"method": method, "relative_flops": flops / static_flops, "level": level,
                          "steps": steps, "schedule": repr(schedule),

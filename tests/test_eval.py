@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flexikern import metrics
-from flexikern.datasets import CLASS_NAMES, make_shapes, shapes_split
+from flexikern.datasets import CLASS_NAMES, DEFAULT_VERSION, make_shapes, shapes_split
 from flexikern.diffusion import Schedule
 from flexikern.diffusion.calibrate import gap_profile
 from flexikern.metrics import ShapesClassifier, feature_stats, frechet_distance, load_shipped, train_classifier
@@ -72,6 +72,17 @@ def test_feature_stats_of_samples_converge():
 
 
 # ------------------------------------------------------------------------------------ classifier
+def test_score_is_fd_against_the_reference_and_accuracy_against_the_labels():
+    torch.manual_seed(0)
+    clf = ShapesClassifier(num_classes=3)
+    x, labels = torch.rand(40, 3, 8, 8) * 2 - 1, torch.randint(0, 3, (40,))
+    reference = feature_stats(np.random.default_rng(0).normal(size=(50, 64)))
+    feats, pred = metrics.classify(clf, x)
+    fd, accuracy = metrics.score(clf, x, labels, reference)
+    assert fd == pytest.approx(frechet_distance(*feature_stats(feats), *reference), rel=1e-12)
+    assert accuracy == pytest.approx((pred == labels.numpy()).mean()) and 0 < accuracy < 1
+
+
 def test_classifier_learns_the_shapes_and_round_trips(tmp_path):
     pick = np.array([5, 6, 7])     # horizontal / vertical stripes, checkerboard: learnable in seconds
     x, y = make_shapes(1200, size=8, seed=0, labels=pick[np.arange(1200) % 3])
@@ -174,7 +185,9 @@ def test_eval_quick_writes_the_files(tmp_path):
                  "--out", str(tmp_path / "out")]) == 0
     for name in ("eval.json", "eval.md", "eval.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    rows = json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    rows = result["rows"]
+    assert result["meta"]["shapes_version"] == DEFAULT_VERSION
     methods = {r["method"] for r in rows}
     assert methods == {"real", "static", "flexi", "fewer_steps", "weak_last", "calibrated"}
     for r in rows:

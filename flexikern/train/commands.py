@@ -147,7 +147,7 @@ def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
 
     from flexikern.datasets import CLASS_NAMES, shapes_split
     from flexikern.diffusion import Guidance, Schedule
-    from flexikern.metrics import ASSETS, ShapesClassifier, classify, feature_stats, frechet_distance, generate
+    from flexikern.metrics import ASSETS, ShapesClassifier, classify, feature_stats, generate, score
 
     flag = f"--eval-every {args.eval_every}"
     if model.input_size != 16 or model.num_classes != len(CLASS_NAMES):
@@ -171,9 +171,9 @@ def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
         row = {}
         for suffix, schedule in schedules.items():
             x, y = generate(model, schedule, Guidance(5.0, "flexi"), args.eval_samples, seed=0)
-            feats, pred = classify(classifier, x)
-            row[f"fd{suffix}"] = round(frechet_distance(*feature_stats(feats), *reference), 2)
-            row[f"accuracy{suffix}"] = round(float((pred == y.numpy()).mean()), 4)
+            fd, accuracy = score(classifier, x, y, reference)
+            row[f"fd{suffix}"] = round(fd, 2)
+            row[f"accuracy{suffix}"] = round(accuracy, 4)
         return row
     return evaluate
 
