@@ -1,7 +1,7 @@
 """The shipped model's training curves, from the runs' `log.jsonl` (docs/MODEL_CARD.md).
 
-    python docs/training_curve.py --run "final=docs/shapes16_training/pretrain.jsonl,docs/shapes16_training/finetune.jsonl" \
-        --run "min-SNR-5=docs/shapes16_training/min_snr.jsonl" --out docs/shapes16_training/curve.png
+    python docs/training_curve.py --run "final=docs/shapes16_training/pretrain.jsonl,docs/shapes16_training/finetune.jsonl,docs/shapes16_training/continue.jsonl" \
+        --run "min-SNR-5=docs/shapes16_training/v1_min_snr5_lr1e-3.jsonl" --out docs/shapes16_training/curve.png
 
 Each `--run LABEL=LOG[,LOG...]` is one run; the logs of a run are chained (a later log's training
 seconds continue from the earlier one's last). Plots the loss and the sample quality that
@@ -61,7 +61,7 @@ def main() -> None:
                   f"{r.get('fd_0.6', float('nan')):.0f} | {r.get('accuracy_0.6', float('nan')):.2f} |")
     axes[0].set(xlabel="training minutes", ylabel="training loss (--snr-gamma: weighted)", yscale="log",
                 title="training loss")
-    axes[1].set(xlabel="training minutes", ylabel="FD (100 samples, lower is better)", yscale="log",
+    axes[1].set(xlabel="training minutes", ylabel="FD (--eval-every: 100 samples, guidance 5)", yscale="log",
                 title="sample FD during training")
     axes[2].set(xlabel="training minutes", ylabel="class accuracy", title="sample class accuracy")
     for ax in axes:

@@ -30,6 +30,9 @@ from flexikern.ops._checks import max_seed
 
 __all__ = ["add_eval_parser", "run_eval", "add_demo_parser", "run_demo"]
 
+# The shipped model's guidance scale: the static model's best FD in docs/MODEL_CARD.md's sweep.
+SHIPPED_GUIDANCE = 1.625
+
 
 def _pyplot(parser: argparse.ArgumentParser) -> Any:
     """matplotlib.pyplot, or the command's usage error saying how to install it."""
@@ -154,7 +157,7 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--num-samples", type=positive_int, default=100,
                    help="samples for the quality figures, at least 2 (default 100)")
     p.add_argument("--guidance", type=finite_float, default=None,
-                   help="guidance scale (default 3: the best FD of 1.5/2/3/4/5 for the static shipped model, "
+                   help=f"guidance scale (default {SHIPPED_GUIDANCE:g}: the best FD of the static shipped model, "
                         "docs/MODEL_CARD.md; 1 = none)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default=None,
                    help="how --guidance guides (default: flexi)")
@@ -172,7 +175,7 @@ def run_demo(args: argparse.Namespace) -> int:
         args.parser.error(f"--seed {args.seed}: too large; seeds are below 2**63 and sample i uses seed * "
                           f"{SEED_STRIDE} + i: pass --seed {max_seed(max(n, 8), SEED_STRIDE)} or less")
     try:
-        guidance = Guidance(*resolve_guidance(args.guidance, args.guidance_mode, 3.0, "flexi"))
+        guidance = Guidance(*resolve_guidance(args.guidance, args.guidance_mode, SHIPPED_GUIDANCE, "flexi"))
     except ValueError as e:
         args.parser.error(str(e))
     if args.threads:

@@ -13,7 +13,7 @@ import torch
 
 from flexikern.cli import main
 from flexikern.datasets import make_shapes
-from flexikern.diffusion import GaussianDiffusion
+from flexikern.diffusion import GaussianDiffusion, Guidance
 from flexikern.models import FlexiDiT
 from flexikern.train import TensorData, TrainConfig, diffusion_loss, load_checkpoint, save_checkpoint, train
 from flexikern.train.losses import min_snr_weight
@@ -178,6 +178,30 @@ def test_cli_eval_every_logs_fd_and_accuracy(tmp_path):
                  "--eval-every", "2", "--eval-samples", "4", "--out", str(ft)]) == 0
     evals = [r for r in rows(ft) if "fd" in r]
     assert len(evals) == 1 and {"fd", "accuracy", "fd_0.6", "accuracy_0.6"} <= set(evals[0])
+    assert evals[0]["eval_guidance"] == 5.0
+
+
+def test_cli_eval_guidance_is_the_scale_sampled_with(tmp_path, monkeypatch, capsys):
+    from flexikern import metrics
+    seen = []
+    real_generate = metrics.generate
+    monkeypatch.setattr(metrics, "generate", lambda model, schedule, guidance, *a, **k: (
+        seen.append(guidance), real_generate(model, schedule, guidance, *a, **k))[1])
+    loop = ["--num-images", "40", "--steps", "2", "--batch-size", "4", "--threads", "1", "--no-progress",
+            "--eval-every", "2", "--eval-samples", "4"]
+    assert main(["train", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", *loop, "--eval-guidance", "1.5",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert seen == [Guidance(1.5, "flexi")] and [r["eval_guidance"] for r in rows(tmp_path / "a") if "fd" in r] == [1.5]
+    # Unguided evaluation needs no null class; guided evaluation of such a model is refused up front.
+    FlexiDiT(input_size=16, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+             learn_sigma=False, class_dropout_prob=0.0).save_pretrained(tmp_path / "no_null")
+    tune = ["finetune", "--model", str(tmp_path / "no_null"), "--recipe", "shared", "--class-dropout", "0", *loop]
+    with pytest.raises(SystemExit) as e:
+        main([*tune, "--out", str(tmp_path / "c")])
+    assert e.value.code == 2 and "pass --eval-guidance 1" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "checkpoint.pt").exists()
+    assert main([*tune, "--eval-guidance", "1", "--out", str(tmp_path / "d")]) == 0
+    assert not seen[-1].enabled
 
 
 def test_cli_eval_every_needs_the_shapes_data(tmp_path, capsys):

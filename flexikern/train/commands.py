@@ -69,10 +69,13 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     g.add_argument("--eval-every", type=nonnegative_int, default=0,
                    help="--data shapes: every N steps, sample the EMA model at its original patch size (DDIM "
-                        "20 steps, guidance 5) and log its FD and class accuracy (flexikern eval's classifier "
+                        "20 steps, --eval-guidance) and log its FD and class accuracy (flexikern eval's classifier "
                         "and held-out images) to log.jsonl (default: 0, never)")
     g.add_argument("--eval-samples", type=positive_int, default=100,
                    help="samples per --eval-every evaluation, at least 2 (default: 100)")
+    g.add_argument("--eval-guidance", type=finite_float, default=5.0, metavar="SCALE",
+                   help="--eval-every's guidance scale, FlexiDiT's rule where the branches differ; 1 = none "
+                        "(default: 5; the shipped model samples best near 1.6, docs/MODEL_CARD.md)")
     add_threads_arg(g, default=None)
     g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -138,7 +141,7 @@ def _config(args: argparse.Namespace, recipe: str) -> Any:
 
 def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
     """--eval-every's evaluation: EMA model -> {"fd", "accuracy"} of --eval-samples static samples
-    (DDIM 20 steps, guidance 5, seed 0: the same noise each time) against 1000 held-out images, with
+    (DDIM 20 steps, --eval-guidance, seed 0: the same noise each time) against 1000 held-out images, with
     the shipped classifier (`flexikern eval`'s); a flexible model adds "fd_0.6" and "accuracy_0.6"
     for `Schedule.for_budget(model, 20, 0.6)`. Everything it needs is checked here, before training."""
     if not args.eval_every:
@@ -154,13 +157,14 @@ def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
         args.parser.error(f"{flag}: the shapes classifier scores 16x16 images of {len(CLASS_NAMES)} classes; this "
                           f"model makes {model.input_size}x{model.input_size} images of {model.num_classes}; drop "
                           f"{flag.split()[0]}")
-    if not model.has_null_class:
-        args.parser.error(f"{flag}: samples with guidance 5, and the model has no null class (--class-dropout 0); "
-                          f"drop {flag.split()[0]}")
+    guidance = Guidance.of(args.eval_guidance)    # 1: no guidance (mode "none")
+    if guidance.enabled and not model.has_null_class:
+        args.parser.error(f"{flag}: samples with --eval-guidance {args.eval_guidance:g}, and the model has no null "
+                          f"class (--class-dropout 0); pass --eval-guidance 1 or drop {flag.split()[0]}")
     schedules = {"": Schedule.static(20, model.original_patch_size)}
     if len(model.patch_sizes) > 1:
         try:
-            schedules["_0.6"] = Schedule.for_budget(model, 20, 0.6)
+            schedules["_0.6"] = Schedule.for_budget(model, 20, 0.6, guidance=guidance.enabled)
         except ValueError as e:
             args.parser.error(f"{flag}: the flexible schedule it scores, for_budget(0.6): {e}")
     classifier = ShapesClassifier.load(ASSETS / "shapes_classifier.safetensors")
@@ -168,9 +172,9 @@ def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
     reference = feature_stats(classify(classifier, torch.from_numpy(x_ref))[0])
 
     def evaluate(model: Any) -> dict[str, float]:
-        row = {}
+        row = {"eval_guidance": args.eval_guidance}
         for suffix, schedule in schedules.items():
-            x, y = generate(model, schedule, Guidance(5.0, "flexi"), args.eval_samples, seed=0)
+            x, y = generate(model, schedule, guidance, args.eval_samples, seed=0)
             fd, accuracy = score(classifier, x, y, reference)
             row[f"fd{suffix}"] = round(fd, 2)
             row[f"accuracy{suffix}"] = round(accuracy, 4)
