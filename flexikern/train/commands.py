@@ -140,7 +140,7 @@ def _config(args: argparse.Namespace, recipe: str) -> Any:
 
 
 def _sample_quality(args: argparse.Namespace, model: Any) -> Any:
-    """--eval-every's evaluation: EMA model -> {"fd", "accuracy"} of --eval-samples static samples
+    """--eval-every's evaluation: EMA model -> {"eval_guidance", "fd", "accuracy"} of --eval-samples static samples
     (DDIM 20 steps, --eval-guidance, seed 0: the same noise each time) against 1000 held-out images, with
     the shipped classifier (`flexikern eval`'s); a flexible model adds "fd_0.6" and "accuracy_0.6"
     for `Schedule.for_budget(model, 20, 0.6)`. Everything it needs is checked here, before training."""
