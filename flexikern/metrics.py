@@ -262,40 +262,36 @@ def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.T
         n = settings.num_samples
         if len(real[0]) < n * len(settings.seeds):
             raise ValueError(f"real: {len(real[0])} images, expected num_samples * seeds = {n * len(settings.seeds)}")
-        fds, accs = [], []
-        for i in range(len(settings.seeds)):
-            fd, accuracy = score(classifier, real[0][i * n:(i + 1) * n], real[1][i * n:(i + 1) * n], reference_stats)
-            fds.append(fd)
-            accs.append(accuracy)
+        scores = [score(classifier, real[0][i * n:(i + 1) * n], real[1][i * n:(i + 1) * n], reference_stats)
+                  for i in range(len(settings.seeds))]
         rows.append({"method": "real", "relative_flops": None, "level": None, "steps": 0, "schedule": "real images",
-                     "fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "accuracy": float(np.mean(accs)),
-                     "accuracy_std": float(np.std(accs)), "fd_per_seed": fds, "seconds_per_seed": 0.0})
+                     **_over_seeds(scores), "seconds_per_seed": 0.0})
+
+    def flops(schedule: Any, steps: int) -> float:
+        return schedule.flops(model, 1, guidance.active_steps(make_sampler(settings.sampler, steps).model_timesteps))
+
+    static_flops = flops(Schedule.static(settings.steps, model.original_patch_size), settings.steps)
     points = _schedules(model, settings, guidance.enabled)
-    base_steps = settings.steps
-    static_flops = None
     with tqdm(total=len(points) * len(settings.seeds), disable=not progress, desc="eval") as bar:
         for method, level, schedule, steps in points:
-            guided = guidance.active_steps(make_sampler(settings.sampler, steps).model_timesteps)
-            flops = schedule.flops(model, 1, guided)
-            if static_flops is None:
-                ref = Schedule.static(base_steps, model.original_patch_size)
-                static_flops = ref.flops(model, 1, guidance.active_steps(
-                    make_sampler(settings.sampler, base_steps).model_timesteps))
-            fds, accs, seconds = [], [], 0.0
+            scores, seconds = [], 0.0
             for seed in settings.seeds:
                 start = time.perf_counter()
                 x, y = generate(model, schedule, guidance, settings.num_samples, seed, settings.sampler)
                 seconds += time.perf_counter() - start
-                fd, accuracy = score(classifier, x, y, reference_stats)
-                fds.append(fd)
-                accs.append(accuracy)
+                scores.append(score(classifier, x, y, reference_stats))
                 bar.update(1)
-            rows.append({"method": method, "relative_flops": flops / static_flops, "level": level,
-                         "steps": steps, "schedule": repr(schedule),
-                         "fd": float(np.mean(fds)), "fd_std": float(np.std(fds)),
-                         "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
-                         "fd_per_seed": fds, "seconds_per_seed": seconds / len(settings.seeds)})
+            rows.append({"method": method, "relative_flops": flops(schedule, steps) / static_flops, "level": level,
+                         "steps": steps, "schedule": repr(schedule), **_over_seeds(scores),
+                         "seconds_per_seed": seconds / len(settings.seeds)})
     return rows
+
+
+def _over_seeds(scores: list[tuple[float, float]]) -> dict[str, Any]:
+    """A row's quality columns from one (FD, accuracy) per seed: mean, std and the per-seed FDs."""
+    fds, accs = [fd for fd, _ in scores], [acc for _, acc in scores]
+    return {"fd": float(np.mean(fds)), "fd_std": float(np.std(fds)), "accuracy": float(np.mean(accs)),
+            "accuracy_std": float(np.std(accs)), "fd_per_seed": fds}
 
 
 # ---------------------------------------------------------------------------------- results and plots

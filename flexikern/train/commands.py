@@ -75,7 +75,7 @@ def _add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float
                    help="samples per --eval-every evaluation, at least 2 (default: 100)")
     g.add_argument("--eval-guidance", type=finite_float, default=5.0, metavar="SCALE",
                    help="--eval-every's guidance scale, FlexiDiT's rule where the branches differ; 1 = none "
-                        "(default: 5; the shipped model samples best near 1.6, docs/MODEL_CARD.md)")
+                        "(default: 5; the shipped model's scale is in docs/MODEL_CARD.md)")
     add_threads_arg(g, default=None)
     g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
