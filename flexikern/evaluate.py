@@ -21,9 +21,10 @@ from flexikern.arguments import (FIGURE_SUFFIXES, add_threads_arg, finite_float,
                                  shipped_models)
 from flexikern.datasets import CLASS_NAMES, DEFAULT_VERSION, GEOMETRY, shapes_split
 from flexikern.diffusion import Guidance, Schedule
+from flexikern.diffusion.schedulers import make_scheduler
 from flexikern.files import atomic_write
 from flexikern.images import to_uint8
-from flexikern.metrics import (ASSETS, SEED_STRIDE, EvalSettings, ShapesClassifier, classify, evaluate_curves,
+from flexikern.metrics import (ASSETS, FLOPS_LEVELS, SEED_STRIDE, EvalSettings, ShapesClassifier, classify, evaluate_curves,
                                feature_stats, generate, load_shipped, pyplot, score, train_classifier,
                                write_results)
 from flexikern.ops._checks import max_seed
@@ -59,19 +60,43 @@ def add_eval_parser(subparsers: Any) -> None:
                    help="samples per point and seed, at least 2 (default 200; quick 100)")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick 1)")
     p.add_argument("--steps", type=positive_int, default=20, help="sampling steps of the static model (default: 20)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--sampler", type=_sampler_arg, default="ddim",
+                   help="ddim or ddpm (flexikern's), or a diffusers scheduler class with DiT's diffusion, e.g. "
+                        "DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler (default: ddim)")
+    p.add_argument("--levels", type=_levels_arg, default=None,
+                   help="comma-separated relative FLOPs levels below 1 to evaluate (default: "
+                        f"{','.join(f'{v:g}' for v in FLOPS_LEVELS if v < 1)})")
     p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: 1 = none)")
     p.add_argument("--guidance-mode", choices=("none", "cfg", "flexi"), default=None,
                    help="how --guidance guides (default: flexi)")
     p.add_argument("--reference-samples", type=positive_int, default=None,
                    help="held-out real images, at least 2 (default 2000)")
-    p.add_argument("--methods", type=_methods_arg, default=",".join(METHODS),
-                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", type=_methods_arg, default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all; without calibrated with a "
+                        "diffusers scheduler)")
     add_threads_arg(p, default=1)
     p.set_defaults(run=run_eval, parser=p)
 
 
 METHODS = EvalSettings.methods
+
+
+def _sampler_arg(text: str) -> str:
+    """"ddim", "ddpm", or a diffusers scheduler class name that `make_scheduler` can build."""
+    if text in ("ddim", "ddpm"):
+        return text
+    try:
+        make_scheduler(text)
+    except (ImportError, ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ddim, ddpm or a diffusers scheduler class ({e})") from None
+    return text
+
+
+def _levels_arg(text: str) -> tuple[float, ...]:
+    levels = tuple(fraction_arg(v.strip()) for v in text.split(",") if v.strip())
+    if not levels or any(v >= 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated fractions below 1, e.g. 0.8,0.6,0.4")
+    return levels
 
 
 def _methods_arg(text: str) -> tuple[str, ...]:
@@ -99,6 +124,17 @@ def _load_eval_models(args: argparse.Namespace) -> tuple[Any, ShapesClassifier]:
     return model, classifier
 
 
+def _methods(args: argparse.Namespace) -> tuple[str, ...]:
+    """--methods, checked against --sampler: calibration measures with flexikern's own samplers."""
+    scheduler = args.sampler not in ("ddim", "ddpm")
+    if args.methods is None:
+        return tuple(m for m in METHODS if not (scheduler and m == "calibrated"))
+    if scheduler and "calibrated" in args.methods:
+        args.parser.error(f"--methods calibrated with --sampler {args.sampler}: Schedule.calibrate measures its "
+                          "gaps with flexikern's ddim or ddpm sampler; drop calibrated or use --sampler ddim")
+    return args.methods
+
+
 def run_eval(args: argparse.Namespace) -> int:
     _pyplot(args.parser)   # before minutes of sampling: eval.png needs matplotlib
     for flag, value in (("--num-samples", args.num_samples), ("--reference-samples", args.reference_samples)):
@@ -116,7 +152,8 @@ def run_eval(args: argparse.Namespace) -> int:
         steps=args.steps, num_samples=args.num_samples or (100 if quick else 200),
         seeds=tuple(range(args.seeds or (1 if quick else 3))), sampler=args.sampler,
         guidance_scale=scale, guidance_mode=mode,
-        methods=args.methods,
+        methods=_methods(args),
+        levels=(1.0, *args.levels) if args.levels else FLOPS_LEVELS,
         reference_samples=args.reference_samples or (1000 if quick else 2000))
     if settings.guidance_mode != "none" and not model.has_null_class:
         args.parser.error(f"--guidance {scale}: the model has no null class to guide with (it was trained "

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "staged_folder"]
 
 
 @contextmanager
@@ -52,3 +53,36 @@ def _write_error(path: Path, e: OSError, existed: bool) -> OSError:
     kept = f"the previous {path.name} is intact" if existed else f"no {path.name} was written"
     message = f"{cause} while writing {path}; {kept}"
     return OSError(e.errno, message) if e.errno is not None else OSError(message)
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder next to `path`; after the block, move each of its entries into
+    `path` (made if absent), replacing an entry of the same name whole, and remove it.
+
+    Nothing of `path` changes until the block has written everything; on an error inside the block
+    the temporary folder is removed and `path` is as it was. Entries of `path` the block did not
+    write are kept. Raises NotADirectoryError if `path` is a file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: a file, not a folder; pass a new or existing folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        path.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            target = path / entry.name
+            old = path / f".{entry.name}.{tag}.old"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(entry, target)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flexikern.diffusion import Guidance, Schedule, make_sampler, sample
+from flexikern.diffusion import SAMPLERS, Guidance, Schedule, make_sampler, sample
+from flexikern.diffusion.schedulers import SchedulerSampler, make_scheduler
 from flexikern.diffusion.calibrate import gap_profile
 from flexikern.files import atomic_write
 from flexikern.models.convert import load_state_dict_strict
@@ -175,12 +176,31 @@ def score(classifier: ShapesClassifier, x: torch.Tensor, labels: torch.Tensor | 
 
 
 # ---------------------------------------------------------------------------------- sampling
+def step_sampler(name: str, steps: int, clip_denoised: bool = True) -> Any:
+    """A fresh sampler for one run of `steps` steps: flexikern's ("ddpm", "ddim", "flow") or a
+    diffusers scheduler by class name ("DPMSolverMultistepScheduler", ...) with DiT's diffusion
+    (`make_scheduler`; stateful, so one per run).
+
+    `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space):
+    flexikern's DDPM and DDIM, and diffusers' `clip_sample` where the scheduler has it (DDIM,
+    DDPM); the flow sampler, DPM-Solver and Euler have no such clip.
+    """
+    if name in SAMPLERS:
+        return make_sampler(name, steps, clip_denoised=clip_denoised if name != "flow" else False)
+    return make_scheduler(name, clip_sample=clip_denoised)
+
+
+def model_timesteps(name: str, steps: int) -> torch.Tensor:
+    """The model timesteps of `step_sampler(name, steps)`'s steps (what a guidance interval selects)."""
+    sampler = step_sampler(name, steps)
+    return (sampler if name in SAMPLERS else SchedulerSampler(sampler, steps)).model_timesteps
+
+
 def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sampler: str = "ddim",
              batch_size: int = 500, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """n class-balanced samples (labels i mod num_classes, sample i seeded `seed * SEED_STRIDE + i`).
 
-    `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space; DDPM and
-    DDIM: the flow sampler has no x0 to clip).
+    `sampler` and `clip_denoised`: see `step_sampler`.
     """
     if check_seed(seed) > max_seed(n, SEED_STRIDE):
         raise ValueError(f"seed={seed}: sample i is seeded seed * {SEED_STRIDE} + i, below 2**63; with n={n} "
@@ -189,9 +209,8 @@ def generate(model: Any, schedule: Any, guidance: Any, n: int, seed: int, sample
     out = []
     for start in range(0, n, batch_size):
         yb = y[start:start + batch_size]
-        clip = clip_denoised if sampler != "flow" else False   # the flow sampler has no x0 to clip
-        steps_sampler = make_sampler(sampler, schedule.num_steps, clip_denoised=clip)
-        out.append(sample(model, yb, schedule, guidance, sampler=steps_sampler, progress=False,
+        out.append(sample(model, yb, schedule, guidance, progress=False,
+                          sampler=step_sampler(sampler, schedule.num_steps, clip_denoised),
                           seed=[seed * SEED_STRIDE + i for i in range(start, start + len(yb))]).cpu())
     return torch.cat(out), y
 
@@ -268,7 +287,7 @@ def evaluate_curves(model: Any, classifier: ShapesClassifier, reference: torch.T
                      **_over_seeds(scores), "seconds_per_seed": 0.0})
 
     def flops(schedule: Any, steps: int) -> float:
-        return schedule.flops(model, 1, guidance.active_steps(make_sampler(settings.sampler, steps).model_timesteps))
+        return schedule.flops(model, 1, guidance.active_steps(model_timesteps(settings.sampler, steps)))
 
     static_flops = flops(Schedule.static(settings.steps, model.original_patch_size), settings.steps)
     points = _schedules(model, settings, guidance.enabled)

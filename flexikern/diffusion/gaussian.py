@@ -210,10 +210,19 @@ class _Sampler:
     model_timesteps: torch.Tensor   # (S,) float32: what the model sees at step k
     table: torch.Tensor             # (S, K) float32 coefficients
 
+    init_noise_sigma: float = 1.0   # the initial noise's std (x_T ~ N(0, 1) for DDPM, DDIM, flow)
+
     def to(self, device: torch.device | str) -> _Sampler:
         self.model_timesteps = self.model_timesteps.to(device)
         self.table = self.table.to(device)
         return self
+
+    def begin(self) -> None:
+        """Called by `fk.sample` before its first step (a diffusers scheduler resets its state)."""
+
+    def model_input(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The model's input at step k from the state x (diffusers' `scale_model_input`; here x itself)."""
+        return x
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, k: torch.Tensor,
              noise: torch.Tensor | None) -> torch.Tensor:

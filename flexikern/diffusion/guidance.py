@@ -134,14 +134,15 @@ class GuidedDenoiser:
     """
 
     def __init__(self, model: FlexibleDenoiser, y: Any, guidance: Guidance | float | None,
-                 packed: bool | None = None, compiled: Any = None):
+                 packed: bool | None = None, compiled: Any = None, y_null: Any = None):
         self.model = model
         # `flexikern.runtime.compiled.CompiledForwards`: the model's forwards under torch.compile.
         self.compiled = compiled
         self.guidance = Guidance.of(guidance)
         self.y = y
-        # The null class (or caption), where the model has one; CFG needs it (`DenoisingLoop` checks).
-        self.y_null = model.null_condition(y) if model.has_null_class else None
+        # The null class (or caption), where the model has one, or the caller's (a negative prompt's
+        # embeddings, checked by `fk.sample`); CFG needs it (`DenoisingLoop` checks).
+        self.y_null = y_null if y_null is not None else model.null_condition(y) if model.has_null_class else None
         self.y_cfg = None if self.y_null is None else _cat(y, self.y_null)   # CFG's one batch or packed pass
         self.y_weak = _cat(y, y)   # both rows conditional: weak-model guidance's packed pass
         params = next(iter(model.parameters()), None)

@@ -35,6 +35,7 @@ from flexikern.diffusion.gaussian import _Sampler, make_sampler
 from flexikern.diffusion.guidance import Guidance, GuidedDenoiser
 from flexikern.diffusion.protocol import FlexibleDenoiser, check_denoiser, eval_mode
 from flexikern.diffusion.schedule import Schedule
+from flexikern.diffusion.schedulers import SchedulerSampler, is_scheduler
 from flexikern.models.base import conditions_checked
 from flexikern.ops.patch_size import PatchSize
 
@@ -74,17 +75,20 @@ class DenoisingLoop:
     """A schedule, a guidance rule and a sampler bound to one model and one batch of conditions."""
 
     def __init__(self, model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidance | float | None,
-                 sampler: _Sampler, packed: bool | None = None, compiled: Any = None):
+                 sampler: _Sampler, packed: bool | None = None, compiled: Any = None, y_null: Any = None):
         if schedule.num_steps != sampler.num_steps:
+            evaluations = (f" ({sampler.num_steps} model evaluations for num_inference_steps="
+                           f"{sampler.num_inference_steps}: a schedule has one step per evaluation)"
+                           if isinstance(sampler, SchedulerSampler) else "")
             raise ValueError(f"schedule has {schedule.num_steps} steps but the {sampler.name} sampler has "
-                             f"{sampler.num_steps}; build both with the same step count")
+                             f"{sampler.num_steps}{evaluations}; build both with the same step count")
         self.model, self.schedule, self.sampler = model, schedule.validate(model), sampler
         self.guidance = Guidance.of(guidance)
-        self.denoiser = GuidedDenoiser(model, y, self.guidance, packed, compiled)
+        self.denoiser = GuidedDenoiser(model, y, self.guidance, packed, compiled, y_null=y_null)
         self.guided = self.guidance.active_steps(sampler.model_timesteps)
         _check_guidance(self.guidance, self.guided, sampler, model)
         self.phases = schedule.phases(self.guided)   # [(start, stop, cond size, guidance size or None)]
-        if (not model.has_null_class
+        if (self.denoiser.y_null is None
                 and any(self.denoiser.rule(c, g) == "cfg" for _, _, c, g in self.phases)):
             raise ValueError(f"guidance={self.guidance.mode!r}: classifier-free guidance needs the null class, "
                              f"which this model does not have (trained without class dropout); sample "
@@ -97,7 +101,9 @@ class DenoisingLoop:
         `k`: an int or a 0-dim long tensor (on CUDA the latter syncs: tables index it with .item()).
         """
         t = self.sampler.model_timesteps[k].expand(x.shape[0])
-        return self.sampler.step(self.denoiser(x, t, cond_size, guid_size), x, k, noise)
+        model_input = getattr(self.sampler, "model_input", None)   # diffusers' scale_model_input
+        x_in = x if model_input is None else model_input(x, k)
+        return self.sampler.step(self.denoiser(x_in, t, cond_size, guid_size), x, k, noise)
 
     def flops(self, batch: int) -> int:
         """Forward FLOPs this loop spends for `batch` samples (guidance interval included)."""
@@ -108,7 +114,7 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
            sampler: str | _Sampler = "ddpm", seed: int | Sequence[int] = 0, progress: bool = True,
            vae: Any = None, eta: float = 0.0, noise: torch.Tensor | None = None,
            shift: float = 1.0, cuda_graphs: bool | GraphRunner = False, noise_device: str = "cpu",
-           packed: bool | None = None, compile: bool | str | dict = False) -> torch.Tensor:
+           packed: bool | None = None, compile: bool | str | dict = False, y_null: Any = None) -> torch.Tensor:
     """Sample from a (flexible) DiT with a patch-size schedule.
 
     Every argument is checked before any compute (see Raises).
@@ -124,13 +130,20 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
         guidance: `Guidance(scale, mode)`; a number s = `Guidance(s)` (1 = no guidance, as
             diffusers' `guidance_scale`); None = the conditional branch only.
         sampler: "ddpm" (DiT's ancestral sampler), "ddim" (with `eta`), "flow" (rectified-flow
-            Euler for velocity models, with `shift`) or a sampler object (`make_sampler(...)`,
-            which then holds its own eta and shift).
+            Euler for velocity models, with `shift`), a sampler object (`make_sampler(...)`,
+            which then holds its own eta and shift), or a diffusers scheduler (DDIM,
+            DPMSolverMultistep, Euler, ...: `flexikern.diffusion.schedulers`), which is run
+            for `num_inference_steps = schedule.num_steps`, with `eta` where its step takes one
+            and its step noise drawn from one CPU generator seeded with the first seed (so the
+            noise of stochastic schedulers depends on the batch); wrap it in a
+            `SchedulerSampler` to choose these. A scheduler's run cannot use `cuda_graphs`.
         seed: an int in [0, 2**63) (sample i uses seed + i) or one such seed per sample.
         progress: show a tqdm bar.
         vae: if given, an object with `decode` (diffusers' `AutoencoderKL`); returns
             `decode(vae, latents)`.
         noise: the initial noise (N, *model.latent_shape), a finite float tensor, instead of drawing it.
+            Its spatial size may differ from the model's (another resolution) where every patch
+            size of the schedule divides it. A diffusers scheduler's `init_noise_sigma` scales it.
         cuda_graphs: True (or a `flexikern.runtime.graphs.GraphRunner`) captures one CUDA graph
             per patch-size phase and replays it per step; the graphs are cached per model and
             reused by later calls. On CPU it warns once and runs eagerly (same results).
@@ -150,6 +163,9 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
             on first use, and later runs reuse it; outputs equal eager sampling up to float
             rounding. With `cuda_graphs`, use a mode without its own CUDA graphs (not
             "reduce-overhead" or "max-autotune"). See `flexikern.runtime.compiled`.
+        y_null: the guidance branch's condition instead of `model.null_condition(y)`, checked as
+            `y` is (N rows): e.g. a negative prompt's text embeddings, as diffusers' PixArt
+            pipeline guides with the empty prompt's encoding rather than the learned null caption.
     Returns:
         (N, *model.latent_shape) latents on the model's device, or the decoded images.
     Raises:
@@ -170,26 +186,43 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     device = params.device if params is not None else torch.device("cpu")
     y = model.check_condition(y, device=device)
     n = len(y)
+    if y_null is not None:
+        y_null = model.check_condition(y_null, n, device=device)
     seeds = sample_seeds(seed, n)
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, schedule.num_steps, eta=eta, shift=shift)
+    elif is_scheduler(sampler):
+        if not shift == 1:
+            raise ValueError(f"shift={shift!r}: a diffusers scheduler takes its shift from its own config; "
+                             f"leave shift at 1")
+        sampler = SchedulerSampler(sampler, schedule.num_steps, generator=torch.Generator().manual_seed(seeds[0]),
+                                   eta=None if eta == 0 else eta, device=device)
     else:
         _check_sampler(sampler, eta, shift)
+    if isinstance(sampler, SchedulerSampler) and cuda_graphs is not False:
+        raise ValueError(f"cuda_graphs={cuda_graphs!r} with a diffusers {sampler.name}: its step keeps "
+                         f"Python state between steps, which a replayed graph would not update; sample with "
+                         f"cuda_graphs=False, or with a flexikern sampler ('ddpm', 'ddim', 'flow')")
     sampler.to(device)
     compiled = None
     if compile_kwargs is not None:
         from flexikern.runtime.compiled import compiled_forwards
         compiled = compiled_forwards(model, compile_kwargs)
-    loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed, compiled)
+    loop = DenoisingLoop(model, y, schedule, guidance, sampler, packed, compiled, y_null)
     shape = tuple(model.latent_shape)
     if noise is not None:
-        _check_noise(noise, (n, *shape))
+        _check_noise(noise, (n, *shape), schedule)
+        shape = tuple(noise.shape[1:])
     _warn_over_budget(loop)
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     step_noise = StepNoise(generators, (n, *shape), device, noise_device, seeds[0])
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]) if noise is None else noise.float()
     x = x.to(device)
+    sigma = getattr(sampler, "init_noise_sigma", 1.0)   # a diffusers scheduler's (Euler: sigma_max)
+    if not (isinstance(sigma, (int, float)) and sigma == 1):
+        x = x * sigma
+    sampler.begin()
 
     from tqdm.auto import tqdm
     compiling = contextlib.nullcontext() if compiled is None else compiled.running(loop.denoiser.layouts(x, loop.phases))
@@ -268,15 +301,23 @@ def _check_sampler(sampler: Any, eta: Any, shift: Any) -> None:
                          f"make_sampler(...) instead (or pass the sampler by name)")
 
 
-def _check_noise(noise: Any, shape: tuple[int, ...]) -> None:
-    """The initial noise: a finite float tensor of `shape`."""
+def _check_noise(noise: Any, shape: tuple[int, ...], schedule: Schedule) -> None:
+    """The initial noise: a finite float tensor of `shape`, or of another spatial size that every
+    patch size of `schedule` divides."""
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise: expected a float tensor of shape {shape}, got "
                         f"{noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     if noise.is_meta:
         raise ValueError("noise: a meta tensor, which holds no values; pass noise with values (e.g. torch.randn)")
-    if tuple(noise.shape) != shape:
-        raise ValueError(f"noise: expected shape {shape} (N, *model.latent_shape), got {tuple(noise.shape)}")
+    if noise.dim() != len(shape) or tuple(noise.shape[:2]) != shape[:2]:
+        raise ValueError(f"noise: expected shape {shape} (N, *model.latent_shape; the spatial size may differ), "
+                         f"got {tuple(noise.shape)}")
+    spatial = tuple(noise.shape[2:])
+    for size in sorted(schedule.sizes):
+        if any(s % p for s, p in zip(spatial, size)):
+            raise ValueError(f"noise: spatial size {spatial} is not a multiple of the schedule's patch size "
+                             f"{size.name}; pass latents whose size every patch size divides (e.g. "
+                             f"{tuple(shape[2:])})")
     if not bool(torch.isfinite(noise).all()):   # once, before sampling
         raise ValueError("noise: contains NaN or inf; every sample would be NaN")
 

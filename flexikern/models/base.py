@@ -286,6 +286,16 @@ class FlexibleModel(nn.Module):
         return (self.in_channels, self.input_size, self.input_size)
 
     @property
+    def device(self) -> torch.device:
+        """The device of the weights (diffusers' `ModelMixin.device`, which its pipelines read)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (diffusers' `ModelMixin.dtype`)."""
+        return next(self.parameters()).dtype
+
+    @property
     def embed_dtype(self) -> torch.dtype:
         """The dtype tokens are embedded in (positional tables included): the model's weights'."""
         return self.t_embedder.mlp[0].weight.dtype

@@ -23,7 +23,7 @@ import torch
 from flexikern.files import atomic_write
 from flexikern.ops._checks import check_positive_int
 
-__all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "save_pretrained",
+__all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "pixart_to_diffusers", "save_pretrained",
            "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers"]
 
 # Heads cannot be read off the tensors; the known DiT widths give them.
@@ -521,6 +521,11 @@ def _text_block_state(state, prefix: str, ours: str, cross: bool, bias: bool) ->
 
 def _text_common_state(state, key: str, caption_projection: bool) -> dict[str, torch.Tensor]:
     """Embedders, adaLN-single, caption projection (if any) and output layer (shared by PixArt and Latte)."""
+    return {o: state[t] for o, t in _text_common_names(key, caption_projection).items()}
+
+
+def _text_common_names(key: str, caption_projection: bool) -> dict[str, str]:
+    """`_text_common_state`'s names: flexikern name -> diffusers name."""
     names = {"x_embedder.weight." + key: "pos_embed.proj.weight", "x_embedder.bias." + key: "pos_embed.proj.bias",
              "final_layer.scale_shift_table": "scale_shift_table",
              "final_layer.linear.weight." + key: "proj_out.weight",
@@ -532,7 +537,7 @@ def _text_common_state(state, key: str, caption_projection: bool) -> dict[str, t
         if caption_projection:
             names[f"y_embedder.y_proj.fc1.{part}"] = f"caption_projection.linear_1.{part}"
             names[f"y_embedder.y_proj.fc2.{part}"] = f"caption_projection.linear_2.{part}"
-    return {o: state[t] for o, t in names.items()}
+    return names
 
 
 def _null_caption(model, null_caption, source: str) -> torch.Tensor:
@@ -609,6 +614,50 @@ def pixart_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", l
     ours["y_embedder.y_embedding"] = _null_caption(model, null_caption, source)
     load_state_dict_strict(model, ours, source)
     return _loaded(model, patch_sizes, adapter, lora_rank)
+
+
+def pixart_to_diffusers(model):
+    """The original patch size of a FlexiPixArt as a diffusers `PixArtTransformer2DModel` (256/512
+    kind: no size conditions), on the model's device and dtype, in eval mode. The learned null
+    caption has no place in it (diffusers' pipelines guide with the empty prompt's encoding).
+
+    Raises ValueError for what diffusers cannot hold: a "shared" adapter, a non-square patch, an
+    MLP ratio other than 4.
+    """
+    from diffusers import PixArtTransformer2DModel
+    cfg, problems = model.config, []
+    if model.adapter == "shared":
+        problems.append("adapter='shared': trained per-size norms and resized kernels that "
+                        "PixArtTransformer2DModel cannot hold; export a 'lora' or plain model")
+    if cfg["patch_size"][0] != cfg["patch_size"][1]:
+        problems.append(f"patch_size={tuple(cfg['patch_size'])}: PixArtTransformer2DModel needs a square patch")
+    if cfg["mlp_ratio"] != 4:
+        problems.append(f"mlp_ratio={cfg['mlp_ratio']}: diffusers' feed-forward is 4x wide")
+    if problems:
+        raise ValueError("to_diffusers: the outputs would differ from this model's: " + "; ".join(problems))
+    hidden, heads = cfg["hidden_size"], cfg["num_heads"]
+    out = PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=model.in_channels,
+        out_channels=model.out_channels, num_layers=cfg["depth"],
+        cross_attention_dim=cfg["cross_attention_dim"] or hidden, attention_bias=cfg["attention_bias"],
+        sample_size=cfg["input_size"], patch_size=cfg["patch_size"][0], norm_eps=cfg["norm_eps"],
+        interpolation_scale=cfg["interpolation_scale"], use_additional_conditions=False,
+        caption_channels=cfg["caption_channels"])
+    state, key, bias = model.state_dict(), model.original_patch_size.name, cfg["attention_bias"]
+    names = _text_common_names(key, caption_projection=cfg["caption_channels"] is not None)
+    theirs = {t: state[o] for o, t in names.items()}
+    for i in range(cfg["depth"]):
+        prefix, ours = f"transformer_blocks.{i}", f"blocks.{i}"
+        theirs.update({t: state[o] for o, t in _text_block_map(prefix, ours, True, bias).items()})
+        for part in ("weight", "bias") if bias else ("weight",):
+            for n, chunk in zip("qkv", state[f"{ours}.attn.qkv.{part}"].chunk(3)):
+                theirs[f"{prefix}.attn1.to_{n}.{part}"] = chunk
+            for n, chunk in zip("kv", state[f"{ours}.cross_attn.kv_linear.{part}"].chunk(2)):
+                theirs[f"{prefix}.attn2.to_{n}.{part}"] = chunk
+    load_state_dict_strict(out, theirs, "to_diffusers")
+    ref = next(model.parameters())
+    out = out.to(ref.device) if ref.dtype == torch.float32 else out.to(ref.device, ref.dtype)
+    return out.eval()
 
 
 def latte_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", lora_rank=32, null_caption=None,

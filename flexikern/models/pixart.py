@@ -158,3 +158,8 @@ class FlexiPixArt(TextConditioned):
         from flexikern.models.convert import pixart_from_diffusers
         return pixart_from_diffusers(cls, model_or_dir, patch_sizes=patch_sizes, adapter=adapter,
                                      lora_rank=lora_rank, null_caption=null_caption, subfolder=subfolder)
+
+    def to_diffusers(self):
+        """The original patch size as a diffusers `PixArtTransformer2DModel`, exact; see convert.py."""
+        from flexikern.models.convert import pixart_to_diffusers
+        return pixart_to_diffusers(self)
