@@ -15,8 +15,9 @@ if [[ ! -f "$stamp" || requirements-dev.txt -nt "$stamp" ]]; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q "torch==2.13.0"
   "$PY" -m pip install -q -r requirements-dev.txt
-  # diffusers is used only to check converters and schedulers; --no-deps keeps torch as is.
-  "$PY" -m pip install -q --no-deps "diffusers==0.42.1"
+  # diffusers (converters, schedulers, flexikern.pipelines) and transformers + tokenizers (PixArt's
+  # T5 text encoder in the pipeline tests); --no-deps keeps torch as is.
+  "$PY" -m pip install -q --no-deps "diffusers==0.42.1" "transformers==5.24.0" "tokenizers==0.23.3"
   touch "$stamp"
 fi
 # The package and its C++ extension (incremental: a rebuild with nothing changed takes seconds).

@@ -212,6 +212,29 @@ def test_eval_quick_writes_the_files(tmp_path):
     assert real["fd"] == pytest.approx(expected) and real["accuracy"] == pytest.approx((pred == y_test).mean())
 
 
+def test_eval_with_a_diffusers_scheduler_and_levels(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from flexikern.cli import main
+    model = tiny_flexible()
+    model.save_pretrained(tmp_path / "model")
+    x, y = make_shapes(200, size=8, seed=0, num_classes=3)
+    train_classifier(torch.from_numpy(x), torch.from_numpy(y), epochs=1, batch_size=64).save(tmp_path / "c.st")
+    common = ["eval", "--model", str(tmp_path / "model"), "--classifier", str(tmp_path / "c.st"), "--quick",
+              "--num-samples", "8", "--steps", "5", "--reference-samples", "20", "--out", str(tmp_path / "out")]
+    assert main([*common, "--sampler", "DPMSolverMultistepScheduler", "--levels", "0.8"]) == 0
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["meta"]["sampler"] == "DPMSolverMultistepScheduler"
+    rows = {(r["method"], r["level"]) for r in result["rows"]}   # calibrated is left out with a scheduler
+    assert rows == {("real", None), ("static", 1.0), ("flexi", 0.8), ("fewer_steps", 0.8), ("weak_last", 0.8)}
+    for argv, message in ((["--sampler", "DPMSolverMultistepScheduler", "--methods", "static,calibrated"],
+                           "calibrate measures its gaps with flexikern's ddim or ddpm"),
+                          (["--sampler", "Nope"], "expected ddim, ddpm or a diffusers scheduler class"),
+                          (["--levels", "0.6,60"], "expected comma-separated fractions below 1")):
+        with pytest.raises(SystemExit):
+            main([*common, *argv])
+        assert message in capsys.readouterr().err
+
+
 def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     from flexikern.cli import main
     model, _ = load_shipped()

@@ -25,7 +25,7 @@ LAYERS = {
     "flexikern.models": 3,
     "flexikern.diffusion": 4, "flexikern.runtime": 4, "flexikern.train": 4, "flexikern.metrics": 4,
     "flexikern.arguments": 5, "flexikern.train.commands": 5, "flexikern.evaluate": 5, "flexikern.cli": 5,
-    "flexikern.info": 5, "flexikern.__main__": 6,
+    "flexikern.info": 5, "flexikern.pipelines": 5, "flexikern.__main__": 6,
 }
 
 

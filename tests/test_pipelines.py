@@ -157,6 +157,21 @@ def test_pixart_static_is_diffusers_pixart_pipeline(pixart_folder, name):
     # FlexiDiT's budget: a cheaper schedule runs (the tiny model's text work makes p=4 cost 0.72).
     cheap = ours(**kw, generator=torch.Generator().manual_seed(0), budget=0.85).images
     assert cheap.shape == reference.shape and torch.isfinite(cheap).all()
+    assert (cheap - reference).abs().max() > 1e-3
+
+
+def test_pixart_save_pretrained_is_read_by_both_libraries(pixart_folder, tmp_path):
+    Flexi = pipelines.FlexiPixArtPipeline
+    ours = quiet(Flexi.from_pretrained(pixart_folder))
+    kw = dict(prompt="a red cat", num_inference_steps=4, output_type="pt", use_resolution_binning=False,
+              max_sequence_length=12, clean_caption=False)
+    ours.save_pretrained(tmp_path / "saved")
+    theirs = quiet(diffusers.PixArtAlphaPipeline.from_pretrained(tmp_path / "saved"))
+    torch.testing.assert_close(theirs(**kw, generator=torch.Generator().manual_seed(0)).images,
+                               ours(**kw, generator=torch.Generator().manual_seed(0)).images, rtol=0, atol=1e-5)
+    again = quiet(Flexi.from_pretrained(tmp_path / "saved"))
+    assert torch.equal(again(**kw, generator=torch.Generator().manual_seed(0), budget=0.85).images,
+                       ours(**kw, generator=torch.Generator().manual_seed(0), budget=0.85).images)
 
 
 # ----------------------------------------------------------------------------- FlexiDiT's steps under any scheduler
