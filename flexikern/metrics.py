@@ -182,12 +182,13 @@ def step_sampler(name: str, steps: int, clip_denoised: bool = True) -> Any:
     (`make_scheduler`; stateful, so one per run).
 
     `clip_denoised`: clip the predicted x0 to [-1, 1] at every step (images in pixel space):
-    flexikern's DDPM and DDIM, and diffusers' `clip_sample` where the scheduler has it (DDIM,
-    DDPM); the flow sampler, DPM-Solver and Euler have no such clip.
+    flexikern's DDPM and DDIM; a diffusers scheduler's dynamic thresholding with
+    `sample_max_value=1` (exactly that clip: DDIM, DDPM, DPM-Solver, UniPC, ...), else its
+    `clip_sample`. The flow sampler and Euler have neither.
     """
     if name in SAMPLERS:
         return make_sampler(name, steps, clip_denoised=clip_denoised if name != "flow" else False)
-    return make_scheduler(name, clip_sample=clip_denoised)
+    return make_scheduler(name, clip_sample=clip_denoised, thresholding=clip_denoised, sample_max_value=1.0)
 
 
 def model_timesteps(name: str, steps: int) -> torch.Tensor:

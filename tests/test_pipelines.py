@@ -25,6 +25,10 @@ DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_chan
            sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
 PIXART = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
               out_channels=8, cross_attention_dim=16, caption_channels=16, use_additional_conditions=False)
+LATTE = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+             out_channels=8, cross_attention_dim=16, caption_channels=16, activation_fn="gelu-approximate",
+             num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+             attention_bias=True, video_length=2)
 DIT_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 DETERMINISTIC = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
 
@@ -71,6 +75,16 @@ def pixart_folder(tmp_path_factory):
     transformer = randomize_(diffusers.PixArtTransformer2DModel(**PIXART).eval(), seed=4, std=0.3)
     diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer,
                                   scheduler=scheduler("DPMSolverMultistepScheduler")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latte_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("latte")
+    tokenizer, encoder = tiny_text_parts()
+    transformer = randomize_(diffusers.LatteTransformer3DModel(**LATTE).eval(), seed=5, std=0.3)
+    diffusers.LattePipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer,
+                            scheduler=scheduler("DDIMScheduler")).save_pretrained(folder)
     return folder
 
 
@@ -172,6 +186,28 @@ def test_pixart_save_pretrained_is_read_by_both_libraries(pixart_folder, tmp_pat
     again = quiet(Flexi.from_pretrained(tmp_path / "saved"))
     assert torch.equal(again(**kw, generator=torch.Generator().manual_seed(0), budget=0.85).images,
                        ours(**kw, generator=torch.Generator().manual_seed(0), budget=0.85).images)
+
+
+def test_latte_static_is_diffusers_latte_pipeline_and_saves_for_both(latte_folder, tmp_path):
+    Flexi = pipelines.FlexiLattePipeline
+    theirs, ours = quiet(diffusers.LattePipeline.from_pretrained(latte_folder)), quiet(Flexi.from_pretrained(latte_folder))
+    kw = dict(prompt=["a cat", "two dogs"], num_inference_steps=4, video_length=2, height=8, width=8,
+              output_type="pt", clean_caption=False)
+    reference = theirs(**kw, generator=torch.Generator().manual_seed(0)).frames
+    assert reference.shape == (2, 2, 3, 8, 8) and reference.std() > 0.05
+    got = ours(**kw, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+    assert isinstance(ours, diffusers.LattePipeline) and isinstance(ours.transformer, fk.FlexiLatte)
+    cheap = ours(**kw, generator=torch.Generator().manual_seed(0), budget=0.9).frames
+    assert (cheap - reference).abs().max() > 1e-3
+    no_temporal = ours(**kw, generator=torch.Generator().manual_seed(0), enable_temporal_attentions=False).frames
+    assert (no_temporal - reference).abs().max() > 1e-3 and ours.transformer.config["enable_temporal_attentions"]
+    ours.save_pretrained(tmp_path / "saved")
+    back = quiet(diffusers.LattePipeline.from_pretrained(tmp_path / "saved"))
+    torch.testing.assert_close(back(**kw, generator=torch.Generator().manual_seed(0)).frames, reference,
+                               rtol=0, atol=1e-4)
+    again = quiet(Flexi.from_pretrained(tmp_path / "saved"))
+    assert torch.equal(again(**kw, generator=torch.Generator().manual_seed(0), budget=0.9).frames, cheap)
 
 
 # ----------------------------------------------------------------------------- FlexiDiT's steps under any scheduler

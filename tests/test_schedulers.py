@@ -100,3 +100,21 @@ def test_what_a_scheduler_run_refuses(pair):
         check_scheduler("ddim")
     with pytest.raises(ValueError, match="'Nope': not a diffusers scheduler class; expected one of .*DDIMScheduler"):
         make_scheduler("Nope")
+
+
+def test_a_learned_variance_goes_to_a_scheduler_that_uses_it(pair):
+    """DDPMScheduler(variance_type="learned_range") takes all 8 channels (LattePipeline's rule)."""
+    theirs, ours = pair
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    scheduler = make_scheduler("DDPMScheduler", variance_type="learned_range")
+    scheduler.set_timesteps(4)
+    x, g = noise.clone(), torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = theirs(x, timestep=t.expand(3), class_labels=LABELS).sample   # eps and variance
+            x = scheduler.step(out, t, x, generator=g).prev_sample
+    sampler = SchedulerSampler(make_scheduler("DDPMScheduler", variance_type="learned_range"), 4,
+                               generator=torch.Generator().manual_seed(9))
+    assert sampler.learned_variance and not SchedulerSampler(make_scheduler("DDPMScheduler"), 4).learned_variance
+    got = fk.sample(ours, LABELS, fk.Schedule.static(4, 2), None, sampler=sampler, noise=noise, progress=False)
+    torch.testing.assert_close(got, x, rtol=0, atol=2e-5)

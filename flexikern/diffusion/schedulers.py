@@ -5,7 +5,7 @@ the denoising steps while the patch-size schedule only chooses the sizes each st
 at. One step is what diffusers' pipelines do in their loops (`DiTPipeline`, `PixArtAlphaPipeline`):
 
     model_input = scheduler.scale_model_input(x, t)          # where the scheduler has it
-    output = guided model output at t (the schedule's sizes)  # learned variance channels dropped
+    output = guided model output at t (the schedule's sizes)  # variance dropped unless it is learned
     x = scheduler.step(output, t, x, **extra).prev_sample    # extra: generator, eta if it takes them
 
 A step of the schedule is one model evaluation: one entry of `scheduler.timesteps`. For most
@@ -150,9 +150,18 @@ class SchedulerSampler(_Sampler):
         return x if scale is None else scale(x, self.timesteps[k])
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
-        # diffusers' pipelines drop a learned variance before the step (DiTPipeline, PixArtAlphaPipeline).
-        prediction, _ = _split_output(model_output, x.shape[1])
-        return self.scheduler.step(prediction, self.timesteps[k], x, **self.extra, return_dict=False)[0]
+        # A learned variance goes to a scheduler that uses it (DDPMScheduler(variance_type="learned_range"));
+        # other schedulers get the prediction alone (LattePipeline's rule; DiTPipeline and
+        # PixArtAlphaPipeline always drop it).
+        if not self.learned_variance:
+            model_output, _ = _split_output(model_output, x.shape[1])
+        return self.scheduler.step(model_output, self.timesteps[k], x, **self.extra, return_dict=False)[0]
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the scheduler takes the model's variance channels (its config's variance_type)."""
+        config = getattr(self.scheduler, "config", None)
+        return getattr(config, "variance_type", None) in ("learned", "learned_range")
 
 
 def make_scheduler(name: str, **config: Any) -> Any:

@@ -23,7 +23,7 @@ import torch
 from flexikern.files import atomic_write
 from flexikern.ops._checks import check_positive_int
 
-__all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "pixart_to_diffusers", "save_pretrained",
+__all__ = ["load_checkpoint", "from_dit", "from_diffusers", "to_diffusers", "text_to_diffusers", "save_pretrained",
            "from_pretrained", "load_state_dict_strict", "pixart_from_diffusers", "latte_from_diffusers"]
 
 # Heads cannot be read off the tensors; the known DiT widths give them.
@@ -616,44 +616,57 @@ def pixart_from_diffusers(cls, model_or_dir, patch_sizes=None, adapter="lora", l
     return _loaded(model, patch_sizes, adapter, lora_rank)
 
 
-def pixart_to_diffusers(model):
-    """The original patch size of a FlexiPixArt as a diffusers `PixArtTransformer2DModel` (256/512
-    kind: no size conditions), on the model's device and dtype, in eval mode. The learned null
-    caption has no place in it (diffusers' pipelines guide with the empty prompt's encoding).
+def text_to_diffusers(model):
+    """The original patch size of a FlexiPixArt or FlexiLatte as a diffusers
+    `PixArtTransformer2DModel` (256/512 kind: no size conditions) or `LatteTransformer3DModel`, on
+    the model's device and dtype, in eval mode. The learned null caption has no place in it
+    (diffusers' pipelines guide with the empty prompt's encoding).
 
-    Raises ValueError for what diffusers cannot hold: a "shared" adapter, a non-square patch, an
-    MLP ratio other than 4.
+    Raises ValueError for what diffusers cannot hold: a "shared" adapter, a non-square patch (Latte:
+    or one spanning frames), an MLP ratio other than 4, a Latte positional scale other than its own.
     """
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
+    latte = model.checkpoint_format == "flexikern.FlexiLatte"
+    target = LatteTransformer3DModel if latte else PixArtTransformer2DModel
     cfg, problems = model.config, []
+    patch = tuple(cfg["patch_size"])
     if model.adapter == "shared":
-        problems.append("adapter='shared': trained per-size norms and resized kernels that "
-                        "PixArtTransformer2DModel cannot hold; export a 'lora' or plain model")
-    if cfg["patch_size"][0] != cfg["patch_size"][1]:
-        problems.append(f"patch_size={tuple(cfg['patch_size'])}: PixArtTransformer2DModel needs a square patch")
+        problems.append(f"adapter='shared': trained per-size norms and resized kernels that {target.__name__} "
+                        f"cannot hold; export a 'lora' or plain model")
+    if patch[-1] != patch[-2] or (latte and patch[0] != 1):
+        problems.append(f"patch_size={patch}: {target.__name__} needs a square patch"
+                        + (" of one frame" if latte else ""))
     if cfg["mlp_ratio"] != 4:
         problems.append(f"mlp_ratio={cfg['mlp_ratio']}: diffusers' feed-forward is 4x wide")
+    if latte and cfg["interpolation_scale"] != max(cfg["input_size"] // 64, 1):
+        problems.append(f"interpolation_scale={cfg['interpolation_scale']}: Latte's is max(sample_size // 64, 1)")
     if problems:
         raise ValueError("to_diffusers: the outputs would differ from this model's: " + "; ".join(problems))
-    hidden, heads = cfg["hidden_size"], cfg["num_heads"]
-    out = PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=model.in_channels,
-        out_channels=model.out_channels, num_layers=cfg["depth"],
-        cross_attention_dim=cfg["cross_attention_dim"] or hidden, attention_bias=cfg["attention_bias"],
-        sample_size=cfg["input_size"], patch_size=cfg["patch_size"][0], norm_eps=cfg["norm_eps"],
-        interpolation_scale=cfg["interpolation_scale"], use_additional_conditions=False,
-        caption_channels=cfg["caption_channels"])
-    state, key, bias = model.state_dict(), model.original_patch_size.name, cfg["attention_bias"]
+    hidden, heads, bias = cfg["hidden_size"], cfg["num_heads"], cfg["attention_bias"]
+    kwargs = dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=model.in_channels,
+                  out_channels=model.out_channels, num_layers=cfg["depth"],
+                  cross_attention_dim=cfg["cross_attention_dim"] or hidden, attention_bias=bias,
+                  sample_size=cfg["input_size"], patch_size=patch[-1], activation_fn="gelu-approximate",
+                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=cfg["norm_eps"],
+                  caption_channels=cfg["caption_channels"])
+    out = (target(**kwargs, video_length=cfg["num_frames"]) if latte else
+           target(**kwargs, interpolation_scale=cfg["interpolation_scale"], use_additional_conditions=False))
+    state, key = model.state_dict(), model.original_patch_size.name
     names = _text_common_names(key, caption_projection=cfg["caption_channels"] is not None)
     theirs = {t: state[o] for o, t in names.items()}
-    for i in range(cfg["depth"]):
-        prefix, ours = f"transformer_blocks.{i}", f"blocks.{i}"
-        theirs.update({t: state[o] for o, t in _text_block_map(prefix, ours, True, bias).items()})
+    if latte:   # flexikern's 3-D kernel has a temporal extent of 1; Latte embeds each frame with a Conv2d
+        theirs["pos_embed.proj.weight"] = theirs["pos_embed.proj.weight"][:, :, 0]
+    blocks = [(f"transformer_blocks.{i}", f"blocks.{i}", True) for i in range(cfg["depth"])]
+    if latte:
+        blocks += [(f"temporal_transformer_blocks.{i}", f"temporal_blocks.{i}", False) for i in range(cfg["depth"])]
+    for prefix, ours, cross in blocks:
+        theirs.update({t: state[o] for o, t in _text_block_map(prefix, ours, cross, bias).items()})
         for part in ("weight", "bias") if bias else ("weight",):
             for n, chunk in zip("qkv", state[f"{ours}.attn.qkv.{part}"].chunk(3)):
                 theirs[f"{prefix}.attn1.to_{n}.{part}"] = chunk
-            for n, chunk in zip("kv", state[f"{ours}.cross_attn.kv_linear.{part}"].chunk(2)):
-                theirs[f"{prefix}.attn2.to_{n}.{part}"] = chunk
+            if cross:
+                for n, chunk in zip("kv", state[f"{ours}.cross_attn.kv_linear.{part}"].chunk(2)):
+                    theirs[f"{prefix}.attn2.to_{n}.{part}"] = chunk
     load_state_dict_strict(out, theirs, "to_diffusers")
     ref = next(model.parameters())
     out = out.to(ref.device) if ref.dtype == torch.float32 else out.to(ref.device, ref.dtype)

@@ -247,6 +247,11 @@ class FlexiLatte(TextConditioned):
                                             frames=frames, temporal_depth=temporal_depth))
 
     # ------------------------------------------------------------------ loading and saving
+    def to_diffusers(self):
+        """The original patch size as a diffusers `LatteTransformer3DModel`, exact; see convert.py."""
+        from flexikern.models.convert import text_to_diffusers
+        return text_to_diffusers(self)
+
     @classmethod
     def from_diffusers(cls, model_or_dir, patch_sizes=None, adapter: str = "lora", lora_rank: int = 32,
                        null_caption: torch.Tensor | None = None, enable_temporal_attentions: bool = True,

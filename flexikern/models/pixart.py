@@ -161,5 +161,5 @@ class FlexiPixArt(TextConditioned):
 
     def to_diffusers(self):
         """The original patch size as a diffusers `PixArtTransformer2DModel`, exact; see convert.py."""
-        from flexikern.models.convert import pixart_to_diffusers
-        return pixart_to_diffusers(self)
+        from flexikern.models.convert import text_to_diffusers
+        return text_to_diffusers(self)

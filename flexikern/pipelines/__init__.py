@@ -4,11 +4,12 @@
     pipe = FlexiDiTPipeline.from_pretrained(folder, flexible="runs/finetune/ema")
     images = pipe(class_labels=[207, 360], num_inference_steps=25, budget=0.6).images
 
-`FlexiDiTPipeline` (class-conditional, diffusers' `DiTPipeline`) and `FlexiPixArtPipeline`
-(text-to-image, `PixArtAlphaPipeline`) are diffusers `DiffusionPipeline`s: any diffusers scheduler
-drives their steps; a flexikern `Schedule` (or `budget=`) only picks each step's patch sizes.
-With the default static schedule they produce the diffusers pipeline's images. Needs diffusers
-(and transformers for PixArt's text encoder). `python -m flexikern.pipelines.example` runs one.
+`FlexiDiTPipeline` (class-conditional, diffusers' `DiTPipeline`), `FlexiPixArtPipeline`
+(text-to-image, `PixArtAlphaPipeline`) and `FlexiLattePipeline` (text-to-video, `LattePipeline`)
+are diffusers `DiffusionPipeline`s: any diffusers scheduler drives their steps; a flexikern
+`Schedule` (or `budget=`) only picks each step's patch sizes. With the default static schedule
+they produce the diffusers pipeline's outputs. Needs diffusers (and transformers for the T5 text
+encoder of PixArt and Latte). `python -m flexikern.pipelines.example` runs one.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from typing import Any
 
 from flexikern.pipelines.dit import FlexiDiTPipeline
 
-__all__ = ["FlexiDiTPipeline", "FlexiPixArtPipeline"]
+__all__ = ["FlexiDiTPipeline", "FlexiPixArtPipeline", "FlexiLattePipeline"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "FlexiPixArtPipeline":   # imports transformers (T5): only when asked for
+    # The text pipelines import transformers (T5): only when asked for.
+    if name == "FlexiPixArtPipeline":
         from flexikern.pipelines.pixart import FlexiPixArtPipeline
         return FlexiPixArtPipeline
+    if name == "FlexiLattePipeline":
+        from flexikern.pipelines.latte import FlexiLattePipeline
+        return FlexiLattePipeline
     raise AttributeError(f"module 'flexikern.pipelines' has no attribute {name!r}")

@@ -32,7 +32,8 @@ FLEXIBLE = "flexible"   # the subfolder of a saved pipeline that holds the flexi
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_MODES = ("flexi", "cfg")
 # diffusers pipelines flexikern has a flexible twin of, to name the right one in errors.
-_TWINS = {"DiTPipeline": "FlexiDiTPipeline", "PixArtAlphaPipeline": "FlexiPixArtPipeline"}
+_TWINS = {"DiTPipeline": "FlexiDiTPipeline", "PixArtAlphaPipeline": "FlexiPixArtPipeline",
+          "LattePipeline": "FlexiLattePipeline"}
 
 
 def _reason(e: BaseException) -> str:
@@ -40,7 +41,8 @@ def _reason(e: BaseException) -> str:
 
 
 class FlexiPipelineMixin:
-    """Shared by `FlexiDiTPipeline` and `FlexiPixArtPipeline`; each sets the class attributes."""
+    """Shared by `FlexiDiTPipeline`, `FlexiPixArtPipeline` and `FlexiLattePipeline`; each sets the class
+    attributes."""
 
     _diffusers_pipeline: type               # the diffusers pipeline it replaces (DiTPipeline, ...)
     _transformer_classes: tuple[str, ...]   # the diffusers transformer classes it converts
@@ -54,7 +56,7 @@ class FlexiPipelineMixin:
         if isinstance(transformer, cls._model_class):
             return transformer
         if type(transformer).__name__ in cls._transformer_classes:
-            return cls._model_class.from_diffusers(transformer, patch_sizes=_default_sizes(transformer))
+            return cls._model_class.from_diffusers(transformer, patch_sizes=cls._default_sizes(transformer))
         raise TypeError(f"transformer: expected a flexikern {cls._model_class.__name__} (e.g. "
                         f"{cls._model_class.__name__}.from_diffusers(model, patch_sizes=(2, 4))) or a diffusers "
                         f"{' / '.join(cls._transformer_classes[:1])}; got {type(transformer).__name__}")
@@ -99,12 +101,19 @@ class FlexiPipelineMixin:
             transformer = cls._model_class.from_pretrained(flexible_dir, dtype=dtype)
         else:
             transformer = cls._model_class.from_diffusers(
-                plain.transformer, patch_sizes=patch_sizes or _default_sizes(plain.transformer),
+                plain.transformer, patch_sizes=patch_sizes or cls._default_sizes(plain.transformer),
                 adapter=adapter or "lora", lora_rank=32 if lora_rank is None else lora_rank)
             if dtype is not None:
                 transformer = transformer.to(dtype)
         components = {**plain.components, "transformer": transformer.to(plain.device)}
         return cls(**components, **cls._extra_init(index))
+
+    @classmethod
+    def _default_sizes(cls, transformer: Any) -> tuple:
+        """The patch sizes a diffusers transformer is made flexible with: its original p and 2p (the
+        paper's weak size for DiT-XL/2)."""
+        p = transformer.config.patch_size
+        return (p, 2 * p)
 
     @classmethod
     def _extra_init(cls, index: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +191,16 @@ class FlexiPipelineMixin:
         return {}
 
     # ---------------------------------------------------------------------- calling
+    _decodes_without_vae = False   # DiT: a pixel-space model (vae=None) gives images as they are
+
+    @staticmethod
+    def _refuse_unsupported(**arguments: Any) -> None:
+        """diffusers arguments the flexible loop does not take: refused by name when given."""
+        for name, value in arguments.items():
+            if value is not None:
+                raise ValueError(f"{name}=...: not supported by the flexible pipelines; pass num_inference_steps "
+                                 f"(the scheduler's own spacing) and no callbacks")
+
     def _check_call(self, n: int, num_inference_steps: Any, guidance_scale: Any, guidance_mode: Any,
                     output_type: Any, generator: Any, budget: Any, schedule: Any) -> tuple[int, float]:
         """The arguments every call shares, before any compute; returns (steps, guidance scale)."""
@@ -192,6 +211,9 @@ class FlexiPipelineMixin:
                              f"the branches' patch sizes differ, CFG elsewhere) or 'cfg'")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+        if output_type != "latent" and self.vae is None and not self._decodes_without_vae:
+            raise ValueError(f"output_type={output_type!r}: this pipeline has no vae to decode with; pass "
+                             f"output_type='latent'")
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"generator: {len(generator)} generators for {n} images; pass one, or one per image")
         if budget is not None and schedule is not None:
@@ -235,8 +257,3 @@ class FlexiPipelineMixin:
         return sample(self.transformer, y, schedule, guidance, sampler=sampler, noise=noise, y_null=y_null,
                       progress=progress)
 
-
-def _default_sizes(transformer: Any) -> tuple[int, int]:
-    """The original patch size p of a diffusers transformer and 2p (the paper's weak size for DiT-XL/2)."""
-    p = transformer.config.patch_size
-    return (p, 2 * p)

@@ -46,6 +46,7 @@ class FlexiDiTPipeline(FlexiPipelineMixin, DiTPipeline):
     _diffusers_pipeline = DiTPipeline
     _transformer_classes = ("DiTTransformer2DModel", "Transformer2DModel")
     _model_class = FlexiDiT
+    _decodes_without_vae = True
 
     def __init__(self, transformer: Any, vae: Any, scheduler: Any, id2label: dict[int, str] | None = None):
         super().__init__(transformer=self._flexible_transformer(transformer), vae=vae, scheduler=scheduler,

@@ -67,10 +67,7 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
             of prompts and embeddings, then steps, scale, mode, output type, generators, budget, a
             schedule of the wrong length, a scheduler whose step cannot be driven).
         """
-        for name, value in (("timesteps", timesteps), ("sigmas", sigmas), ("callback", callback)):
-            if value is not None:
-                raise ValueError(f"{name}=...: not supported by FlexiPixArtPipeline; pass num_inference_steps "
-                                 f"(the scheduler's own spacing)")
+        self._refuse_unsupported(timesteps=timesteps, sigmas=sigmas, callback=callback)
         sample_size = self.transformer.input_size
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
@@ -86,8 +83,6 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
         n = batch * num_images_per_prompt
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
-        if output_type != "latent" and self.vae is None:
-            raise ValueError("output_type: this pipeline has no vae to decode with; pass output_type='latent'")
         device = self._execution_device
         guided = scale > 1
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
