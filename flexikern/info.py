@@ -50,7 +50,8 @@ def report() -> str:
     lines = [f"flexikern {__version__}",
              f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}",
              f"flash-attn {_version('flash_attn')}, xformers {_version('xformers')}, "
-             f"diffusers {_version('diffusers')}"]
+             f"diffusers {_version('diffusers')}, transformers {_version('transformers')} "
+             f"(flexikern.pipelines: diffusers; PixArt and Latte also transformers)"]
     if torch.cuda.is_available():
         device = torch.device("cuda")
         lines.append(f"device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, "

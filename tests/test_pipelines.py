@@ -172,6 +172,12 @@ def test_pixart_static_is_diffusers_pixart_pipeline(pixart_folder, name):
     cheap = ours(**kw, generator=torch.Generator().manual_seed(0), budget=0.85).images
     assert cheap.shape == reference.shape and torch.isfinite(cheap).all()
     assert (cheap - reference).abs().max() > 1e-3
+    _never_forward(ours.text_encoder)   # FlexiDiT's arguments are checked before the prompts are encoded
+    _never_forward(ours.transformer)
+    with pytest.raises(ValueError, match="looks like a percentage"):
+        ours(**kw, budget=60)
+    with pytest.raises(ValueError, match="schedule: 4 steps, but num_inference_steps=5 runs 5"):
+        ours(**kw, schedule=fk.Schedule.static(4, 2))
 
 
 def test_pixart_save_pretrained_is_read_by_both_libraries(pixart_folder, tmp_path):

@@ -208,7 +208,7 @@ def test_errors(model):
     with pytest.raises(ValueError, match="schedule has 3 steps but the ddpm sampler has 5"):
         sample(model, [1], s, sampler=make_sampler("ddpm", 5), progress=False)
     with pytest.raises(ValueError, match=r"noise: expected shape \(1, 4, 8, 8\)"):
-        sample(model, [1], s, noise=torch.randn(1, 4, 4, 4), progress=False)
+        sample(model, [1], s, noise=torch.randn(1, 3, 8, 8), progress=False)   # channels (another size is fine)
     with pytest.raises(TypeError, match="schedule: expected a flexikern.Schedule"):
         sample(model, [1], 250, progress=False)
     with pytest.raises(ValueError, match="2 seeds for 1 samples"):

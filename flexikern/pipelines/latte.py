@@ -74,13 +74,13 @@ class FlexiLattePipeline(FlexiPipelineMixin, LattePipeline):
         if not isinstance(enable_temporal_attentions, bool):
             raise ValueError(f"enable_temporal_attentions={enable_temporal_attentions!r}: expected True or False")
         device = self._execution_device
+        sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator, eta=eta)
         guided = scale > 1
         embeds, negative_embeds = self.encode_prompt(
             prompt, guided, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             clean_caption=clean_caption, mask_feature=mask_feature)
         y_null = TextCondition(negative_embeds) if guided else None
-        sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator, eta=eta)
         shape = (n, self.transformer.in_channels, video_length, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype) if latents is None \

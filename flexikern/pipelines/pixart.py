@@ -84,6 +84,7 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
         device = self._execution_device
+        sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator, eta=eta)
         guided = scale > 1
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
             prompt, guided, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
@@ -92,7 +93,6 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
             clean_caption=clean_caption, max_sequence_length=max_sequence_length)
         y = TextCondition(embeds, mask)
         y_null = TextCondition(negative_embeds, negative_mask) if guided else None
-        sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator, eta=eta)
         shape = (n, self.transformer.in_channels, int(height) // self.vae_scale_factor,
                  int(width) // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype) if latents is None \
