@@ -24,9 +24,9 @@ from flexikern.diffusion import Guidance, Schedule
 from flexikern.diffusion.schedulers import make_scheduler
 from flexikern.files import atomic_write
 from flexikern.images import to_uint8
-from flexikern.metrics import (ASSETS, FLOPS_LEVELS, SEED_STRIDE, EvalSettings, ShapesClassifier, classify, evaluate_curves,
-                               feature_stats, generate, load_shipped, pyplot, score, train_classifier,
-                               write_results)
+from flexikern.metrics import (ASSETS, FLOPS_LEVELS, SEED_STRIDE, EvalSettings, ShapesClassifier, classify,
+                               evaluate_curves, feature_stats, generate, load_shipped, pyplot, score,
+                               train_classifier, write_results)
 from flexikern.ops._checks import max_seed
 
 __all__ = ["add_eval_parser", "run_eval", "add_demo_parser", "run_demo"]
@@ -88,7 +88,8 @@ def _sampler_arg(text: str) -> str:
     try:
         make_scheduler(text)
     except (ImportError, ValueError, TypeError) as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ddim, ddpm or a diffusers scheduler class ({e})") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ddim, ddpm or a diffusers scheduler class "
+                                         f"({e})") from None
     return text
 
 

@@ -68,24 +68,25 @@ def tiny_text_parts():
     return transformers.T5TokenizerFast(tokenizer_object=tok, extra_ids=0), randomize_(encoder.eval(), seed=3, std=0.3)
 
 
+def text_pipeline_folder(folder, pipeline, transformer, scheduler_name):
+    """A tiny text pipeline (T5 parts from `tiny_text_parts`, a tiny VAE) saved to `folder`."""
+    tokenizer, encoder = tiny_text_parts()
+    pipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer.eval(),
+             scheduler=scheduler(scheduler_name)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def pixart_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pixart")
-    tokenizer, encoder = tiny_text_parts()
-    transformer = randomize_(diffusers.PixArtTransformer2DModel(**PIXART).eval(), seed=4, std=0.3)
-    diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer,
-                                  scheduler=scheduler("DPMSolverMultistepScheduler")).save_pretrained(folder)
-    return folder
+    transformer = randomize_(diffusers.PixArtTransformer2DModel(**PIXART), seed=4, std=0.3)
+    return text_pipeline_folder(tmp_path_factory.mktemp("pixart"), diffusers.PixArtAlphaPipeline, transformer,
+                                "DPMSolverMultistepScheduler")
 
 
 @pytest.fixture(scope="module")
 def latte_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("latte")
-    tokenizer, encoder = tiny_text_parts()
-    transformer = randomize_(diffusers.LatteTransformer3DModel(**LATTE).eval(), seed=5, std=0.3)
-    diffusers.LattePipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer,
-                            scheduler=scheduler("DDIMScheduler")).save_pretrained(folder)
-    return folder
+    transformer = randomize_(diffusers.LatteTransformer3DModel(**LATTE), seed=5, std=0.3)
+    return text_pipeline_folder(tmp_path_factory.mktemp("latte"), diffusers.LattePipeline, transformer, "DDIMScheduler")
 
 
 def quiet(pipe):
@@ -196,7 +197,8 @@ def test_pixart_save_pretrained_is_read_by_both_libraries(pixart_folder, tmp_pat
 
 def test_latte_static_is_diffusers_latte_pipeline_and_saves_for_both(latte_folder, tmp_path):
     Flexi = pipelines.FlexiLattePipeline
-    theirs, ours = quiet(diffusers.LattePipeline.from_pretrained(latte_folder)), quiet(Flexi.from_pretrained(latte_folder))
+    theirs = quiet(diffusers.LattePipeline.from_pretrained(latte_folder))
+    ours = quiet(Flexi.from_pretrained(latte_folder))
     kw = dict(prompt=["a cat", "two dogs"], num_inference_steps=4, video_length=2, height=8, width=8,
               output_type="pt", clean_caption=False)
     reference = theirs(**kw, generator=torch.Generator().manual_seed(0)).frames
@@ -305,7 +307,8 @@ def test_save_refuses_what_diffusers_cannot_hold_before_writing(dit_folder, tmp_
 
 def test_get_label_ids_as_dit_pipeline(dit_folder):
     theirs, ours = dit_pair(dit_folder)
-    assert ours.get_label_ids(["goldfish", "Tinca tinca"]) == theirs.get_label_ids(["goldfish", "Tinca tinca"]) == [1, 0]
+    names = ["goldfish", "Tinca tinca"]
+    assert ours.get_label_ids(names) == theirs.get_label_ids(names) == [1, 0]
     assert ours.get_label_ids("golden retriever") == [207]
     with pytest.raises(ValueError, match="zebra does not exist"):
         ours.get_label_ids(["zebra"])

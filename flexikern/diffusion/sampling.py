@@ -222,7 +222,8 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     sigma = getattr(sampler, "init_noise_sigma", 1.0)   # a diffusers scheduler's (Euler: sigma_max)
     if not (isinstance(sigma, (int, float)) and sigma == 1):
         x = x * sigma
-    sampler.begin()
+    if callable(getattr(sampler, "begin", None)):   # a diffusers scheduler starts afresh
+        sampler.begin()
 
     from tqdm.auto import tqdm
     compiling = contextlib.nullcontext() if compiled is None else compiled.running(loop.denoiser.layouts(x, loop.phases))

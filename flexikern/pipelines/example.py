@@ -32,7 +32,8 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m flexikern.pipelines.example", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=output_file_arg(".png"), default="out/pipeline_example.png", help="the PNG grid to write")
+    p.add_argument("--out", type=output_file_arg(".png"), default="out/pipeline_example.png",
+                   help="the PNG grid to write")
     p.add_argument("--num-images", type=positive_int, default=len(CLASS_NAMES), help="images per row (classes in turn)")
     p.add_argument("--steps", type=positive_int, default=20, help="num_inference_steps (default: 20)")
     p.add_argument("--budget", type=fraction_arg, default=0.6, help="relative FLOPs of the FlexiDiT row (default: 0.6)")
