@@ -318,6 +318,7 @@ def test_a_diffusers_transformer_is_made_flexible(dit_folder):
     theirs, _ = dit_pair(dit_folder)
     pipe = quiet(FlexiDiTPipeline(transformer=theirs.transformer, vae=theirs.vae, scheduler=theirs.scheduler))
     assert [tuple(p) for p in pipe.transformer.patch_sizes] == [(2, 2), (4, 4)]
+    assert pipe.to("cpu", torch.float32) is pipe and (pipe.device.type, pipe.dtype) == ("cpu", torch.float32)
     torch.testing.assert_close(run(pipe), run(theirs), rtol=0, atol=1e-5)
 
 

@@ -167,13 +167,16 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
             `y` is (N rows): e.g. a negative prompt's text embeddings, as diffusers' PixArt
             pipeline guides with the empty prompt's encoding rather than the learned null caption.
     Returns:
-        (N, *model.latent_shape) latents on the model's device, or the decoded images.
+        (N, *model.latent_shape) latents (`noise`'s shape when given) on the model's device, or the
+            decoded images.
     Raises:
         TypeError: `model` lacks part of the `FlexibleDenoiser` protocol; `schedule`, `guidance`,
-            `sampler`, `vae`, `noise` or a flag of the wrong type.
-        ValueError: a bad value (conditions, seeds, eta, shift, noise shape or NaN, a schedule the
-            model cannot run, CFG on a model without a null class, a guidance interval that guides
-            no step, `first_channels` beyond the model's channels), naming the argument.
+            `sampler` (a scheduler whose step cannot be driven: its class and what it lacks),
+            `vae`, `noise` or a flag of the wrong type.
+        ValueError: a bad value (conditions, `y_null`, seeds, eta, shift, noise shape, size or NaN,
+            a schedule the model cannot run or of another length than the sampler's, CFG without
+            a null condition, a guidance interval that guides no step, `first_channels` beyond the
+            model's channels, `cuda_graphs` with a diffusers scheduler), naming the argument.
     """
     check_denoiser(model)
     if not isinstance(schedule, Schedule):
