@@ -280,6 +280,8 @@ def test_save_pretrained_is_read_by_both_libraries(dit_folder, tmp_path):
     torch.testing.assert_close(run(theirs), run(ours), rtol=0, atol=1e-5)
     again = quiet(FlexiDiTPipeline.from_pretrained(tmp_path / "saved"))   # flexible/ by default
     assert torch.equal(run(again, budget=0.6), run(ours, budget=0.6))
+    into = quiet(FlexiDiTPipeline.from_pretrained(dit_folder, flexible=tmp_path / "saved"))   # its flexible/
+    assert torch.equal(run(into, budget=0.6), run(ours, budget=0.6))
     fresh = quiet(FlexiDiTPipeline.from_pretrained(tmp_path / "saved", flexible=False))
     assert not torch.equal(run(fresh, budget=0.6), run(ours, budget=0.6))
 
@@ -293,6 +295,13 @@ def test_flexible_weights_from_a_flexikern_folder(dit_folder, tmp_path):
         FlexiDiTPipeline.from_pretrained(dit_folder, flexible=tmp_path / "ft", patch_sizes=(2, 8))
     with pytest.raises(FileNotFoundError, match="flexible='nope': no such folder"):
         FlexiDiTPipeline.from_pretrained(dit_folder, flexible="nope")
+    with pytest.raises(TypeError, match="torch_dtype='float16': expected a torch.dtype"):
+        FlexiDiTPipeline.from_pretrained(dit_folder, torch_dtype="float16")
+    with pytest.raises(ValueError, match="lora_rank=8 with adapter='shared'"):
+        FlexiDiTPipeline.from_pretrained(dit_folder, adapter="shared", lora_rank=8)
+    with pytest.raises(ValueError, match="transformer=... and flexible="):
+        FlexiDiTPipeline.from_pretrained(dit_folder, transformer=model, flexible=tmp_path / "ft")
+    assert FlexiDiTPipeline.from_pretrained(dit_folder, transformer=model).transformer is model
     custom = FlexiDiTPipeline.from_pretrained(dit_folder, patch_sizes=(2, 8), adapter="lora", lora_rank=2)
     assert [tuple(p) for p in custom.transformer.patch_sizes] == [(2, 2), (8, 8)]
 
@@ -300,7 +309,7 @@ def test_flexible_weights_from_a_flexikern_folder(dit_folder, tmp_path):
 def test_save_refuses_what_diffusers_cannot_hold_before_writing(dit_folder, tmp_path):
     _, ours = dit_pair(dit_folder)
     ours.transformer = fk.FlexiDiT.from_diffusers(dit_folder, patch_sizes=(2, 4), adapter="shared")
-    with pytest.raises(ValueError, match="adapter='shared'"):
+    with pytest.raises(ValueError, match=r"adapter='shared'.*pipe.transformer.save_pretrained\(folder\)"):
         ours.save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -343,12 +352,53 @@ def _never_forward(model):
     (dict(output_type="jpg"), ValueError, "output_type='jpg': expected one of pil, np, pt, latent"),
     (dict(num_inference_steps=0), ValueError, "num_inference_steps=0"),
     (dict(generator=[torch.Generator()] * 2), ValueError, "2 generators for 3 images"),
+    (dict(generator=0), TypeError, "generator=0: expected a torch.Generator"),
+    (dict(guidance_channels=0), ValueError, r"guidance_channels=0: expected an int in \[1, 4\]"),
+    (dict(guidance_channels=5, guidance_scale=1.0), ValueError, "guidance_channels=5: the latents have 4 channels"),
 ])
 def test_bad_call_arguments_are_named_before_any_compute(dit_folder, kw, error, message):
     _, ours = dit_pair(dit_folder)
     _never_forward(ours.transformer)
     with pytest.raises(error, match=message):
         ours(**{"class_labels": LABELS, "num_inference_steps": 6, **kw})
+
+
+@pytest.mark.parametrize("family", ["pixart", "latte"])
+def test_bad_text_pipeline_arguments_are_named_before_the_prompts_are_encoded(family, pixart_folder, latte_folder):
+    folder, Flexi = ((pixart_folder, pipelines.FlexiPixArtPipeline) if family == "pixart"
+                     else (latte_folder, pipelines.FlexiLattePipeline))
+    pipe = quiet(Flexi.from_pretrained(folder))
+    _never_forward(pipe.text_encoder)
+    _never_forward(pipe.transformer)
+    kw = dict(prompt="a cat", num_inference_steps=3, height=8, width=8, clean_caption=False,
+              **({"use_resolution_binning": False} if family == "pixart" else {"video_length": 2}))
+    frames = (2,) if family == "latte" else ()
+    # diffusers needs PixArt's mask with given embeddings, and fails in Latte's masking without one.
+    given = dict(prompt_attention_mask=torch.ones(1, 5)) if family == "pixart" else dict(mask_feature=False)
+    cases = [
+        (dict(latents=torch.randn(1, 4, *frames, 8, 16)), ValueError, r"latents: expected shape \(1, 4, "),
+        (dict(latents=[0]), TypeError, "latents: expected a float tensor"),
+        (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt=0: expected a positive int"),
+        (dict(prompt=[]), ValueError, "prompt=\\[\\]: no prompts"),
+        (dict(prompt=None, prompt_embeds=torch.randn(1, 5, 7), **given), ValueError,
+         r"prompt_embeds: expected text-encoder embeddings \(N, L, 16\)"),
+        (dict(prompt=None, prompt_embeds=torch.full((1, 5, 16), float("nan")), guidance_scale=1.0, **given),
+         ValueError, "y: text embeddings contain NaN"),
+    ]
+    if family == "latte":
+        cases += [(dict(video_length=0), ValueError, "video_length=0: expected a positive int"),
+                  (dict(decode_chunk_size=-1), ValueError, "decode_chunk_size=-1: expected a positive int")]
+    for extra, error, message in cases:
+        with pytest.raises(error, match=message):
+            pipe(**{**kw, **extra})
+
+
+def test_a_latent_model_without_a_vae_gives_latents_only(dit_folder):
+    pipe = quiet(FlexiDiTPipeline.from_pretrained(dit_folder, vae=None))
+    _never_forward(pipe.transformer)
+    with pytest.raises(ValueError, match="no vae to decode its 4-channel latents with; load one, or pass "
+                                         "output_type='latent'"):
+        pipe(LABELS, num_inference_steps=2)
 
 
 def test_an_undrivable_scheduler_is_named(dit_folder):

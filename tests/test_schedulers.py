@@ -98,6 +98,11 @@ def test_what_a_scheduler_run_refuses(pair):
         fk.sample(ours, LABELS, static, sampler=SchedulerSampler(make_scheduler("HeunDiscreteScheduler"), 4))
     with pytest.raises(TypeError, match="a str cannot drive the denoising steps"):
         check_scheduler("ddim")
+    with pytest.raises(TypeError, match=r"sampler=DDIMScheduler: a class, not a scheduler; pass an instance"):
+        fk.sample(ours, LABELS, static, sampler=diffusers.DDIMScheduler)
+    with pytest.raises(ValueError, match="no num_inference_steps makes HeunDiscreteScheduler evaluate the model 8 "
+                                         "times .* build a schedule of 7 or 9 steps"):
+        fk.sample(ours, LABELS, fk.Schedule.static(8, 2), sampler=make_scheduler("HeunDiscreteScheduler"))
     with pytest.raises(ValueError, match="'Nope': not a diffusers scheduler class; expected one of .*DDIMScheduler"):
         make_scheduler("Nope")
 
@@ -118,3 +123,18 @@ def test_a_learned_variance_goes_to_a_scheduler_that_uses_it(pair):
     assert sampler.learned_variance and not SchedulerSampler(make_scheduler("DDPMScheduler"), 4).learned_variance
     got = fk.sample(ours, LABELS, fk.Schedule.static(4, 2), None, sampler=sampler, noise=noise, progress=False)
     torch.testing.assert_close(got, x, rtol=0, atol=2e-5)
+
+
+def test_a_second_order_scheduler_runs_one_schedule_step_per_evaluation(pair):
+    """Heun evaluates the model 2N - 1 times for N steps: a 9-step schedule runs 5 inference steps."""
+    _, ours = pair
+    sizes = []
+    forward = ours.forward
+    ours.forward = lambda x, t, y, patch_size=None: sizes.append(tuple(ours._patch(patch_size))) or \
+        forward(x, t, y, patch_size=patch_size)
+    try:
+        out = fk.sample(ours, LABELS, fk.Schedule.weak_first(9, 4, 4, 2), 2.0,
+                        sampler=make_scheduler("HeunDiscreteScheduler"), progress=False)
+    finally:
+        del ours.forward
+    assert sizes == [(4, 4)] * 4 + [(2, 2)] * 5 and torch.isfinite(out).all()

@@ -132,8 +132,9 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
         sampler: "ddpm" (DiT's ancestral sampler), "ddim" (with `eta`), "flow" (rectified-flow
             Euler for velocity models, with `shift`), a sampler object (`make_sampler(...)`,
             which then holds its own eta and shift), or a diffusers scheduler (DDIM,
-            DPMSolverMultistep, Euler, ...: `flexikern.diffusion.schedulers`), which is run
-            for `num_inference_steps = schedule.num_steps`, with `eta` where its step takes one
+            DPMSolverMultistep, Euler, ...: `flexikern.diffusion.schedulers`), run for as many
+            inference steps as make `schedule.num_steps` model evaluations (Heun: 9 for 5 steps),
+            with `eta` where its step takes one
             and its step noise drawn from one CPU generator seeded with the first seed (so the
             noise of stochastic schedulers depends on the batch); wrap it in a
             `SchedulerSampler` to choose these. A scheduler's run cannot use `cuda_graphs`.
@@ -191,6 +192,10 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
     n = len(y)
     if y_null is not None:
         y_null = model.check_condition(y_null, n, device=device)
+    for name, condition in (("y", y), ("y_null", y_null)):
+        embeds = getattr(condition, "embeds", None)   # text conditions; class labels are ints
+        if embeds is not None and not bool(torch.isfinite(embeds).all()):   # once, before sampling
+            raise ValueError(f"{name}: text embeddings contain NaN or inf; every sample would be NaN")
     seeds = sample_seeds(seed, n)
     if isinstance(sampler, str):
         sampler = make_sampler(sampler, schedule.num_steps, eta=eta, shift=shift)
@@ -198,8 +203,9 @@ def sample(model: FlexibleDenoiser, y: Any, schedule: Schedule, guidance: Guidan
         if not shift == 1:
             raise ValueError(f"shift={shift!r}: a diffusers scheduler takes its shift from its own config; "
                              f"leave shift at 1")
-        sampler = SchedulerSampler(sampler, schedule.num_steps, generator=torch.Generator().manual_seed(seeds[0]),
-                                   eta=None if eta == 0 else eta, device=device)
+        sampler = SchedulerSampler.for_evaluations(sampler, schedule.num_steps, device=device,
+                                                   generator=torch.Generator().manual_seed(seeds[0]),
+                                                   eta=None if eta == 0 else eta)
     else:
         _check_sampler(sampler, eta, shift)
     if isinstance(sampler, SchedulerSampler) and cuda_graphs is not False:

@@ -40,7 +40,7 @@ DIT_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_en
 
 
 def is_scheduler(obj: Any) -> bool:
-    """Whether `obj` looks like a diffusers scheduler (rather than a flexikern sampler)."""
+    """Whether `obj` looks like a diffusers scheduler or its class (rather than a flexikern sampler)."""
     return not isinstance(obj, _Sampler) and callable(getattr(obj, "set_timesteps", None))
 
 
@@ -53,11 +53,15 @@ def _parameters(fn: Any) -> dict[str, inspect.Parameter]:
 
 def check_scheduler(scheduler: Any, name: str = "scheduler") -> None:
     """Check that `scheduler` can drive the loop: `set_timesteps(num_inference_steps)`, then a
-    `timesteps` tensor and `step(model_output, timestep, sample, return_dict=...)`.
+    `timesteps` tensor and `step(model_output, timestep, sample, return_dict=...)`. `name`: the
+    argument, for the message ("sampler" is `fk.sample`'s, which also takes flexikern's samplers).
 
     Raises:
-        TypeError: naming the scheduler's class and each missing part.
+        TypeError: a class rather than an instance; naming the scheduler's class and each missing part.
     """
+    if isinstance(scheduler, type):
+        raise TypeError(f"{name}={scheduler.__name__}: a class, not a scheduler; pass an instance, e.g. "
+                        f"{scheduler.__name__}.from_config(pipe.scheduler.config) or {scheduler.__name__}()")
     missing = []
     if not callable(getattr(scheduler, "set_timesteps", None)):
         missing.append("a set_timesteps(num_inference_steps) method")
@@ -70,10 +74,10 @@ def check_scheduler(scheduler: Any, name: str = "scheduler") -> None:
         if absent:
             missing.append(f"step() parameters {', '.join(absent)} (it takes {', '.join(params) or 'none'})")
     if missing:
+        ours = " or a flexikern sampler ('ddpm', 'ddim', 'flow')" if name == "sampler" else ""
         raise TypeError(f"{name}: a {type(scheduler).__name__} cannot drive the denoising steps: it lacks "
                         f"{'; '.join(missing)}. Expected a diffusers scheduler (e.g. DDIMScheduler, "
-                        f"DPMSolverMultistepScheduler, EulerDiscreteScheduler) or a flexikern sampler "
-                        f"('ddpm', 'ddim', 'flow')")
+                        f"DPMSolverMultistepScheduler, EulerDiscreteScheduler){ours}")
 
 
 class SchedulerSampler(_Sampler):
@@ -96,7 +100,7 @@ class SchedulerSampler(_Sampler):
 
     def __init__(self, scheduler: Any, num_inference_steps: int, generator: Any = None, eta: float | None = None,
                  device: torch.device | str | None = None):
-        check_scheduler(scheduler)
+        check_scheduler(scheduler, "sampler")
         self.scheduler = scheduler
         self.name = type(scheduler).__name__
         self.num_inference_steps = check_positive_int(num_inference_steps, "num_inference_steps")
@@ -133,6 +137,31 @@ class SchedulerSampler(_Sampler):
         self.model_timesteps = timesteps.float()
         if self.device is not None:
             self.model_timesteps = self.model_timesteps.to(self.device)
+
+    @classmethod
+    def for_evaluations(cls, scheduler: Any, evaluations: int, **kwargs: Any) -> SchedulerSampler:
+        """The sampler whose run evaluates the model `evaluations` times: `num_inference_steps` is
+        `evaluations` for a first-order scheduler, and found for others (Heun: 2N - 1 evaluations
+        for N steps, so 9 evaluations are 5 steps). `kwargs` as for the constructor.
+
+        Raises:
+            ValueError: no step count gives that many evaluations (naming the nearest counts).
+        """
+        check_scheduler(scheduler, "sampler")
+        check_positive_int(evaluations, "evaluations")
+        counts = {}
+        for steps in [evaluations, *range(1, evaluations)]:
+            scheduler.set_timesteps(steps)
+            counts[steps] = len(scheduler.timesteps)
+            if counts[steps] == evaluations:
+                return cls(scheduler, steps, **kwargs)
+        made = sorted(set(counts.values()))
+        near = [c for c in made if c < evaluations][-1:] + [c for c in made if c > evaluations][:1]
+        raise ValueError(f"schedule: {evaluations} steps, but no num_inference_steps makes "
+                         f"{type(scheduler).__name__} evaluate the model {evaluations} times (a schedule has one "
+                         f"step per model evaluation); build a schedule of {' or '.join(map(str, near))} steps, "
+                         f"or pass SchedulerSampler(scheduler, num_inference_steps) with a schedule of its "
+                         f"num_steps")
 
     @property
     def init_noise_sigma(self) -> float | torch.Tensor:

@@ -77,21 +77,32 @@ class FlexiPipelineMixin:
             flexible: a flexikern `save_pretrained` folder with the flexible (fine-tuned)
                 transformer to use instead; None (default) takes the folder's own `flexible/` if it
                 has one, else makes the folder's transformer flexible; False always does the latter.
-            kwargs: diffusers' `from_pretrained` arguments (`torch_dtype`, ...), for the other parts.
+            kwargs: diffusers' `from_pretrained` arguments (`torch_dtype`, ...), for the other parts;
+                `transformer=` (a flexikern model, or a diffusers one to make flexible) replaces the
+                folder's.
         Raises:
             ValueError: the folder holds another family's pipeline (naming what it found and what is
                 expected), or cannot be read; `patch_sizes`/`adapter`/`lora_rank` together with
-                flexible weights. FileNotFoundError: no such folder or `flexible` folder.
+                flexible weights, `lora_rank` with the shared adapter. TypeError: a `torch_dtype`
+                that is not a torch.dtype. FileNotFoundError: no such folder or `flexible` folder.
         """
         source = str(pretrained_model_name_or_path)
+        dtype = kwargs.get("torch_dtype")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"torch_dtype={dtype!r}: expected a torch.dtype, e.g. torch.float16")
+        if adapter == "shared" and lora_rank is not None:
+            raise ValueError(f"lora_rank={lora_rank!r} with adapter='shared': the rank is the LoRA adapter's; "
+                             f"drop lora_rank or pass adapter='lora'")
+        given = kwargs.pop("transformer", None)
+        if given is not None and flexible not in (None, False):
+            raise ValueError(f"transformer=... and flexible={str(flexible)!r}: pass one of them")
         index = cls._read_index(source)
-        flexible_dir = cls._flexible_dir(source, flexible)
+        flexible_dir = None if given is not None else cls._flexible_dir(source, flexible)
         if flexible_dir is not None and (patch_sizes, adapter, lora_rank) != (None, None, None):
             raise ValueError(f"patch_sizes={patch_sizes!r}, adapter={adapter!r}, lora_rank={lora_rank!r} with the "
                              f"flexible model in {flexible_dir}: it has its own; leave them unset, or pass "
                              f"flexible=False to make the folder's transformer flexible anew")
-        dtype = kwargs.get("torch_dtype")
-        skip = {"transformer": None} if flexible_dir is not None else {}
+        skip = {"transformer": None} if flexible_dir is not None or given is not None else {}
         try:
             plain = cls._diffusers_pipeline.from_pretrained(pretrained_model_name_or_path, **skip, **kwargs)
         except (OSError, ValueError, TypeError, EnvironmentError) as e:
@@ -99,10 +110,14 @@ class FlexiPipelineMixin:
                              f"({_reason(e)})") from e
         if flexible_dir is not None:
             transformer = cls._model_class.from_pretrained(flexible_dir, dtype=dtype)
+        elif given is not None and isinstance(given, cls._model_class):
+            transformer = given
         else:
+            diffusers_model = plain.transformer if given is None else given
             transformer = cls._model_class.from_diffusers(
-                plain.transformer, patch_sizes=patch_sizes or cls._default_sizes(plain.transformer),
-                adapter=adapter or "lora", lora_rank=32 if lora_rank is None else lora_rank)
+                diffusers_model,
+                patch_sizes=cls._default_sizes(diffusers_model) if patch_sizes is None else patch_sizes,
+                adapter="lora" if adapter is None else adapter, lora_rank=32 if lora_rank is None else lora_rank)
             if dtype is not None:
                 transformer = transformer.to(dtype)
         components = {**plain.components, "transformer": transformer.to(plain.device)}
@@ -162,8 +177,11 @@ class FlexiPipelineMixin:
                             f".save_pretrained, or None/False")
         path = Path(flexible)
         if not path.is_dir():
-            raise FileNotFoundError(f"flexible={str(flexible)!r}: no such folder; expected a folder written by "
+            what = "a file, not a folder" if path.exists() else "no such folder"
+            raise FileNotFoundError(f"flexible={str(flexible)!r}: {what}; expected a folder written by "
                                     f"{cls._model_class.__name__}.save_pretrained")
+        if not (path / "config.json").is_file() and (path / FLEXIBLE / "config.json").is_file():
+            return path / FLEXIBLE   # a pipeline folder this class saved: its flexible model
         return path
 
     # ---------------------------------------------------------------------- saving
@@ -178,7 +196,12 @@ class FlexiPipelineMixin:
         """
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub=True: save to a folder, then upload it (huggingface_hub's upload_folder)")
-        transformer = self.transformer.to_diffusers()   # raises for what diffusers cannot hold
+        try:
+            transformer = self.transformer.to_diffusers()
+        except ValueError as e:   # what diffusers cannot hold
+            raise ValueError(f"save_pretrained: {e}. To keep this model, save it alone with "
+                             f"pipe.transformer.save_pretrained(folder) and load it back with "
+                             f"{type(self).__name__}.from_pretrained(<the diffusers folder>, flexible=folder)") from e
         extra = self._extra_save()
         plain = self._diffusers_pipeline(**{**self.components, "transformer": transformer}, **extra)
         plain.register_to_config(**extra)   # model_index.json keeps them (DiTPipeline's id2label)
@@ -191,7 +214,9 @@ class FlexiPipelineMixin:
         return {}
 
     # ---------------------------------------------------------------------- calling
-    _decodes_without_vae = False   # DiT: a pixel-space model (vae=None) gives images as they are
+    def _images_without_vae(self) -> bool:
+        """Whether samples are images without decoding (DiT: a pixel-space model, vae=None)."""
+        return False
 
     @staticmethod
     def _refuse_unsupported(**arguments: Any) -> None:
@@ -211,9 +236,14 @@ class FlexiPipelineMixin:
                              f"the branches' patch sizes differ, CFG elsewhere) or 'cfg'")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
-        if output_type != "latent" and self.vae is None and not self._decodes_without_vae:
-            raise ValueError(f"output_type={output_type!r}: this pipeline has no vae to decode with; pass "
+        if output_type != "latent" and self.vae is None and not self._images_without_vae():
+            raise ValueError(f"output_type={output_type!r}: this pipeline has no vae to decode its "
+                             f"{self.transformer.in_channels}-channel latents with; load one, or pass "
                              f"output_type='latent'")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
+            raise TypeError(f"generator={generator!r}: expected a torch.Generator (e.g. "
+                            f"torch.Generator().manual_seed(0)), a list of them, one per image, or None")
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"generator: {len(generator)} generators for {n} images; pass one, or one per image")
         if budget is not None and schedule is not None:
@@ -224,6 +254,32 @@ class FlexiPipelineMixin:
                             f"{steps}, 0.6)), got {type(schedule).__name__}")
         check_scheduler(self.scheduler, "pipe.scheduler")
         return steps, scale
+
+    @staticmethod
+    def _check_latents(latents: Any, shape: tuple[int, ...], source: str) -> None:
+        """The `latents` argument: None, or a float tensor of `shape` (`source` says where it comes from)."""
+        if latents is None:
+            return
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            got = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise TypeError(f"latents: expected a float tensor of shape {shape}, got {got}")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape} ({source}), got {tuple(latents.shape)}")
+
+    def _check_text(self, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any, **counts: Any) -> None:
+        """What diffusers' `check_inputs` leaves to fail deep inside: an empty prompt list, text
+        embeddings of the wrong width, and the positive ints in `counts`."""
+        for name, value in counts.items():
+            check_positive_int(value, name)
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt=[]: no prompts; pass at least one")
+        channels = self.transformer.text_channels
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.dim() != 3
+                                       or embeds.shape[-1] != channels):
+                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"{name}: expected text-encoder embeddings (N, L, {channels}), the width the "
+                                 f"transformer takes; got {got}")
 
     def _plan(self, steps: int, scale: float, guidance_mode: str, budget: Any, schedule: Schedule | None,
               generator: Any, eta: float | None = None, first_channels: int | None = None

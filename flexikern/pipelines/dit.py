@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from flexikern.diffusion import Schedule
 from flexikern.models import FlexiDiT
+from flexikern.ops._checks import check_positive_int
 from flexikern.pipelines._base import FlexiPipelineMixin
 
 __all__ = ["FlexiDiTPipeline"]
@@ -46,7 +47,9 @@ class FlexiDiTPipeline(FlexiPipelineMixin, DiTPipeline):
     _diffusers_pipeline = DiTPipeline
     _transformer_classes = ("DiTTransformer2DModel", "Transformer2DModel")
     _model_class = FlexiDiT
-    _decodes_without_vae = True
+
+    def _images_without_vae(self) -> bool:
+        return self.transformer.in_channels == 3   # a pixel-space model: its samples are RGB images
 
     def __init__(self, transformer: Any, vae: Any, scheduler: Any, id2label: dict[int, str] | None = None):
         super().__init__(transformer=self._flexible_transformer(transformer), vae=vae, scheduler=scheduler,
@@ -100,6 +103,12 @@ class FlexiDiTPipeline(FlexiPipelineMixin, DiTPipeline):
         """
         labels = self.transformer.check_condition(class_labels)
         n = len(labels)
+        if guidance_channels is not None:
+            check_positive_int(guidance_channels, "guidance_channels",
+                               f"an int in [1, {self.transformer.in_channels}] (DiT's sample.py: 3) or None (all)")
+            if guidance_channels > self.transformer.in_channels:
+                raise ValueError(f"guidance_channels={guidance_channels}: the latents have "
+                                 f"{self.transformer.in_channels} channels; expected at most that (DiT's sample.py: 3)")
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
         sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator,

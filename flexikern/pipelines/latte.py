@@ -67,12 +67,19 @@ class FlexiLattePipeline(FlexiPipelineMixin, LattePipeline):
         self._refuse_unsupported(timesteps=timesteps, callback_on_step_end=callback_on_step_end)
         self.check_inputs(prompt, height, width, negative_prompt, callback_on_step_end_tensor_inputs,
                           prompt_embeds, negative_prompt_embeds)
+        chunk = {} if decode_chunk_size is None else {"decode_chunk_size": decode_chunk_size}
+        self._check_text(prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                         video_length=video_length, **chunk)
         batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
         if not isinstance(enable_temporal_attentions, bool):
             raise ValueError(f"enable_temporal_attentions={enable_temporal_attentions!r}: expected True or False")
+        shape = (n, self.transformer.in_channels, video_length, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        self._check_latents(latents, shape, "videos, latent channels, video_length, height and width / the "
+                                            "VAE's factor")
         device = self._execution_device
         sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator, eta=eta)
         guided = scale > 1
@@ -81,8 +88,6 @@ class FlexiLattePipeline(FlexiPipelineMixin, LattePipeline):
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             clean_caption=clean_caption, mask_feature=mask_feature)
         y_null = TextCondition(negative_embeds) if guided else None
-        shape = (n, self.transformer.in_channels, video_length, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype) if latents is None \
             else latents.to(device)
         config, setting = self.transformer.config, self.transformer.config["enable_temporal_attentions"]

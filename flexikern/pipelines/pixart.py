@@ -79,10 +79,15 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
             height, width = self.image_processor.classify_height_width_bin(height, width, ratios=_BINS[sample_size])
         self.check_inputs(prompt, height, width, negative_prompt, callback_steps, prompt_embeds,
                           negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)
+        self._check_text(prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                         max_sequence_length=max_sequence_length)
         batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
+        shape = (n, self.transformer.in_channels, int(height) // self.vae_scale_factor,
+                 int(width) // self.vae_scale_factor)
+        self._check_latents(latents, shape, "images, latent channels, height and width / the VAE's factor")
         device = self._execution_device
         sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator, eta=eta)
         guided = scale > 1
@@ -93,8 +98,6 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
             clean_caption=clean_caption, max_sequence_length=max_sequence_length)
         y = TextCondition(embeds, mask)
         y_null = TextCondition(negative_embeds, negative_mask) if guided else None
-        shape = (n, self.transformer.in_channels, int(height) // self.vae_scale_factor,
-                 int(width) // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype) if latents is None \
             else latents.to(device)
         out = self._denoise(y, noise, sampler, schedule, guidance, y_null=y_null)
