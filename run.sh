@@ -2,6 +2,7 @@
 # One entry point that sets everything up on a fresh machine, then runs a job:
 #   bash run.sh demo     sample with the shipped model (the README's main job)
 #   bash run.sh test     the test suite (what CI runs)
+#   bash run.sh example  the shipped model in a diffusers pipeline (flexikern.pipelines.example)
 # Set-up is idempotent: a venv in .venv, torch (CPU build), the package with its C++ extension.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,6 +31,7 @@ job=${1:-demo}
 shift || true
 case "$job" in
   demo) exec "$PY" -m flexikern demo "$@" ;;
+  example) exec "$PY" -m flexikern.pipelines.example "$@" ;;   # FlexiDiT in a diffusers pipeline
   test) TRITON_INTERPRET=1 exec "$PY" -m pytest tests -q -x -p no:cacheprovider "$@" ;;
-  *) echo "usage: bash run.sh [demo|test] [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh [demo|test|example] [args...]" >&2; exit 2 ;;
 esac
