@@ -26,11 +26,11 @@ from flexikern.diffusion.schedulers import SchedulerSampler, check_scheduler
 from flexikern.files import staged_folder
 from flexikern.ops._checks import check_finite, check_positive_int
 
-__all__ = ["FlexiPipelineMixin", "FLEXIBLE", "OUTPUT_TYPES", "GUIDANCE_MODES"]
+__all__ = ["FlexiPipelineMixin", "FLEXIBLE", "OUTPUT_TYPES"]
 
 FLEXIBLE = "flexible"   # the subfolder of a saved pipeline that holds the flexible transformer
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-GUIDANCE_MODES = ("flexi", "cfg")
+_MODES = ("flexi", "cfg")   # a call's guidance_mode (guidance_scale <= 1: none)
 # diffusers pipelines flexikern has a flexible twin of, to name the right one in errors.
 _TWINS = {"DiTPipeline": "FlexiDiTPipeline", "PixArtAlphaPipeline": "FlexiPixArtPipeline",
           "LattePipeline": "FlexiLattePipeline"}
@@ -231,7 +231,7 @@ class FlexiPipelineMixin:
         """The arguments every call shares, before any compute; returns (steps, guidance scale)."""
         steps = check_positive_int(num_inference_steps, "num_inference_steps")
         scale = check_finite(guidance_scale, "guidance_scale", "a finite float (> 1 guides; 1 = no guidance)")
-        if guidance_mode not in GUIDANCE_MODES:
+        if guidance_mode not in _MODES:
             raise ValueError(f"guidance_mode={guidance_mode!r}: expected 'flexi' (FlexiDiT's weak-model rule where "
                              f"the branches' patch sizes differ, CFG elsewhere) or 'cfg'")
         if output_type not in OUTPUT_TYPES:

@@ -48,13 +48,13 @@ class FlexiDiTPipeline(FlexiPipelineMixin, DiTPipeline):
     _transformer_classes = ("DiTTransformer2DModel", "Transformer2DModel")
     _model_class = FlexiDiT
 
-    def _images_without_vae(self) -> bool:
-        return self.transformer.in_channels == 3   # a pixel-space model: its samples are RGB images
-
     def __init__(self, transformer: Any, vae: Any, scheduler: Any, id2label: dict[int, str] | None = None):
         super().__init__(transformer=self._flexible_transformer(transformer), vae=vae, scheduler=scheduler,
                          id2label=id2label)
         self.register_to_config(id2label=id2label)   # kept by save_pretrained (both libraries read it)
+
+    def _images_without_vae(self) -> bool:
+        return self.transformer.in_channels == 3   # a pixel-space model: its samples are RGB images
 
     @classmethod
     def _extra_init(cls, index: dict[str, Any]) -> dict[str, Any]:
