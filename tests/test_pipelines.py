@@ -245,6 +245,21 @@ def test_budget_runs_weak_steps_first_with_any_scheduler(dit_folder, name):
     assert torch.equal(images, run(ours, num_inference_steps=10, budget=0.8))   # reproducible (DDPM: generator)
 
 
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_budget_0_6_on_the_shipped_model_with_ddim_dpm_solver_and_euler(name):
+    """The issue's call: budget=0.6 with DDIM, DPM-Solver++ and Euler, on the shipped (pixel-space) model."""
+    from flexikern.arguments import shipped_models
+    model = fk.FlexiDiT.from_pretrained(shipped_models()["shapes16"])
+    pipe = quiet(FlexiDiTPipeline(transformer=model, vae=None, scheduler=scheduler(name)))
+    sizes = recorded_sizes(model)
+    images = pipe([0, 3], guidance_scale=1.625, num_inference_steps=20, output_type="np", budget=0.6,
+                  generator=torch.Generator().manual_seed(0)).images
+    schedule = fk.Schedule.for_budget(model, 20, 0.6)
+    assert schedule.notation == "9/9" and schedule.relative_flops(model) <= 0.6
+    assert sizes == [tuple(s) for s in schedule.cond]
+    assert images.shape == (2, 16, 16, 3) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.1
+
+
 def test_schedule_sized_to_model_evaluations(dit_folder):
     """A second-order scheduler evaluates the model 2N-1 times: the schedule has one entry per evaluation."""
     _, ours = dit_pair(dit_folder, "HeunDiscreteScheduler")
