@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from flexikern.diffusion import Guidance, Schedule, sample
 from flexikern.diffusion.schedulers import SchedulerSampler, check_scheduler
@@ -266,10 +267,12 @@ class FlexiPipelineMixin:
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape} ({source}), got {tuple(latents.shape)}")
 
-    def _check_text(self, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any, **counts: Any) -> None:
+    def _check_text(self, prompt: Any, prompt_embeds: Any, negative_prompt_embeds: Any, num_images_per_prompt: Any,
+                    **counts: Any) -> int:
         """What diffusers' `check_inputs` leaves to fail deep inside: an empty prompt list, text
-        embeddings of the wrong width, and the positive ints in `counts`."""
-        for name, value in counts.items():
+        embeddings of the wrong width, and the positive ints in `counts`. Returns the number of
+        images (or videos): prompts (or rows of `prompt_embeds`) times `num_images_per_prompt`."""
+        for name, value in {"num_images_per_prompt": num_images_per_prompt, **counts}.items():
             check_positive_int(value, name)
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt=[]: no prompts; pass at least one")
@@ -280,6 +283,16 @@ class FlexiPipelineMixin:
                 got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
                 raise ValueError(f"{name}: expected text-encoder embeddings (N, L, {channels}), the width the "
                                  f"transformer takes; got {got}")
+        prompts = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        return prompts * num_images_per_prompt
+
+    def _initial_noise(self, shape: tuple[int, ...], generator: Any, dtype: torch.dtype,
+                       latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The given `latents`, or noise drawn as diffusers' pipelines draw it (`randn_tensor` with
+        `generator`), on the execution device; `fk.sample` scales it by `init_noise_sigma`."""
+        device = self._execution_device
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype) if latents is None \
+            else latents.to(device)
 
     def _plan(self, steps: int, scale: float, guidance_mode: str, budget: Any, schedule: Schedule | None,
               generator: Any, eta: float | None = None, first_channels: int | None = None

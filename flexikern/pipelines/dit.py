@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from diffusers import DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from flexikern.diffusion import Schedule
 from flexikern.models import FlexiDiT
@@ -113,10 +112,8 @@ class FlexiDiTPipeline(FlexiPipelineMixin, DiTPipeline):
                                         generator, budget, schedule)
         sampler, schedule, guidance = self._plan(steps, scale, guidance_mode, budget, schedule, generator,
                                                  first_channels=guidance_channels)
-        device = self._execution_device
-        noise = randn_tensor((n, *self.transformer.latent_shape), generator=generator, device=device,
-                             dtype=self.transformer.dtype)
-        latents = self._denoise(labels.to(device), noise, sampler, schedule, guidance)
+        noise = self._initial_noise((n, *self.transformer.latent_shape), generator, self.transformer.dtype)
+        latents = self._denoise(labels, noise, sampler, schedule, guidance)
         if output_type == "latent":
             samples = latents
         else:

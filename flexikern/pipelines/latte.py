@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from diffusers import LattePipeline
 from diffusers.pipelines.latte.pipeline_latte import LattePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from flexikern.diffusion import Schedule
 from flexikern.models import FlexiLatte, TextCondition
@@ -68,10 +67,8 @@ class FlexiLattePipeline(FlexiPipelineMixin, LattePipeline):
         self.check_inputs(prompt, height, width, negative_prompt, callback_on_step_end_tensor_inputs,
                           prompt_embeds, negative_prompt_embeds)
         chunk = {} if decode_chunk_size is None else {"decode_chunk_size": decode_chunk_size}
-        self._check_text(prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-                         video_length=video_length, **chunk)
-        batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
-        n = batch * num_images_per_prompt
+        n = self._check_text(prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                             video_length=video_length, **chunk)
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
         if not isinstance(enable_temporal_attentions, bool):
@@ -88,8 +85,7 @@ class FlexiLattePipeline(FlexiPipelineMixin, LattePipeline):
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             clean_caption=clean_caption, mask_feature=mask_feature)
         y_null = TextCondition(negative_embeds) if guided else None
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype) if latents is None \
-            else latents.to(device)
+        noise = self._initial_noise(shape, generator, embeds.dtype, latents)
         config, setting = self.transformer.config, self.transformer.config["enable_temporal_attentions"]
         config["enable_temporal_attentions"] = enable_temporal_attentions
         try:

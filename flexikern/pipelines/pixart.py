@@ -15,7 +15,6 @@ from diffusers import PixArtAlphaPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
                                                                     ASPECT_RATIO_1024_BIN)
-from diffusers.utils.torch_utils import randn_tensor
 
 from flexikern.diffusion import Schedule
 from flexikern.models import FlexiPixArt, TextCondition
@@ -79,10 +78,8 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
             height, width = self.image_processor.classify_height_width_bin(height, width, ratios=_BINS[sample_size])
         self.check_inputs(prompt, height, width, negative_prompt, callback_steps, prompt_embeds,
                           negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)
-        self._check_text(prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-                         max_sequence_length=max_sequence_length)
-        batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
-        n = batch * num_images_per_prompt
+        n = self._check_text(prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                             max_sequence_length=max_sequence_length)
         steps, scale = self._check_call(n, num_inference_steps, guidance_scale, guidance_mode, output_type,
                                         generator, budget, schedule)
         shape = (n, self.transformer.in_channels, int(height) // self.vae_scale_factor,
@@ -98,8 +95,7 @@ class FlexiPixArtPipeline(FlexiPipelineMixin, PixArtAlphaPipeline):
             clean_caption=clean_caption, max_sequence_length=max_sequence_length)
         y = TextCondition(embeds, mask)
         y_null = TextCondition(negative_embeds, negative_mask) if guided else None
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype) if latents is None \
-            else latents.to(device)
+        noise = self._initial_noise(shape, generator, embeds.dtype, latents)
         out = self._denoise(y, noise, sampler, schedule, guidance, y_null=y_null)
         if output_type == "latent":
             images = out
